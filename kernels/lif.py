@@ -1,0 +1,298 @@
+"""LIF neuron in Triton: shared ``@triton.jit`` step helpers and the standalone ``lif`` op.
+
+The helpers ``lif_step`` (one forward step) and ``lif_grad_step`` (one reverse BPTT step) are
+imported by every fused kernel (conv+LIF, linear+LIF), so the neuron's arithmetic lives in one
+place. They work on fp32 tiles of any shape; the flags that select the neuron variant are
+``tl.constexpr`` so each variant compiles to straight-line code.
+
+Math (design.md section 2), with c = 1 (decay_input=False) or c = 1 - decay (decay_input=True):
+    U[t] = decay * V[t-1] + c * I[t]
+    S[t] = U[t] >= threshold
+    V[t] = U[t] * (1 - S[t]) + v_reset * S[t]      (hard reset)
+    V[t] = U[t] - threshold * S[t]                 (soft reset)
+Reverse step, given g_S = dL/dS[t] and g_V = dL/dV[t] (carried from step t+1):
+    g_Stot = g_S + g_V * dV/dS       (dV/dS = v_reset - U (hard) or -threshold (soft); 0 if detach_reset)
+    g_U    = g_Stot * sg(U - threshold) + g_V * dV/dU      (dV/dU = 1 - S (hard) or 1 (soft))
+    dL/dI[t] = c * g_U,   dL/dV[t-1] = decay * g_U
+"""
+
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Surrogate codes used as the SURROGATE constexpr.
+SURROGATE_ATAN = 0
+SURROGATE_SIGMOID = 1
+SURROGATE_TRIANGLE = 2
+SURROGATE_CODES = {"atan": SURROGATE_ATAN, "sigmoid": SURROGATE_SIGMOID, "triangle": SURROGATE_TRIANGLE}
+DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0, "triangle": 1.0}
+
+LIF_BLOCK = 1024
+LIF_NUM_WARPS = 4
+
+
+def surrogate_code(name):
+    """Map a surrogate name ("atan", "sigmoid", "triangle") to the integer SURROGATE constexpr."""
+    try:
+        return SURROGATE_CODES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"surrogate must be one of {sorted(SURROGATE_CODES)}, got {name!r}") from None
+
+
+@triton.jit
+def lif_step(v, current, decay, threshold, v_reset, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
+    """One forward LIF step on fp32 tiles.
+
+    v: membrane after the previous step (V[t-1]), current: I[t]; decay/threshold/v_reset: fp32 scalars.
+    Returns (u, spike, v_next): U[t], S[t] as fp32 0.0/1.0, V[t]. v_reset is ignored for soft reset.
+    """
+    if DECAY_INPUT:
+        u = decay * v + (1.0 - decay) * current
+    else:
+        u = decay * v + current
+    fired = u >= threshold
+    spike = fired.to(tl.float32)
+    if HARD_RESET:
+        # where() rather than u*(1-s)+v_reset*s: identical for finite u, and exact.
+        v_next = tl.where(fired, v_reset, u)
+    else:
+        v_next = u - threshold * spike
+    return u, spike, v_next
+
+
+@triton.jit
+def surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
+    """dS/dU evaluated at x = U - threshold (fp32 tile), for SURROGATE in {0: atan, 1: sigmoid, 2: triangle}."""
+    if SURROGATE == 0:
+        z = 1.5707963267948966 * alpha * x
+        g = (alpha * 0.5) / (1.0 + z * z)
+    elif SURROGATE == 1:
+        s = 1.0 / (1.0 + tl.exp(-alpha * x))
+        g = alpha * s * (1.0 - s)
+    else:
+        g = tl.maximum(alpha - alpha * alpha * tl.abs(x), 0.0)
+    return g
+
+
+@triton.jit
+def lif_grad_step(grad_spike, grad_v, u, spike, decay, threshold, v_reset, alpha,
+                  HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+                  SURROGATE: tl.constexpr):
+    """One reverse BPTT step of the LIF neuron on fp32 tiles.
+
+    grad_spike: dL/dS[t]; grad_v: dL/dV[t] carried back from step t+1 (zeros at t = T-1);
+    u: U[t] from the forward scan; spike: S[t] as fp32 0.0/1.0.
+    Returns (grad_current, grad_v_prev): dL/dI[t] and dL/dV[t-1].
+    """
+    sg = surrogate_grad(u - threshold, alpha, SURROGATE)
+    if HARD_RESET:
+        if DETACH_RESET:
+            grad_u = grad_spike * sg + grad_v * (1.0 - spike)
+        else:
+            grad_u = (grad_spike + grad_v * (v_reset - u)) * sg + grad_v * (1.0 - spike)
+    else:
+        if DETACH_RESET:
+            grad_u = grad_spike * sg + grad_v
+        else:
+            grad_u = (grad_spike - grad_v * threshold) * sg + grad_v
+    if DECAY_INPUT:
+        grad_current = (1.0 - decay) * grad_u
+    else:
+        grad_current = grad_u
+    grad_v_prev = decay * grad_u
+    return grad_current, grad_v_prev
+
+
+# ----------------------------------------------------------------------------------------------
+# Standalone lif op: x_seq [T, M] (any trailing shape flattened) -> spikes [T, M].
+# Each program owns BLOCK neurons for all T steps; the membrane stays in registers.
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def lif_forward_kernel(x_ptr, spike_ptr, num_neurons, num_steps, decay, threshold, v_reset,
+                       HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_neurons
+    # Pointer arithmetic is 64-bit, so stepping pointers by num_neurons never overflows int32.
+    x_ptrs = x_ptr + offs
+    s_ptrs = spike_ptr + offs
+    v = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(num_steps):
+        current = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u, spike, v = lif_step(v, current, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
+        tl.store(s_ptrs, spike.to(spike_ptr.dtype.element_ty), mask=mask)
+        x_ptrs += num_neurons
+        s_ptrs += num_neurons
+
+
+@triton.jit
+def lif_backward_kernel(x_ptr, grad_spike_ptr, grad_x_ptr, num_neurons, num_steps,
+                        decay, threshold, v_reset, alpha,
+                        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+                        SURROGATE: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_x is fp32 [T, M]. The forward scan is recomputed from x and U[t] parked in grad_x[t]
+    # (same program, same layout, so each thread reads back its own store); the reverse scan then
+    # overwrites U[t] by dL/dI[t]. Nothing but x is kept between forward and backward.
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_neurons
+    x_ptrs = x_ptr + offs
+    g_ptrs = grad_x_ptr + offs
+    gs_ptrs = grad_spike_ptr + offs
+    v = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(num_steps):
+        current = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u, spike, v = lif_step(v, current, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
+        tl.store(g_ptrs, u, mask=mask)
+        x_ptrs += num_neurons
+        g_ptrs += num_neurons
+        gs_ptrs += num_neurons
+    tl.debug_barrier()
+    g_ptrs -= num_neurons
+    gs_ptrs -= num_neurons
+    grad_v = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(num_steps):
+        u = tl.load(g_ptrs, mask=mask, other=0.0)
+        spike = (u >= threshold).to(tl.float32)
+        grad_spike = tl.load(gs_ptrs, mask=mask, other=0.0).to(tl.float32)
+        grad_current, grad_v = lif_grad_step(grad_spike, grad_v, u, spike, decay, threshold, v_reset, alpha,
+                                             HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
+        tl.store(g_ptrs, grad_current, mask=mask)
+        g_ptrs -= num_neurons
+        gs_ptrs -= num_neurons
+
+
+def neuron_params(neuron):
+    """Unpack a LIFConfig into the scalar kernel arguments and constexpr flags.
+
+    Returns a dict with decay, threshold, v_reset (float; 0.0 for soft reset), alpha (float),
+    HARD_RESET, DECAY_INPUT, DETACH_RESET (bool) and SURROGATE (int code).
+    """
+    alpha = getattr(neuron, "alpha", None)
+    if alpha is None:
+        alpha = DEFAULT_SURROGATE_ALPHA[neuron.surrogate]
+    return {
+        "decay": float(neuron.decay),
+        "threshold": float(neuron.threshold),
+        "v_reset": 0.0 if neuron.v_reset is None else float(neuron.v_reset),
+        "alpha": float(alpha),
+        "HARD_RESET": neuron.v_reset is not None,
+        "DECAY_INPUT": bool(neuron.decay_input),
+        "DETACH_RESET": bool(neuron.detach_reset),
+        "SURROGATE": surrogate_code(neuron.surrogate),
+    }
+
+
+def _grid(num_neurons):
+    return (triton.cdiv(num_neurons, LIF_BLOCK),)
+
+
+def lif_forward(x_seq, neuron):
+    """Run the LIF forward scan.
+
+    x_seq: floating tensor [T, ...] (contiguous copy taken if needed); neuron: LIFConfig.
+    Returns spikes with the shape and dtype of x_seq, values 0/1.
+    """
+    p = neuron_params(neuron)
+    x = x_seq.contiguous()
+    spikes = torch.empty_like(x)
+    num_steps = x.shape[0]
+    num_neurons = x.numel() // max(num_steps, 1)
+    if x.numel() == 0:
+        return spikes
+    lif_forward_kernel[_grid(num_neurons)](
+        x, spikes, num_neurons, num_steps, p["decay"], p["threshold"], p["v_reset"],
+        HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], BLOCK=LIF_BLOCK, num_warps=LIF_NUM_WARPS)
+    return spikes
+
+
+def lif_backward(x_seq, grad_spikes, neuron):
+    """BPTT through the LIF scan: dL/dx_seq from dL/dspikes.
+
+    x_seq, grad_spikes: [T, ...] floating tensors of the same shape. Returns dL/dx_seq in x_seq.dtype.
+    """
+    p = neuron_params(neuron)
+    x = x_seq.contiguous()
+    grad_spikes = grad_spikes.contiguous()
+    grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    num_steps = x.shape[0]
+    num_neurons = x.numel() // max(num_steps, 1)
+    if x.numel() == 0:
+        return grad_x.to(x.dtype)
+    lif_backward_kernel[_grid(num_neurons)](
+        x, grad_spikes, grad_x, num_neurons, num_steps, p["decay"], p["threshold"], p["v_reset"], p["alpha"],
+        HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
+        SURROGATE=p["SURROGATE"], BLOCK=LIF_BLOCK, num_warps=LIF_NUM_WARPS)
+    return grad_x.to(x.dtype)
+
+
+class LIFFunction(torch.autograd.Function):
+    """Autograd wrapper: forward = lif_forward, backward = lif_backward (saves only x_seq)."""
+
+    @staticmethod
+    def forward(ctx, x_seq, neuron):
+        ctx.neuron = neuron
+        ctx.save_for_backward(x_seq)
+        return lif_forward(x_seq, neuron)
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (x_seq,) = ctx.saved_tensors
+        return lif_backward(x_seq, grad_spikes, ctx.neuron), None
+
+
+def lif(x_seq, neuron):
+    """Multi-step LIF neuron (backend entry, same signature as binwslt.reference.lif).
+
+    x_seq: floating tensor [T, ...] (validated by binwslt.functional); neuron: LIFConfig.
+    Returns spikes [T, ...] in x_seq.dtype; differentiable w.r.t. x_seq with the surrogate gradient.
+    """
+    return LIFFunction.apply(x_seq, neuron)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (consumed by benchmarks/compile_report.py): every config a launcher
+# above can use on a GPU.
+# ----------------------------------------------------------------------------------------------
+
+_FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _compile_specs():
+    specs = []
+    for dtype, (hard, decay_input) in itertools.product(_FLOAT_TYPES, itertools.product((True, False), repeat=2)):
+        ptr = _FLOAT_TYPES[dtype]
+        specs.append({
+            "name": f"lif_forward_kernel[{dtype},hard={hard},decay_input={decay_input}]",
+            "fn": lif_forward_kernel,
+            "signature": {"x_ptr": ptr, "spike_ptr": ptr, "num_neurons": "i32", "num_steps": "i32",
+                          "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
+                          "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "BLOCK": "constexpr"},
+            "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "BLOCK": LIF_BLOCK},
+            "num_warps": LIF_NUM_WARPS, "num_stages": 1,
+        })
+        for detach, surrogate in itertools.product((True, False), SURROGATE_CODES):
+            specs.append({
+                "name": (f"lif_backward_kernel[{dtype},hard={hard},decay_input={decay_input},"
+                         f"detach={detach},{surrogate}]"),
+                "fn": lif_backward_kernel,
+                "signature": {"x_ptr": ptr, "grad_spike_ptr": ptr, "grad_x_ptr": "*fp32",
+                              "num_neurons": "i32", "num_steps": "i32", "decay": "fp32", "threshold": "fp32",
+                              "v_reset": "fp32", "alpha": "fp32",
+                              "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "DETACH_RESET": "constexpr",
+                              "SURROGATE": "constexpr", "BLOCK": "constexpr"},
+                "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "DETACH_RESET": detach,
+                               "SURROGATE": SURROGATE_CODES[surrogate], "BLOCK": LIF_BLOCK},
+                "num_warps": LIF_NUM_WARPS, "num_stages": 1,
+            })
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()
+
+__all__ = ["lif_step", "lif_grad_step", "surrogate_grad", "lif", "lif_forward", "lif_backward", "LIFFunction",
+           "neuron_params", "surrogate_code", "SURROGATE_CODES", "COMPILE_SPECS"]
