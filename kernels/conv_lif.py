@@ -1,0 +1,419 @@
+"""Fused binary-weight conv2d + LIF for backend="triton": launchers, autograd Function and the backend entry.
+
+Forward (kernels in ``conv_lif_fwd.py``): the subnet's ternary weight is built once per call; spike inputs are
+converted once to int8 channels-last and convolved with exact int8 x int8 -> int32 dots; every program runs all
+T steps of its output tile with the membrane in registers. Without training BatchNorm this is one kernel and the
+float current never reaches memory. With training BatchNorm, pass 1 stores the exact pre-activation ``y`` and
+per-tile partial sums of y and y^2 (int64 for spikes: exact), the host folds the batch statistics and gamma/beta
+into per-channel ``a, b``, and pass 2 runs the LIF scan over ``y``.
+
+Saved for backward (documented trade): the input spikes as packed bits (1 bit per spike; an analog input is kept
+as it is) and ``y`` as int16 (int32 when the fan-in exceeds 32767; fp32 for an analog input). The membrane is
+recomputed from ``y`` in the backward scan rather than stored: recomputing is one cheap elementwise pass per
+step, storing it would cost 4 bytes per neuron per step.
+
+Backward (kernels in ``conv_lif_bwd.py``): reverse LIF scan fused with the recompute and the per-channel
+reductions, the BatchNorm fold, then the grad-input and grad-weight implicit GEMMs (straight-through epilogue).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from binwslt._affine import update_running_stats
+from binwslt.bits import pack_bits, unpack_bits
+from binwslt.config import LIFConfig
+from binwslt.subnet import ternary_subnet
+
+from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
+    conv_lif_bwd_scan_kernel
+from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config
+from .lif import neuron_params
+
+_INT32_LIMIT = 2 ** 31 - 1
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _is_spike_tensor(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def _subnet(weight, scores, prune_rate):
+    """Ternary weight (int8, weight's shape) and alpha (1-element fp32 tensor) of the subnet."""
+    try:
+        from .subnet import ternary_subnet as kernel_subnet  # K2's Triton subnet, when present
+    except ImportError:
+        kernel_subnet = ternary_subnet
+    tern, alpha = kernel_subnet(weight, scores, prune_rate)
+    return tern, alpha.reshape(1).to(torch.float32)
+
+
+def _out_size(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _check_int32(*tensors_or_sizes):
+    for item in tensors_or_sizes:
+        numel = item.numel() if isinstance(item, torch.Tensor) else int(item)
+        if numel > _INT32_LIMIT:
+            raise ValueError(f"tensor of {numel} elements exceeds the int32 indexing of the Triton conv kernels")
+
+
+def _channel_vec(v, channels, fill, device):
+    if v is None:
+        return torch.full((channels,), fill, dtype=torch.float32, device=device)
+    return v.detach().to(torch.float32).contiguous()
+
+
+def _strides5(t: Optional[torch.Tensor]):
+    return (0, 0, 0, 0, 0) if t is None else tuple(t.stride())
+
+
+class _Geometry:
+    """Shapes of one call: input [T?, N, C_in, H, W], weight [C_out, C_in, KH, KW], stride, padding."""
+
+    def __init__(self, x, weight, stride, padding, timesteps):
+        self.direct = timesteps is not None
+        self.T = int(timesteps) if self.direct else x.shape[0]
+        self.N, self.C_in, self.H, self.W = x.shape[-4:]
+        self.C_out, c_in_w, self.KH, self.KW = weight.shape
+        if c_in_w != self.C_in:
+            raise ValueError(f"weight has {c_in_w} input channels but x has {self.C_in}")
+        self.SH, self.SW = (int(s) for s in stride)
+        self.PH, self.PW = (int(p) for p in padding)
+        self.OH = _out_size(self.H, self.KH, self.SH, self.PH)
+        self.OW = _out_size(self.W, self.KW, self.SW, self.PW)
+        if self.OH < 1 or self.OW < 1:
+            raise ValueError(f"output size {self.OH}x{self.OW} is empty for input {self.H}x{self.W}, kernel "
+                             f"{self.KH}x{self.KW}, stride {stride}, padding {padding}")
+        self.M = self.N * self.OH * self.OW
+        self.T_y = 1 if self.direct else self.T
+        self.out_shape = (self.T, self.N, self.C_out, self.OH, self.OW)
+
+
+def _prepare_input(x, geo):
+    """Channels-last kernel input and its flags: (x_cl, is_spike, dot_fp16, strides (t, n, h, w, c))."""
+    if geo.direct:
+        is_spike = False
+    else:
+        is_spike = _is_spike_tensor(x)
+    if is_spike:
+        x_cl = x.detach().to(torch.int8).permute(0, 1, 3, 4, 2).contiguous()
+    else:
+        dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+        perm = (0, 2, 3, 1) if geo.direct else (0, 1, 3, 4, 2)
+        x_cl = x.detach().to(dtype).permute(*perm).contiguous()
+    if geo.direct:
+        sn, sh, sw, sc = x_cl.stride()
+        strides = (0, sn, sh, sw, sc)
+    else:
+        strides = tuple(x_cl.stride())
+    return x_cl, is_spike, x_cl.dtype == torch.float16, strides
+
+
+def _y_dtype(is_spike, geo):
+    if not is_spike:
+        return torch.float32
+    return torch.int16 if geo.C_in * geo.KH * geo.KW <= 32767 else torch.int32
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
+                     timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
+                     spike_counts=None):
+    """Run the fused forward. Returns ``(spikes, ctx_state)``.
+
+    ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype. ``ctx_state``: dict of what backward needs (None unless
+    ``need_y`` or batch_norm). ``spike_counts``: optional int tensor ``[C_out]`` that the per-channel number of
+    output spikes of this call is added to.
+    """
+    geo = _Geometry(x, weight, stride, padding, timesteps)
+    device = x.device
+    p = neuron_params(neuron)
+    tern, alpha = _subnet(weight, scores, prune_rate)
+    tern_cl = tern.permute(2, 3, 1, 0).contiguous()  # [KH, KW, C_in, C_out]
+    x_cl, is_spike, dot_fp16, xs = _prepare_input(x, geo)
+    out = torch.empty(geo.out_shape, dtype=x.dtype, device=device)
+    _check_int32(x_cl, out, geo.T * geo.M * geo.C_out)
+    res = residual.detach() if residual is not None else None
+    count = torch.zeros(geo.C_out, dtype=torch.int32, device=device) if spike_counts is not None else None
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
+    grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
+    store_y = need_y or batch_norm
+    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=device) if store_y else None
+    dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
+    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
+    common = dict(T=geo.T, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
+                  sxt=xs[0], sxn=xs[1], sxh=xs[2], sxw=xs[3], sxc=xs[4],
+                  SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
+                  decay=p["decay"], threshold=p["threshold"], v_reset=p["v_reset"],
+                  KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct,
+                  HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"],
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    rs = _strides5(res)
+    os_ = tuple(out.stride())
+    bn_state = None
+    if not batch_norm:
+        a = _channel_vec(scale, geo.C_out, 1.0, device)
+        b = _channel_vec(shift, geo.C_out, 0.0, device)
+        binary_conv_lif_fwd_kernel[grid](
+            x_cl, tern_cl, alpha, a, b, res if res is not None else dummy_f32, out,
+            y if y is not None else dummy_i32, count if count is not None else dummy_i32, dummy_i32,
+            srt=rs[0], srn=rs[1], src=rs[2], srh=rs[3], srw=rs[4],
+            sot=os_[0], son=os_[1], soc=os_[2], soh=os_[3], sow=os_[4],
+            FIRE=True, HAS_RES=res is not None, STORE_Y=store_y, COUNT=count is not None, STATS=False, **common)
+    else:
+        stat_dtype = torch.int64 if is_spike else torch.float32
+        stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
+        binary_conv_lif_fwd_kernel[grid](
+            x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out, y, dummy_i32, stats,
+            srt=0, srn=0, src=0, srh=0, srw=0,
+            sot=os_[0], son=os_[1], soc=os_[2], soh=os_[3], sow=os_[4],
+            FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True, **common)
+        # Exact integer sums (spikes) reduced in float64: mean/var of alpha*y over (T, N, OH, OW).
+        frames = geo.T_y * geo.M
+        sums = stats.sum(dim=1).to(torch.float64)
+        mean_y = sums[0] / frames
+        var_y = (sums[1] / frames - mean_y * mean_y).clamp_min(0.0)
+        alpha64 = alpha.to(torch.float64)
+        mean = (alpha64 * mean_y).to(torch.float32)
+        var = (alpha64 * alpha64 * var_y).to(torch.float32)
+        update_running_stats(running_mean, running_var, mean, var, geo.T * geo.M, momentum)
+        rstd = torch.rsqrt(var + eps)
+        a = rstd if scale is None else rstd * scale.detach().to(torch.float32)
+        b = -mean * a if shift is None else shift.detach().to(torch.float32) - mean * a
+        a, b = a.contiguous(), b.contiguous()
+        bn_state = (mean, rstd)
+        scfg = scan_config(geo.C_out, geo.M)
+        sgrid = (triton.cdiv(geo.M, scfg["BLOCK_M"]), triton.cdiv(geo.C_out, scfg["BLOCK_N"]))
+        conv_lif_scan_kernel[sgrid](
+            y, alpha, a, b, res if res is not None else dummy_f32, out, count if count is not None else dummy_i32,
+            geo.T, geo.M, geo.C_out, geo.OH, geo.OW, *rs, *os_,
+            p["decay"], p["threshold"], p["v_reset"],
+            DIRECT=geo.direct, HAS_RES=res is not None, COUNT=count is not None,
+            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"],
+            BLOCK_M=scfg["BLOCK_M"], BLOCK_N=scfg["BLOCK_N"], num_warps=scfg["num_warps"],
+            num_stages=scfg["num_stages"])
+    if spike_counts is not None:
+        with torch.no_grad():
+            spike_counts.add_(count.to(spike_counts.dtype))
+    state = None
+    if need_y:
+        if is_spike:
+            saved_x = pack_bits(x_cl != 0)
+        else:
+            saved_x = x_cl
+        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
+                     x_cl_dtype=x_cl.dtype, y=y, tern_cl=tern_cl, tern=tern, alpha=alpha, a=a, b=b,
+                     bn=bn_state, neuron=neuron)
+    return out, state
+
+
+# ------------------------------------------------------------------------------------------------ backward
+def backward_config(c_out, m):
+    """Tile config of the backward scan (same tiling rule as the forward scan)."""
+    return scan_config(c_out, m)
+
+
+def grad_input_config(c_in, c_out, p):
+    """Tile config of the grad-input implicit GEMM (fp32 operands, K over output channels)."""
+    block_n = 16 if c_in <= 16 else (32 if c_in <= 32 else 64)
+    block_k = 16 if c_out <= 16 else 32
+    block_m = 32 if p <= 4096 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+
+
+def grad_weight_config(c_in, c_out, p):
+    """Tile config of the grad-weight implicit GEMM (rows C_in of one tap, cols C_out, K over pixels)."""
+    block_m = 16 if c_in <= 16 else (32 if c_in <= 32 else 64)
+    block_n = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
+    block_k = 32
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+
+
+def _grad_weight_split(tiles, p, block_k, device):
+    """Split of the pixel reduction so a GPU has enough programs; one split under the interpreter / on CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (2 * sms) // max(tiles, 1))
+    return max(1, min(want, triton.cdiv(p, 16 * block_k)))
+
+
+def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs):
+    """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)`` (None where
+    ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``."""
+    need_x, need_w, need_s, need_scale, need_shift, need_res = needs
+    geo = state["geo"]
+    device = grad_spikes.device
+    p = neuron_params(state["neuron"])
+    y, alpha, a, b = state["y"], state["alpha"], state["a"], state["b"]
+    bn = state["bn"]
+    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
+    if bn is None and scale is not None:
+        mult = scale.detach().to(torch.float32).contiguous()
+    else:
+        mult = torch.ones(geo.C_out, dtype=torch.float32, device=device)
+    g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
+    grad_res = torch.empty(geo.out_shape, dtype=residual.dtype, device=device) \
+        if (need_res and residual is not None) else None
+    res = residual.detach() if residual is not None else None
+    cfg = backward_config(geo.C_out, geo.M)
+    grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
+    part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
+    conv_lif_bwd_scan_kernel[grid](
+        y, alpha, a, b, mult, res if res is not None else dummy_f32, grad_spikes, g,
+        grad_res if grad_res is not None else dummy_f32, part,
+        geo.T, geo.M, geo.C_out, geo.OH, geo.OW,
+        *_strides5(res), *_strides5(grad_spikes), *_strides5(grad_res),
+        p["decay"], p["threshold"], p["v_reset"], p["alpha"],
+        DIRECT=geo.direct, HAS_RES=res is not None, GRAD_RES=grad_res is not None,
+        HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
+        SURROGATE=p["SURROGATE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    sums = part.sum(dim=1)  # [2, C_out]: sum dL/dI, sum dL/dI * y over (T, N, OH, OW) (T pre-summed if direct)
+    sum_g, sum_gy = sums[0], sums[1]
+    g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
+    grad_scale = grad_shift = None
+    if bn is None:
+        if need_scale:
+            grad_scale = alpha * sum_gy
+        if need_shift:
+            grad_shift = sum_g.clone()
+    else:
+        mean, rstd = bn
+        count = geo.T_y * geo.M
+        dgamma = rstd * (alpha * sum_gy - mean * sum_g)  # sum dL/dI * xhat
+        if need_scale:
+            grad_scale = dgamma
+        if need_shift:
+            grad_shift = sum_g.clone()
+        gain = rstd if scale is None else rstd * scale.detach().to(torch.float32)
+        c1 = gain.contiguous()
+        c2 = (-gain * dgamma / count * alpha * rstd).contiguous()
+        c3 = (-gain * sum_g / count + gain * dgamma / count * mean * rstd).contiguous()
+        if need_x or need_w or need_s:
+            numel = g_frames.numel()
+            block = 1024
+            bn_grad_fold_kernel[(triton.cdiv(numel, block),)](g_frames, y, c1, c2, c3, numel, geo.C_out,
+                                                             BLOCK=block, num_warps=4)
+    grad_x = None
+    if need_x:
+        grad_x = _grad_input(state, g_frames, geo, device)
+    grad_w = grad_s = None
+    if need_w or need_s:
+        grad_w, grad_s = _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device)
+    if scale is not None:
+        grad_scale = grad_scale.to(scale.dtype) if grad_scale is not None else None
+    return grad_x, grad_w, grad_s, grad_scale, grad_shift, grad_res
+
+
+def _grad_input(state, g_frames, geo, device):
+    frames = geo.T_y * geo.N
+    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=state["out_dtype"], device=device)
+    P = frames * geo.H * geo.W
+    cfg = grad_input_config(geo.C_in, geo.C_out, P)
+    grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
+    sf, sh, sw, sc = dx_cl.stride()
+    conv_grad_input_kernel[grid](
+        g_frames, state["tern_cl"], state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
+        sf, sc, sh, sw, geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dx = dx_cl.permute(0, 3, 1, 2)
+    if geo.direct:
+        return dx
+    return dx.reshape(geo.T, geo.N, geo.C_in, geo.H, geo.W)
+
+
+def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
+    if state["is_spike"]:
+        x_cl = unpack_bits(state["saved_x"], state["x_cl_shape"]).to(torch.int8)
+    else:
+        x_cl = state["saved_x"]
+    if geo.direct:
+        sn, sh, sw, sc = x_cl.stride()
+        xs = (0, sn, sh, sw, sc)
+    else:
+        xs = tuple(x_cl.stride())
+    P = geo.T_y * geo.M
+    cfg = grad_weight_config(geo.C_in, geo.C_out, P)
+    tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])
+    split = _grad_weight_split(tiles, P, cfg["BLOCK_K"], device)
+    p_per_split = triton.cdiv(triton.cdiv(P, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    split = triton.cdiv(P, p_per_split)
+    shape = (split,) + tuple(weight.shape)
+    gs = torch.empty(shape, dtype=torch.float32, device=device) if need_s else None
+    gw = torch.empty(shape, dtype=torch.float32, device=device) if need_w else None
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    grid = (geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]), split)
+    conv_grad_weight_kernel[grid](
+        x_cl, g_frames, weight.detach(), scores.detach(), state["tern"], state["alpha"],
+        gs if gs is not None else dummy, gw if gw is not None else dummy,
+        P, geo.M, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split, *xs,
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
+    grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
+    return grad_w, grad_s
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+class BinWConv2dLIFFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused op; gradients to x, weight, scores, scale, shift, residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
+                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts):
+        need_grad = any(ctx.needs_input_grad[:6])
+        spikes, state = conv_lif_forward(
+            x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
+            residual=residual, neuron=neuron, timesteps=timesteps, batch_norm=batch_norm,
+            running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
+            spike_counts=spike_counts)
+        if need_grad:
+            tensors = [state.pop("saved_x"), state.pop("y"), state.pop("tern_cl"), state.pop("tern"),
+                       state.pop("alpha"), state.pop("a"), state.pop("b"), weight, scores, scale, residual]
+            bn = state.pop("bn")
+            tensors += list(bn) if bn is not None else [None, None]
+            ctx.save_for_backward(*tensors)
+            state["out_dtype"] = x.dtype
+            ctx.state = state
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        saved_x, y, tern_cl, tern, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
+        state = dict(ctx.state, saved_x=saved_x, y=y, tern_cl=tern_cl, tern=tern, alpha=alpha, a=a, b=b,
+                     bn=None if mean is None else (mean, rstd))
+        grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
+        return grads + (None,) * 11
+
+
+def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
+                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None):
+    """Fused binary-subnet conv2d + LIF (backend="triton"; arguments validated by `binwslt.functional`).
+
+    x: spikes ``[T, N, C_in, H, W]`` (float; 0/1, or analog values) or an analog image ``[N, C_in, H, W]`` with
+    ``timesteps=T``; weight/scores ``[C_out, C_in, KH, KW]`` float; stride/padding pairs of ints; scale/shift
+    ``[C_out]`` float or None; residual ``[T, N, C_out, OH, OW]`` or None; neuron a LIFConfig; batch_norm uses
+    batch statistics over (T, N, OH, OW) (running stats updated in place). ``spike_counts`` (extra, optional): an
+    integer ``[C_out]`` tensor the per-channel output spike counts are added to.
+    Returns spikes ``[T, N, C_out, OH, OW]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
+    """
+    if not isinstance(neuron, LIFConfig):
+        raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
+    if spike_counts is not None:
+        if not isinstance(spike_counts, torch.Tensor) or spike_counts.shape != (weight.shape[0],) \
+                or spike_counts.is_floating_point():
+            raise ValueError(f"spike_counts must be an integer tensor of shape [{weight.shape[0]}], got "
+                             f"{getattr(spike_counts, 'dtype', type(spike_counts))} "
+                             f"{tuple(getattr(spike_counts, 'shape', ()))}")
+    return BinWConv2dLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
+                                       prune_rate, tuple(stride), tuple(padding), neuron, timesteps, batch_norm,
+                                       momentum, eps, spike_counts)
