@@ -1,0 +1,36 @@
+"""Surrogate derivatives of the Heaviside spike function (design.md §2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """dS/dU evaluated at ``x = U - V_th``; same shape and dtype as ``x``.
+
+    atan: (α/2) / (1 + (π/2·α·x)²); sigmoid: α·s(αx)·(1 - s(αx)); triangle: max(0, α - α²|x|).
+    """
+    if surrogate == "atan":
+        return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * x) ** 2)
+    if surrogate == "sigmoid":
+        s = torch.sigmoid(alpha * x)
+        return alpha * s * (1.0 - s)
+    if surrogate == "triangle":
+        return torch.clamp(alpha - alpha * alpha * x.abs(), min=0.0)
+    raise ValueError(f"surrogate must be one of ['atan', 'sigmoid', 'triangle'], got {surrogate!r}")
+
+
+class SurrogateSpike(torch.autograd.Function):
+    """Heaviside forward (H(0) = 1), surrogate derivative backward. Input ``x = U - V_th``, any shape."""
+
+    @staticmethod
+    def forward(ctx, x, surrogate, alpha):
+        ctx.save_for_backward(x)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None

@@ -1,0 +1,27 @@
+"""binwslt: Triton kernels for binary-weight spiking lottery tickets (BinW-SLT)."""
+from setuptools import setup
+
+setup(
+    name="binwslt",
+    version="0.1.0",
+    description="Fused Triton kernels and a PyTorch API for binary-weight spiking lottery tickets",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ is installed as binwslt.kernels: a top-level `kernels` would collide with the PyPI package of that name.
+    packages=["binwslt", "binwslt.kernels"],
+    package_dir={"binwslt": "binwslt", "binwslt.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "triton>=3.3; platform_system == 'Linux'",
+        "tqdm",
+        "matplotlib",
+        "safetensors",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["binwslt=binwslt.cli:main"]},
+)

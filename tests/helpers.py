@@ -1,0 +1,42 @@
+"""Shared test inputs: spikes, weights, and the runner comparing a backend's outputs and gradients."""
+import torch
+
+from binwslt import functional as Fn
+
+
+def spikes(*shape, p=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) < p).float()
+
+
+def randn(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+def run_layer(op, backend, x, weight, scores, prune_rate, grad_seed=123, **kw):
+    """Run ``op`` on fresh leaf copies; return spikes and the gradients of a random projection of them."""
+    leaves = {"x": x, "scores": scores}
+    for name in ("scale", "shift", "residual"):
+        if kw.get(name) is not None:
+            leaves[name] = kw[name]
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    for name in ("scale", "shift", "residual"):
+        if name in leaves:
+            kw[name] = leaves[name]
+    for name in ("running_mean", "running_var"):
+        if kw.get(name) is not None:
+            kw[name] = kw[name].clone()
+    out = getattr(Fn, op)(leaves["x"], weight, leaves["scores"], prune_rate, backend=backend, **kw)
+    proj = randn(*out.shape, seed=grad_seed)
+    (out * proj).sum().backward()
+    grads = {k: v.grad for k, v in leaves.items()}
+    stats = {k: kw[k] for k in ("running_mean", "running_var") if kw.get(k) is not None}
+    return out.detach(), grads, stats
+
+
+def assert_close_grads(got, want, rtol=1e-4, atol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] is not None, f"no gradient for {name}"
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
