@@ -1,0 +1,71 @@
+"""The MPT-1/32 subnetwork rule against hand-computed values (design.md §3)."""
+import pytest
+import torch
+
+from binwslt import functional as Fn
+from binwslt.bits import pack_bits, unpack_bits
+from binwslt.subnet import n_pruned, subnet_mask, ternary_subnet
+
+
+def test_n_pruned_is_floor():
+    assert n_pruned(10, 0.4) == 4
+    assert n_pruned(7, 0.5) == 3
+    assert n_pruned(9, 0.0) == 0
+    with pytest.raises(ValueError, match="prune_rate"):
+        n_pruned(10, 1.0)
+    with pytest.raises(ValueError, match="prune_rate"):
+        n_pruned(10, -0.1)
+
+
+def test_mask_alpha_and_ternary_by_hand():
+    weight = torch.tensor([[0.5, -2.0, 1.0], [-0.25, 3.0, -1.5]])
+    scores = torch.tensor([[0.1, -0.9, 0.3], [0.05, -0.2, 0.7]])
+    # prune 40% of 6 -> 2 smallest |s|: 0.05 (idx 3) and 0.1 (idx 0)
+    mask = subnet_mask(scores, 0.4)
+    assert mask.tolist() == [[False, True, True], [False, True, True]]
+    tern, alpha = ternary_subnet(weight, scores, 0.4)
+    assert tern.dtype == torch.int8
+    assert tern.tolist() == [[0, -1, 1], [0, 1, -1]]
+    assert alpha.item() == pytest.approx((2.0 + 1.0 + 3.0 + 1.5) / 4)
+    w_eff = Fn.subnet_weight(weight, scores, 0.4)
+    torch.testing.assert_close(w_eff, alpha * tern.float())
+
+
+def test_ties_prune_lower_index_first():
+    scores = torch.tensor([0.5, -0.5, 0.5, 1.0])
+    assert subnet_mask(scores, 0.5).tolist() == [False, False, True, True]
+
+
+def test_straight_through_gradient_by_hand():
+    weight = torch.tensor([0.5, -2.0, 1.0, -0.25])
+    scores = torch.tensor([0.1, -0.9, 0.3, 0.05], requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, -3.0, 4.0])
+    (Fn.subnet_weight(weight, scores, 0.5) * upstream).sum().backward()
+    # dL/ds = g * w * sign(s), pruned weights included (straight through), no gradient via alpha
+    assert scores.grad.tolist() == pytest.approx([1.0 * 0.5, 2.0 * -2.0 * -1, -3.0 * 1.0, 4.0 * -0.25])
+
+
+def test_weight_gets_straight_through_gradient_only_when_asked():
+    weight = torch.tensor([0.5, -2.0, 1.0, -0.25], requires_grad=True)
+    scores = torch.tensor([0.1, -0.9, 0.3, 0.05])
+    (Fn.subnet_weight(weight, scores, 0.5) * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    alpha = (2.0 + 1.0) / 2
+    assert weight.grad.tolist() == pytest.approx([0.0, 2.0 * alpha, 3.0 * alpha, 0.0])
+
+
+def test_subnet_weight_bad_input():
+    w = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="scores shape"):
+        Fn.subnet_weight(w, torch.zeros(2, 3), 0.4)
+    with pytest.raises(ValueError, match="prune_rate"):
+        Fn.subnet_weight(w, torch.zeros(3, 2), 1.5)
+    with pytest.raises(TypeError, match="floating"):
+        Fn.subnet_weight(w, torch.zeros(3, 2, dtype=torch.int64), 0.4)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 7)])
+def test_bits_round_trip(shape):
+    bits = torch.rand(shape) < 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (bits.numel() + 7) // 8
+    assert torch.equal(unpack_bits(packed, shape), bits)
