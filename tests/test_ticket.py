@@ -1,0 +1,145 @@
+"""binwslt.ticket: 2-bit safetensors tickets that rebuild bit-identical models."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from binwslt import models, ticket
+from binwslt.subnet import subnet_mask, ternary_subnet
+
+
+def _tiny(name, kind, **kw):
+    size = 16 if name == "vgg11" else 8
+    return models.build(name, kind, num_classes=5, in_channels=1, image_size=size, width=0.125,
+                        backend="torch", **kw)
+
+
+def _as_if_trained(model, seed=0):
+    """Random scores, BN affine and running statistics, so the ticket must carry all of them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or name.endswith(".weight") and tensor.dim() > 1:
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,kind", [("conv4", "binwslt"), ("conv4", "bnn-binact"), ("resnet19", "binwslt"),
+                                       ("resnet19", "bnn-binact"), ("vgg9", "snn"), ("conv4", "ann")])
+def test_round_trip_is_bit_identical(tmp_path, name, kind):
+    torch.manual_seed(1)
+    model = _as_if_trained(_tiny(name, kind, prune_rate=0.6, timesteps=3))
+    x = torch.rand(4, 1, 8, 8) * 2
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "t.safetensors"
+    size = ticket.save(model, path)
+    assert size == os.path.getsize(path) and os.listdir(tmp_path) == ["t.safetensors"]
+    loaded = ticket.load(path)
+    assert not loaded.training and loaded.config == model.config
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.equal(got, expected)
+    original, rebuilt = ticket.binary_layers(model), ticket.binary_layers(loaded)
+    assert list(original) == list(rebuilt)
+    assert bool(original) == (kind in models.BINARY_KINDS)
+    for layer_name, layer in original.items():
+        tern, alpha = ternary_subnet(layer.weight, layer.scores, layer.prune_rate)
+        tern2, alpha2 = ternary_subnet(rebuilt[layer_name].weight, rebuilt[layer_name].scores, layer.prune_rate)
+        assert torch.equal(tern, tern2) and torch.equal(alpha, alpha2)
+        # the gain survives any summation order (a GPU reduction adds in another order)
+        perm = torch.randperm(layer.weight.numel())
+        w, s = rebuilt[layer_name].weight.reshape(-1)[perm], rebuilt[layer_name].scores.reshape(-1)[perm]
+        assert torch.equal(ternary_subnet(w, s, layer.prune_rate)[1], alpha)
+
+
+def test_file_holds_two_bits_per_binary_weight_and_no_dense_weights(tmp_path):
+    model = models.build("conv4", "binwslt")  # the paper's Conv-4: 2,425,024 binary weights
+    path = tmp_path / "conv4.safetensors"
+    size = ticket.save(model, path)
+    weights = models.weight_count(model)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        packed = sum(f.get_tensor(k).numel() for k in keys if k.endswith((".sign", ".mask")))
+        assert all(f.get_tensor(k).dtype == torch.uint8 for k in keys if k.endswith((".sign", ".mask")))
+    layers = json.loads(meta["binary_layers"])
+    assert packed == sum(2 * math.ceil(math.prod(v["shape"]) / 8) for v in layers.values())
+    assert packed <= weights / 4 + 2 * len(layers)
+    assert not any(k.endswith((".scores", "features.0.weight")) for k in keys)
+    dense = ticket.dense_fp32_bytes(model)
+    assert dense >= 4 * weights
+    assert size < dense / 15  # 2 bits instead of 32 per weight, plus BN state and the header
+    assert json.loads(meta["config"]) == model.config
+
+
+def test_ticket_keeps_the_found_subnetwork_not_the_init(tmp_path):
+    torch.manual_seed(0)
+    model = _as_if_trained(_tiny("conv4", "binwslt"), seed=3)
+    path = tmp_path / "t.safetensors"
+    ticket.save(model, path)
+    torch.manual_seed(123)  # a different init in the rebuilt model must not matter
+    loaded = ticket.load(path)
+    for a, b in zip(models.subnet_layers(model), models.subnet_layers(loaded)):
+        assert torch.equal(subnet_mask(a.scores, a.prune_rate), b.mask())
+        assert torch.equal(torch.sign(a.weight), torch.sign(b.weight))
+
+
+def test_backend_override(tmp_path):
+    model = _tiny("conv4", "binwslt")
+    path = tmp_path / "t.safetensors"
+    ticket.save(model, path)
+    assert ticket.read_config(path)["backend"] == "torch"
+    loaded = ticket.load(path, backend="reference")
+    assert loaded.config["backend"] == "reference"
+    assert all(layer.backend == "reference" for layer in models.subnet_layers(loaded) if hasattr(layer, "backend"))
+
+
+def test_save_errors(tmp_path):
+    model = _tiny("conv4", "binwslt")
+    with pytest.raises(TypeError, match="model"):
+        ticket.save("conv4", tmp_path / "a")
+    with pytest.raises(TypeError, match="path"):
+        ticket.save(model, 3)
+    bare = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="config"):
+        ticket.save(bare, tmp_path / "a")
+    layer = models.subnet_layers(model)[0]
+    with torch.no_grad():
+        layer.weight.view(-1)[layer.mask().view(-1).nonzero()[0, 0]] = 0.0
+    with pytest.raises(ValueError, match="exactly 0"):
+        ticket.save(model, tmp_path / "a")
+    assert not os.listdir(tmp_path)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        ticket.load(tmp_path / "nothere.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        ticket.load(junk)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a binwslt ticket"):
+        ticket.load(other)
+    model = _tiny("conv4", "binwslt", prune_rate=0.5)
+    good = tmp_path / "good.safetensors"
+    ticket.save(model, good)
+    # a ticket whose mask does not prune what its prune rate says is rejected, not silently rebuilt
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["features.0.mask"] = torch.full_like(tensors["features.0.mask"], 255)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="mask prunes 0 weights"):
+        ticket.load(bad)
