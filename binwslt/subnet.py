@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -20,12 +21,22 @@ def n_pruned(numel: int, prune_rate: float) -> int:
 
 
 def subnet_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
-    """Bool mask, shape of ``scores``: False for the n_pruned smallest |scores| (ties: lower flat index pruned first)."""
+    """Bool mask, shape of ``scores``: False for the n_pruned smallest |scores| (ties: lower flat index pruned first).
+
+    Selection, not a sort: the k-th smallest |s| is the threshold; values tied with it are pruned in index order.
+    """
     k = n_pruned(scores.numel(), prune_rate)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        order = torch.sort(scores.detach().abs().reshape(-1), stable=True).indices
-        keep[order[:k]] = False
+    magnitude = scores.detach().abs().reshape(-1)
+    if k == 0:
+        return torch.ones_like(magnitude, dtype=torch.bool).view(scores.shape)
+    if magnitude.device.type == "cpu":  # numpy's introselect is ~8x faster than torch.kthvalue on CPU
+        threshold = torch.as_tensor(np.partition(magnitude.numpy(), k - 1)[k - 1])
+    else:
+        threshold = torch.kthvalue(magnitude, k).values
+    keep = magnitude > threshold
+    ties = torch.nonzero(magnitude == threshold).flatten()
+    n_tied_pruned = k - int((magnitude < threshold).sum())
+    keep[ties[n_tied_pruned:]] = True
     return keep.view(scores.shape)
 
 

@@ -69,3 +69,14 @@ def test_bits_round_trip(shape):
     packed = pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (bits.numel() + 7) // 8
     assert torch.equal(unpack_bits(packed, shape), bits)
+
+
+def test_selection_equals_stable_sort_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    for n in (7, 64, 257):
+        for p in (0.1, 0.4, 0.5, 0.93):
+            scores = torch.randint(-3, 4, (n,), generator=g).float() * 0.5
+            order = torch.sort(scores.abs(), stable=True).indices
+            want = torch.ones(n, dtype=torch.bool)
+            want[order[:n_pruned(n, p)]] = False
+            assert torch.equal(subnet_mask(scores, p), want), (n, p)
