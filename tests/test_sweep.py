@@ -1,0 +1,124 @@
+"""binwslt.sweep: Fig. 2 style sweeps (real tiny runs on digits, and the bookkeeping with a stand-in trainer)."""
+import os
+
+import pytest
+
+from binwslt import sweep, train
+
+TINY = dict(model="conv4", dataset="digits", width=0.125, epochs=1, max_steps=2, eval_batches=1, progress=False,
+            backend="torch")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_rate_sweep_end_to_end(tmp_path, monkeypatch):
+    result = sweep.run_sweep("prune-rate", [0.3, 0.7], ["binwslt", "ann"], TINY, tmp_path)
+    assert [(r["kind"], r["value"], r["varied"]) for r in result.rows] == \
+        [("binwslt", 0.3, True), ("binwslt", 0.7, True), ("ann", "", False)]
+    for row in result.rows[:2]:
+        assert row["prune_rate"] == row["value"]
+        assert row["sparsity"] == pytest.approx(row["value"], abs=0.01)
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["ops_g"] > 0 and row["ticket_bytes"] > 0
+        assert os.path.isfile(os.path.join(row["out"], "ticket.safetensors"))
+    assert result.rows[2]["prune_rate"] == 0.0 and result.rows[2]["out"].endswith("ann-base")
+    assert result.csv_path == str(tmp_path / "sweep-prune-rate.csv")
+    with open(result.png_path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    back = sweep.read_csv(result.csv_path)
+    assert [r["test_accuracy"] for r in back] == [r["test_accuracy"] for r in result.rows]
+    assert back[2]["value"] is None and back[0]["value"] == 0.3
+
+    # A second call reuses every finished run; one that lost its metrics resumes from its checkpoint.
+    calls = []
+    real_run = train.run
+    monkeypatch.setattr(train, "run", lambda cfg: calls.append(cfg) or real_run(cfg))
+    again = sweep.run_sweep("prune-rate", [0.3, 0.7], ["binwslt", "ann"], TINY, tmp_path)
+    assert calls == [] and [r["test_accuracy"] for r in again.rows] == [r["test_accuracy"] for r in result.rows]
+    os.remove(os.path.join(result.rows[1]["out"], "metrics.json"))
+    sweep.run_sweep("prune-rate", [0.3, 0.7], ["binwslt", "ann"], TINY, tmp_path)
+    assert len(calls) == 1 and calls[0].resume and calls[0].prune_rate == 0.7
+
+
+class FakeRun:
+    """Stands in for train.run: records configs and returns metrics shaped like the real ones."""
+
+    def __init__(self):
+        self.configs = []
+
+    def __call__(self, cfg):
+        cfg = cfg.resolved()
+        self.configs.append(cfg)
+        acc = 0.5 + 0.01 * cfg.timesteps + 0.1 * cfg.decay - 0.1 * cfg.prune_rate
+        metrics = {"model": cfg.model, "kind": cfg.kind, "dataset": cfg.dataset, "test_accuracy": acc,
+                   "best_test_accuracy": acc, "prune_rate": cfg.prune_rate if cfg.kind in ("binwslt", "bnn-binact")
+                   else 0.0, "timesteps": cfg.timesteps, "decay": cfg.decay, "sparsity": 0.0, "ops_g": 1.0,
+                   "energy_mj": 1.0, "ops_g_pruned": 1.0, "energy_mj_pruned": 1.0, "ticket_bytes": 10, "epochs": 1,
+                   "seconds": 0.1, "finished": True, "config": cfg.to_dict()}
+        train.write_metrics(cfg.out, metrics)
+        return train.RunResult(metrics=metrics, model=None)
+
+
+@pytest.mark.parametrize("param,values,varied,constant", [
+    ("timesteps", [1, 2, 4], ["binwslt", "snn"], ["ann", "bnn-binact"]),
+    ("decay", [0.99, 0.5, 0.2], ["binwslt", "snn"], ["ann", "bnn-binact"]),
+    ("prune_rate", [0.2, 0.95], ["binwslt", "bnn-binact"], ["ann", "snn"]),
+])
+def test_which_kinds_vary_with_which_param(tmp_path, monkeypatch, param, values, varied, constant):
+    fake = FakeRun()
+    monkeypatch.setattr(train, "run", fake)
+    kinds = ["ann", "snn", "bnn-binact", "binwslt"]
+    result = sweep.run_sweep(param, values, kinds, {"model": "vgg9", "epochs": 3}, tmp_path)
+    field = sweep.PARAMS[sweep.normalize_param(param)]
+    for kind in varied:
+        got = [getattr(c, field) for c in fake.configs if c.kind == kind]
+        assert got == values
+    for kind in constant:
+        assert len([c for c in fake.configs if c.kind == kind]) == 1
+    assert all(c.model == "vgg9" and c.epochs == 3 for c in fake.configs)
+    assert {c.command for c in fake.configs if c.kind in ("ann", "snn")} == {"train"}
+    assert {c.command for c in fake.configs if c.kind in ("binwslt", "bnn-binact")} == {"find"}
+    assert len(result.rows) == len(values) * 2 + 2
+    with open(result.png_path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    replot = sweep.plot_sweep(sweep.read_csv(result.csv_path), param, str(tmp_path / "again.png"))
+    assert os.path.getsize(replot) > 1000
+
+
+def test_changed_settings_rerun_instead_of_reuse(tmp_path, monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(train, "run", fake)
+    sweep.run_sweep("timesteps", [2], ["binwslt"], {"epochs": 1}, tmp_path)
+    sweep.run_sweep("timesteps", [2], ["binwslt"], {"epochs": 1}, tmp_path)
+    assert len(fake.configs) == 1
+    sweep.run_sweep("timesteps", [2], ["binwslt"], {"epochs": 2}, tmp_path)
+    assert len(fake.configs) == 2 and fake.configs[-1].epochs == 2
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (("width", [1], ["ann"]), ValueError, "param must be one of"),
+    (("timesteps", [], ["ann"]), ValueError, "values must not be empty"),
+    (("timesteps", [1.5], ["ann"]), ValueError, "integers >= 1"),
+    (("timesteps", [0], ["ann"]), ValueError, "integers >= 1"),
+    (("prune-rate", [1.0], ["ann"]), ValueError, r"\[0, 1\)"),
+    (("decay", [1.2], ["ann"]), ValueError, r"\[0, 1\]"),
+    (("decay", [0.5, 0.5], ["ann"]), ValueError, "distinct"),
+    (("decay", "0.5", ["ann"]), TypeError, "sequence of numbers"),
+    (("decay", [0.5], ["cnn"]), ValueError, "kind must be one of"),
+    (("decay", [0.5], []), ValueError, "kinds must not be empty"),
+])
+def test_argument_errors(tmp_path, args, error, match):
+    with pytest.raises(error, match=match):
+        sweep.run_sweep(*args, {}, tmp_path)
+
+
+@pytest.mark.parametrize("base,match", [({"kind": "ann"}, "must not set 'kind'"),
+                                        ({"decay": 0.5}, "must not set 'decay'"),
+                                        ({"learning_rate": 1}, "unknown field")])
+def test_base_args_errors(tmp_path, base, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep("decay", [0.5], ["snn"], base, tmp_path)
+
+
+def test_kinds_accept_comma_string():
+    assert sweep.check_kinds("binwslt,ann") == ["binwslt", "ann"]
+    with pytest.raises(FileNotFoundError, match="nothere.csv"):
+        sweep.read_csv("nothere.csv")
