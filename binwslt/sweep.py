@@ -107,7 +107,8 @@ def _finished_metrics(out: str, config: dict) -> Optional[dict]:
     with open(path, encoding="utf-8") as f:
         metrics = json.load(f)
     stored = metrics.get("config", {})
-    same = all(stored.get(k) == v for k, v in config.items() if k not in RESUME_FREE_FIELDS)
+    # "out" may differ when a sweep folder was moved; the metrics found in it belong to it all the same.
+    same = all(stored.get(k) == v for k, v in config.items() if k not in RESUME_FREE_FIELDS and k != "out")
     return metrics if same and metrics.get("finished") else None
 
 

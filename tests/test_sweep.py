@@ -91,6 +91,10 @@ def test_changed_settings_rerun_instead_of_reuse(tmp_path, monkeypatch):
     assert len(fake.configs) == 1
     sweep.run_sweep("timesteps", [2], ["binwslt"], {"epochs": 2}, tmp_path)
     assert len(fake.configs) == 2 and fake.configs[-1].epochs == 2
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    os.rename(tmp_path, moved)  # a moved sweep folder still holds its finished runs
+    result = sweep.run_sweep("timesteps", [2], ["binwslt"], {"epochs": 2}, moved)
+    assert len(fake.configs) == 2 and result.rows[0]["out"].startswith(str(moved))
 
 
 @pytest.mark.parametrize("args,error,match", [
