@@ -1,0 +1,245 @@
+"""Run the benchmark suite side by side in one process, print a markdown table, write JSON.
+
+    python benchmarks/run.py --device cpu  --out benchmarks/results/cpu-<date>.json  [--quick]
+    python benchmarks/run.py --device cuda --out benchmarks/results/<gpu>-<date>.json [--quick]
+
+Per layer case and per whole-model case (benchmarks/shapes.py) every implementation of benchmarks/cases.py is
+built, its saved-for-backward bytes measured, then training steps and forward passes are timed round-robin
+(benchmarks/timing.py). Ratios: ``speedup`` = reference time / time, ``x floor`` = time / bare-convolution time,
+``saved/SJ`` = saved bytes / SpikingJelly's. Layer cases also carry the modelled memory traffic
+(benchmarks/memory.py). On a CPU the ``triton`` backend runs only under TRITON_INTERPRET=1 on one tiny layer, to
+check that it runs: it is never timed there. Needs no network; uses the package from this working tree.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Per mode: timed rounds (at most), warmup calls, seconds of timed rounds per case and pass before stopping early.
+SETTINGS = {
+    ("cpu", True): dict(rounds=3, warmup=1, budget_s=1.0),
+    ("cpu", False): dict(rounds=7, warmup=1, budget_s=40.0),
+    ("cuda", True): dict(rounds=5, warmup=2, budget_s=1.0),
+    ("cuda", False): dict(rounds=30, warmup=3, budget_s=6.0),
+}
+
+
+def _use_working_tree(device: str) -> None:
+    """Import binwslt (and kernels/ as binwslt.kernels) from this working tree, installed or not."""
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before they are imported
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(ROOT))
+    import binwslt
+    if pathlib.Path(binwslt.__file__).resolve().parent != ROOT / "binwslt":
+        raise RuntimeError(f"binwslt imports from {binwslt.__file__}, not from the working tree {ROOT}")
+    try:
+        import binwslt.kernels  # noqa: F401  (installed: setup.py maps kernels/ to binwslt.kernels)
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("binwslt.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["binwslt.kernels"] = module
+        spec.loader.exec_module(module)
+        binwslt.kernels = module
+
+
+def _error(exc: BaseException) -> str:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last[:500]
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+
+
+def measure_case(kind: str, case, impls, device: str, dtype, settings: dict, timed: bool = True) -> dict:
+    """Build every implementation of one case, measure saved bytes, then time train steps and forwards."""
+    from benchmarks import cases, timing
+    make = cases.layer_runner if kind == "layer" else cases.model_runner
+    entry = {"label": case.label, "timesteps": case.timesteps, "batch": case.batch, "impls": {}}
+    runners = {}
+    for impl in impls:
+        res = entry["impls"][impl] = {"status": "ok"}
+        try:
+            runner = make(impl, case, device, dtype)
+            runner.train_step()  # first call: lazy init, compilation; also proves the step runs
+            res["saved_bytes"] = runner.saved_bytes()
+            runners[impl] = runner
+        except cases.Unavailable as exc:
+            res.update(status="skipped", reason=str(exc))
+        except Exception as exc:  # report it in the table and go on with the others
+            res.update(status="error", reason=_error(exc))
+            _free(device)
+    if timed and runners:
+        for mode in ("train", "forward"):
+            fns = {impl: (r.train_step if mode == "train" else r.infer) for impl, r in runners.items()}
+            try:
+                seconds = timing.interleaved(fns, **settings)
+            except Exception as exc:
+                for impl in runners:
+                    entry["impls"][impl].update(status="error", reason=f"{mode}: {_error(exc)}")
+                break
+            for impl, s in seconds.items():
+                entry["impls"][impl][mode] = timing.summary(s)
+    elif not timed:
+        for impl in runners:
+            entry["impls"][impl]["status"] = "ran"
+    del runners
+    _free(device)
+    return entry
+
+
+def interpreter_check(device_dtype) -> dict:
+    """The triton backend on one tiny layer under TRITON_INTERPRET=1: it runs, its spikes are 0/1 of the right
+    shape. Never timed."""
+    from benchmarks import cases, shapes
+    case = shapes.interpreter_case()
+    entry = measure_case("layer", case, ("triton",), "cpu", device_dtype, {}, timed=False)
+    res = entry["impls"]["triton"]
+    if res["status"] == "ran":
+        try:
+            out = cases.layer_runner("triton", case, "cpu", device_dtype).infer()
+            oh, ow = case.shape.out_hw
+            want = (case.timesteps, case.batch, case.shape.out_channels, oh, ow)
+            binary = bool(((out == 0) | (out == 1)).all())
+            if tuple(out.shape) != want or not binary:
+                res.update(status="error", reason=f"output shape {tuple(out.shape)} (want {want}), binary={binary}")
+        except Exception as exc:
+            res.update(status="error", reason=_error(exc))
+    return entry
+
+
+def add_ratios(entry: dict) -> None:
+    """speedup (reference / impl), over_floor (impl / floor) for train and forward; saved_vs_spikingjelly."""
+    impls = entry["impls"]
+
+    def med(impl, mode):
+        return (impls.get(impl, {}).get(mode) or {}).get("median_ms")
+
+    sj_saved = impls.get("spikingjelly", {}).get("saved_bytes")
+    for impl, res in impls.items():
+        ratios = {}
+        for mode in ("train", "forward"):
+            t, ref, floor = med(impl, mode), med("reference", mode), med("floor", mode)
+            ratios[f"{mode}_speedup_vs_reference"] = ref / t if t and ref else None
+            ratios[f"{mode}_over_floor"] = t / floor if t and floor else None
+        saved = res.get("saved_bytes")
+        ratios["saved_vs_spikingjelly"] = saved / sj_saved if saved is not None and sj_saved else None
+        res["ratios"] = ratios
+
+
+def environment(device: str, args) -> dict:
+    import torch
+    from benchmarks.peers import PEERS, peer_version
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device, "quick": args.quick, "dtype": args.dtype,
+        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+        "note": args.note, "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": {p: peer_version(p) for p in PEERS + ("triton",)},
+        "prune_rate": 0.4, "neuron": "LIFConfig() defaults: decay 0.99, threshold 1, hard reset 0, atan",
+    }
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+        meta["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    try:
+        import subprocess
+        meta["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        meta["git_commit"] = None
+    return meta
+
+
+def run_suite(args) -> dict:
+    import torch
+    from benchmarks import cases, memory, shapes
+    from benchmarks.peers import peer_status
+    device, dtype = args.device, getattr(torch, args.dtype)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    settings = dict(SETTINGS[(device, args.quick)])
+    if args.rounds is not None:
+        settings["rounds"] = args.rounds
+    impls = [i for i in cases.IMPLS if i in args.impls]
+    if device == "cpu":
+        impls = [i for i in impls if i != "triton"]  # interpreted: checked once below, never timed
+    plan = shapes.suite(device, args.quick)
+    result = {"meta": environment(device, args), "settings": settings,
+              "peers": {p: {"available": why is None, "reason": why} for p, why in peer_status().items()},
+              "layers": [], "models": [], "interpreter_check": None}
+    start = time.perf_counter()
+    if device == "cpu" and "triton" in args.impls:
+        result["interpreter_check"] = interpreter_check(dtype)
+        print(f"[triton under the interpreter] {result['interpreter_check']['impls']['triton']}", flush=True)
+    for kind, key in (("layer", "layers"), ("model", "models")):
+        for case in plan[key]:
+            t0 = time.perf_counter()
+            entry = measure_case(kind, case, impls, device, dtype, settings)
+            if kind == "layer":
+                entry["shape"] = case.shape.to_dict()
+                fused = memory.fused_traffic(case.shape, case.timesteps, case.batch)
+                eager = memory.eager_traffic(case.shape, case.timesteps, case.batch)
+                entry["traffic"] = {"fused_bytes": fused, "eager_bytes": eager, "eager_over_fused": eager / fused}
+            else:
+                entry["model"] = {"name": case.name, "width": case.width, "image_size": case.image_size}
+            add_ratios(entry)
+            result[key].append(entry)
+            print(f"[{time.perf_counter() - start:7.1f}s] {case.label}: {time.perf_counter() - t0:.1f}s", flush=True)
+    result["meta"]["wall_s"] = time.perf_counter() - start
+    result["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    p.add_argument("--out", required=True, help="JSON path, e.g. benchmarks/results/cpu-2026-11-25.json")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (CI)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--impls", nargs="+", default=None, help="subset of implementations (default: all)")
+    p.add_argument("--rounds", type=int, default=None, help="override the timed rounds per case")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. the machine's load)")
+    args = p.parse_args(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _use_working_tree(args.device)
+    from benchmarks import cases, report
+    if args.impls is None:
+        args.impls = list(cases.IMPLS)
+    unknown = sorted(set(args.impls) - set(cases.IMPLS))
+    if unknown:
+        raise SystemExit(f"--impls: unknown {unknown}; choose from {list(cases.IMPLS)}")
+    result = run_suite(args)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(report.markdown_for_result(result, out.name))
+    print(f"\nwrote {out} in {result['meta']['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
