@@ -123,8 +123,8 @@ def save(model: nn.Module, path) -> int:
     return os.path.getsize(path)
 
 
-def _sum_for_alpha(alpha: float, kept: int) -> float:
-    """A float32 S with fl32(S / kept) == alpha (the original Σ|w|·M is one; search its float32 neighbours)."""
+def _sum_for_alpha(alpha: float, kept: int) -> Optional[float]:
+    """A float32 S with fl32(S / kept) == alpha, or None (the original fp32 Σ|w|·M is one; search near α·kept)."""
     n = torch.tensor(float(kept), dtype=torch.float32)
     start = torch.tensor(alpha, dtype=torch.float32) * n
     up, down = start.clone(), start.clone()
@@ -134,20 +134,23 @@ def _sum_for_alpha(alpha: float, kept: int) -> float:
                 return float(candidate)
         up = torch.nextafter(up, torch.tensor(float("inf")))
         down = torch.nextafter(down, torch.tensor(0.0))
-    raise ValueError(f"no float32 sum of {kept} weights gives alpha={alpha!r}; the ticket is corrupt")
+    return None
 
 
-def _weight_for_alpha(sign: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A float32 weight with the given signs whose gain Σ|w|·M / ΣM is ``alpha`` bit for bit, on any device.
+def _exact_sum_magnitudes(mask: torch.Tensor, alpha: float) -> Optional[torch.Tensor]:
+    """Float32 magnitudes (flat) whose kept ones add up, exactly in float32 and in any order, to an S with
+    fl32(S / ΣM) == α; None when there is none.
 
-    The kept magnitudes are integer multiples k_i·q of q = ulp(S) with Σk_i·q = S (``_sum_for_alpha``) and
-    Σk_i < 2^24, so every partial sum is exact in float32 whatever order a reduction adds them in; each
-    magnitude is within q (about ΣM float32 steps of α) of α. Pruned weights get magnitude α.
+    The kept magnitudes are integer multiples k_i·q of q = ulp(S) with Σk_i·q = S and Σk_i < 2^24, so every
+    partial sum is exact in float32 whatever order a reduction adds them in (a GPU's included); each magnitude
+    is within q (about ΣM float32 steps of α) of α. Pruned weights get magnitude α.
     """
     kept = int(mask.sum())
     if kept > 1 << 23:
-        raise ValueError(f"a layer keeps {kept} weights; tickets support at most {1 << 23} kept weights per layer")
+        return None
     total = _sum_for_alpha(alpha, kept)
+    if total is None:
+        return None
     mantissa, exponent = math.frexp(total)  # total = mantissa·2^exponent, mantissa in [0.5, 1)
     quantum = math.ldexp(1.0, exponent - 24)
     units = int(mantissa * (1 << 24))  # total = units·quantum exactly, units < 2^24
@@ -155,9 +158,30 @@ def _weight_for_alpha(sign: torch.Tensor, mask: torch.Tensor, alpha: float) -> t
     flat_mask = mask.reshape(-1)
     rank = torch.cumsum(flat_mask.to(torch.int64), 0) - 1  # index of each weight among the kept ones
     k = torch.full_like(rank, base) + (rank < extra).to(torch.int64)
-    magnitude = torch.where(flat_mask, k.to(torch.float64) * quantum, alpha).to(torch.float32)
+    return torch.where(flat_mask, k.to(torch.float64) * quantum, alpha).to(torch.float32)
+
+
+def _weight_for_alpha(sign: torch.Tensor, mask: torch.Tensor, alpha: float, prune_rate: float,
+                      layer: str) -> torch.Tensor:
+    """A float32 weight with the given signs whose gain under ``ternary_subnet`` is ``alpha`` bit for bit.
+
+    First choice: the exact-sum magnitudes of :func:`_exact_sum_magnitudes` (the gain then comes out the same
+    in any summation order and precision); fallback: every magnitude α (exact when the gain is summed in
+    float64). The result is checked against ``ternary_subnet``; ValueError when neither gives α back.
+    """
+    scores = mask.to(torch.float32)
     signs = torch.where(sign.reshape(-1), 1.0, -1.0).to(torch.float32)
-    return (signs * magnitude).view(sign.shape)
+    candidates = (lambda: _exact_sum_magnitudes(mask, alpha),
+                  lambda: torch.full(signs.shape, alpha, dtype=torch.float32, device=signs.device))
+    for make in candidates:
+        magnitude = make()
+        if magnitude is None:
+            continue
+        weight = (signs * magnitude).view(sign.shape)
+        if float(ternary_subnet(weight, scores, prune_rate)[1]) == alpha:
+            return weight
+    raise ValueError(f"layer {layer!r}: no weight with the ticket's signs gives back alpha={alpha!r} exactly; "
+                     "the ticket is corrupt or was written by an incompatible binwslt")
 
 
 def _read(path) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
@@ -221,7 +245,7 @@ def load(path, *, backend: Optional[str] = None, device=None) -> nn.Module:
             raise ValueError(f"{path}: layer {name!r} mask prunes {int((~mask).sum())} weights, prune_rate "
                              f"{meta['prune_rate']} prunes {n_pruned(mask.numel(), meta['prune_rate'])}")
         scores = mask.to(torch.float32)
-        weight = _weight_for_alpha(sign, mask, float(tensors[_key(name, "alpha")][0]))
+        weight = _weight_for_alpha(sign, mask, float(tensors[_key(name, "alpha")][0]), meta["prune_rate"], name)
         state[_key(name, "weight")] = weight.to(layer.weight.dtype)
         state[_key(name, "scores")] = scores.to(layer.scores.dtype)
     model.load_state_dict(state, strict=True)

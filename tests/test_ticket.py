@@ -143,3 +143,35 @@ def test_load_errors(tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ValueError, match="mask prunes 0 weights"):
         ticket.load(bad)
+
+
+def test_gain_rebuilt_exactly_under_a_float64_gain_definition(tmp_path, monkeypatch):
+    """Should the gain be summed in float64 (as the Triton subnet kernel does), tickets still round-trip."""
+    def ternary_subnet_fp64(weight, scores, prune_rate):
+        mask = subnet_mask(scores, prune_rate)
+        tern = (torch.sign(weight.detach()) * mask).to(torch.int8)
+        total = (weight.detach().double().abs() * mask).sum()
+        return tern, (total / mask.sum()).float()
+
+    monkeypatch.setattr(ticket, "ternary_subnet", ternary_subnet_fp64)
+    torch.manual_seed(2)
+    model = _tiny("conv4", "binwslt", prune_rate=0.3)
+    ticket.save(model, tmp_path / "t.safetensors")
+    loaded = ticket.load(tmp_path / "t.safetensors")
+    for a, b in zip(models.subnet_layers(model), models.subnet_layers(loaded)):
+        assert torch.equal(ternary_subnet_fp64(a.weight, a.scores, a.prune_rate)[1],
+                           ternary_subnet_fp64(b.weight, b.scores, b.prune_rate)[1])
+
+
+def test_corrupt_gain_is_an_error(tmp_path):
+    model = _tiny("conv4", "binwslt")
+    good = tmp_path / "good.safetensors"
+    ticket.save(model, good)
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    tensors["features.3.alpha"] = torch.tensor([float("nan")])
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="features.3.*alpha=nan"):
+        ticket.load(bad)
