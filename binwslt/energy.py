@@ -38,7 +38,7 @@ class LayerEnergy:
     batch (the fraction of 1s for spikes). ``input_binary``: whether that input held only 0s and 1s.
     ``density``: fraction of the layer's weights that are kept (1 - sparsity). ``op_type``: "mac" (4.6 pJ) or
     "sop" (0.9 pJ). ``ops``/``energy_mj``: dense-equivalent; ``ops_pruned``/``energy_mj_pruned``: pruned
-    synapses skipped.
+    synapses skipped. ``sops``: fr·T·FLOPs for a layer counted in SOPs, 0 for one counted in MACs.
     """
 
     name: str
@@ -53,6 +53,7 @@ class LayerEnergy:
     energy_mj: float
     ops_pruned: float
     energy_mj_pruned: float
+    sops: float = 0.0
 
 
 @dataclass
@@ -248,7 +249,7 @@ def estimate(model: nn.Module, x: torch.Tensor, *, spiking: Optional[bool] = Non
             name=name or type(s.module).__name__, layer_type=layer_type, flops=s.flops, timesteps=steps,
             input_firing_rate=fr, input_binary=s.input_binary, density=density, op_type=op_type,
             ops=ops, energy_mj=ops * e_pj * mj_per_pj, ops_pruned=ops * density,
-            energy_mj_pruned=ops * density * e_pj * mj_per_pj))
+            energy_mj_pruned=ops * density * e_pj * mj_per_pj, sops=ops if op_type == "sop" else 0.0))
     report.flops_g = sum(layer.flops for layer in report.layers) / 1e9
     report.ops_g = sum(layer.ops for layer in report.layers) / 1e9
     report.energy_mj = sum(layer.energy_mj for layer in report.layers)

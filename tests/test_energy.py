@@ -77,7 +77,7 @@ def test_snn_accounting_by_hand():
     assert first.op_type == "mac" and first.ops == 288  # direct encoding: computed once
     assert conv2.op_type == "sop" and conv2.input_firing_rate == 0.25 and conv2.input_binary
     assert conv2.timesteps == 3 and conv2.ops == 0.25 * 3 * 1152
-    assert fc.input_firing_rate == 0.5 and fc.ops == 0.5 * 3 * 192
+    assert fc.input_firing_rate == 0.5 and fc.ops == fc.sops == 0.5 * 3 * 192 and first.sops == 0
     assert report.ops_g == pytest.approx((288 + 864 + 288) / 1e9, rel=1e-12)
     expected_mj = (288 * E_MAC_PJ + (864 + 288) * E_SOP_PJ) * 1e-9
     assert report.energy_mj == pytest.approx(expected_mj, rel=1e-12)
