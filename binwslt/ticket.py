@@ -5,6 +5,7 @@ A ticket holds, for every binary-subnet layer (a module with ``weight``, ``score
 * ``<layer>.sign``: the packed bits ``w > 0`` (1 bit per weight, ``binwslt.bits.pack_bits``);
 * ``<layer>.mask``: the packed mask bits M (1 bit per weight);
 * ``<layer>.alpha``: the gain α = Σ|w|·M / ΣM as one float32;
+* ``<layer>.kept_zeros`` (only when there are any): flat indices of kept weights that are exactly 0;
 
 plus every other state tensor of the model unchanged under ``state.<key>`` (BatchNorm affine and running
 statistics, biases, dense layers of a dense model) and, in the safetensors metadata, the model's
@@ -79,8 +80,8 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 def save(model: nn.Module, path) -> int:
     """Write ``model``'s ticket to ``path`` (safetensors, written to a temp file then renamed); return its bytes.
 
-    ``model`` needs a JSON-serialisable ``model.config`` (as ``binwslt.models.build`` sets). Raises ValueError
-    when a kept weight is exactly 0 (its sign cannot be stored in one bit).
+    ``model`` needs a JSON-serialisable ``model.config`` (as ``binwslt.models.build`` sets); TypeError for a
+    non-module or a bad path, ValueError for a missing config.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -97,12 +98,15 @@ def save(model: nn.Module, path) -> int:
         scores = layer.scores.detach().cpu()
         prune_rate = float(layer.prune_rate)
         mask = subnet_mask(scores, prune_rate)
-        if bool(((weight == 0) & mask).any()):
-            raise ValueError(f"layer {name!r} keeps a weight that is exactly 0; its sign cannot be stored in a ticket")
         _, alpha = ternary_subnet(weight, scores, prune_rate)
         tensors[_key(name, "sign")] = pack_bits(weight > 0)
         tensors[_key(name, "mask")] = pack_bits(mask)
         tensors[_key(name, "alpha")] = alpha.reshape(1).to(torch.float32)
+        # sign(0) = 0: a kept weight that is exactly 0 (float32 Kaiming init gives one in ~10M) is a third
+        # state the two bits cannot hold; such weights are listed by flat index.
+        zeros = torch.nonzero(((weight == 0) & mask).reshape(-1)).reshape(-1)
+        if zeros.numel():
+            tensors[_key(name, "kept_zeros")] = zeros.to(torch.int64)
         layer_meta[name] = {"shape": list(weight.shape), "prune_rate": prune_rate}
         skip.update({_key(name, "weight"), _key(name, "scores")})
     for key, value in model.state_dict().items():
@@ -137,15 +141,15 @@ def _sum_for_alpha(alpha: float, kept: int) -> Optional[float]:
     return None
 
 
-def _exact_sum_magnitudes(mask: torch.Tensor, alpha: float) -> Optional[torch.Tensor]:
-    """Float32 magnitudes (flat) whose kept ones add up, exactly in float32 and in any order, to an S with
-    fl32(S / ΣM) == α; None when there is none.
+def _exact_sum_magnitudes(mask: torch.Tensor, carriers: torch.Tensor, alpha: float) -> Optional[torch.Tensor]:
+    """Float32 magnitudes (flat) that are 0 outside ``carriers`` (kept, nonzero weights) and whose kept ones add
+    up, exactly in float32 and in any order, to an S with fl32(S / ΣM) == α; None when there is none.
 
-    The kept magnitudes are integer multiples k_i·q of q = ulp(S) with Σk_i·q = S and Σk_i < 2^24, so every
+    The carried magnitudes are integer multiples k_i·q of q = ulp(S) with Σk_i·q = S and Σk_i < 2^24, so every
     partial sum is exact in float32 whatever order a reduction adds them in (a GPU's included); each magnitude
-    is within q (about ΣM float32 steps of α) of α. Pruned weights get magnitude α.
+    is within q (about ΣM float32 steps of α) of α.
     """
-    kept = int(mask.sum())
+    kept, n_carriers = int(mask.sum()), int(carriers.sum())
     if kept > 1 << 23:
         return None
     total = _sum_for_alpha(alpha, kept)
@@ -154,29 +158,40 @@ def _exact_sum_magnitudes(mask: torch.Tensor, alpha: float) -> Optional[torch.Te
     mantissa, exponent = math.frexp(total)  # total = mantissa·2^exponent, mantissa in [0.5, 1)
     quantum = math.ldexp(1.0, exponent - 24)
     units = int(mantissa * (1 << 24))  # total = units·quantum exactly, units < 2^24
-    base, extra = divmod(units, kept)
-    flat_mask = mask.reshape(-1)
-    rank = torch.cumsum(flat_mask.to(torch.int64), 0) - 1  # index of each weight among the kept ones
+    if n_carriers == 0:
+        return torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device) if units == 0 else None
+    if units < n_carriers:
+        return None
+    base, extra = divmod(units, n_carriers)
+    flat = carriers.reshape(-1)
+    rank = torch.cumsum(flat.to(torch.int64), 0) - 1  # index of each weight among the carriers
     k = torch.full_like(rank, base) + (rank < extra).to(torch.int64)
-    return torch.where(flat_mask, k.to(torch.float64) * quantum, alpha).to(torch.float32)
+    return torch.where(flat, k.to(torch.float64) * quantum, 0.0).to(torch.float32)
 
 
-def _weight_for_alpha(sign: torch.Tensor, mask: torch.Tensor, alpha: float, prune_rate: float,
-                      layer: str) -> torch.Tensor:
-    """A float32 weight with the given signs whose gain under ``ternary_subnet`` is ``alpha`` bit for bit.
+def _weight_for_alpha(sign: torch.Tensor, mask: torch.Tensor, zero: torch.Tensor, alpha: float,
+                      prune_rate: float, layer: str) -> torch.Tensor:
+    """A float32 weight with the given signs, 0 where ``zero``, whose gain under ``ternary_subnet`` is ``alpha``
+    bit for bit.
 
     First choice: the exact-sum magnitudes of :func:`_exact_sum_magnitudes` (the gain then comes out the same
-    in any summation order and precision); fallback: every magnitude α (exact when the gain is summed in
-    float64). The result is checked against ``ternary_subnet``; ValueError when neither gives α back.
+    in any summation order and precision); fallback: one magnitude α·ΣM/#carriers for every kept nonzero weight
+    (exact when the gain is summed in float64 and no kept weight is 0). Pruned weights get magnitude α. The
+    result is checked against ``ternary_subnet``; ValueError when neither gives α back.
     """
     scores = mask.to(torch.float32)
+    carriers = mask & ~zero
+    flat_carriers = carriers.reshape(-1)
     signs = torch.where(sign.reshape(-1), 1.0, -1.0).to(torch.float32)
-    candidates = (lambda: _exact_sum_magnitudes(mask, alpha),
-                  lambda: torch.full(signs.shape, alpha, dtype=torch.float32, device=signs.device))
+    uniform = float(torch.tensor(alpha * int(mask.sum()) / max(int(carriers.sum()), 1), dtype=torch.float32))
+    candidates = (lambda: _exact_sum_magnitudes(mask, carriers, alpha),
+                  lambda: torch.where(flat_carriers, uniform, 0.0).to(torch.float32))
+    pruned = ~mask.reshape(-1)
     for make in candidates:
         magnitude = make()
         if magnitude is None:
             continue
+        magnitude = torch.where(pruned, torch.tensor(alpha, dtype=torch.float32, device=pruned.device), magnitude)
         weight = (signs * magnitude).view(sign.shape)
         if float(ternary_subnet(weight, scores, prune_rate)[1]) == alpha:
             return weight
@@ -244,8 +259,17 @@ def load(path, *, backend: Optional[str] = None, device=None) -> nn.Module:
         if int((~mask).sum()) != n_pruned(mask.numel(), meta["prune_rate"]):
             raise ValueError(f"{path}: layer {name!r} mask prunes {int((~mask).sum())} weights, prune_rate "
                              f"{meta['prune_rate']} prunes {n_pruned(mask.numel(), meta['prune_rate'])}")
+        zero = torch.zeros(mask.numel(), dtype=torch.bool, device=device)
+        zeros = tensors.get(_key(name, "kept_zeros"))
+        if zeros is not None:
+            if zeros.dtype != torch.int64 or zeros.dim() != 1 or bool((zeros < 0).any()) \
+                    or bool((zeros >= mask.numel()).any()) or not bool(mask.reshape(-1)[zeros.to(device)].all()):
+                raise ValueError(f"{path}: layer {name!r} has kept_zeros that are not indices of kept weights")
+            zero[zeros.to(device)] = True
+        zero = zero.view(shape)
         scores = mask.to(torch.float32)
-        weight = _weight_for_alpha(sign, mask, float(tensors[_key(name, "alpha")][0]), meta["prune_rate"], name)
+        weight = _weight_for_alpha(sign, mask, zero, float(tensors[_key(name, "alpha")][0]), meta["prune_rate"],
+                                   name)
         state[_key(name, "weight")] = weight.to(layer.weight.dtype)
         state[_key(name, "scores")] = scores.to(layer.scores.dtype)
     model.load_state_dict(state, strict=True)
