@@ -42,7 +42,17 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
                     running_mean, running_var, momentum, eps):
-    """Fused binary-subnet linear + LIF (kernels/linear_lif.py). Spikes [T, N, out] in x.dtype."""
+    """Fused binary-subnet linear + LIF (kernels/linear_lif.py). Spikes [T, N, out] in x.dtype.
+
+    The kernels compute in fp32; float64 inputs go to binwslt.torch_backend.
+    """
+    if x.dtype == torch.float64:
+        from binwslt import torch_backend
+
+        return torch_backend.binw_linear_lif(x, weight, scores, prune_rate, scale=scale, shift=shift,
+                                             residual=residual, neuron=neuron, timesteps=timesteps,
+                                             batch_norm=batch_norm, running_mean=running_mean,
+                                             running_var=running_var, momentum=momentum, eps=eps)
     from .linear_lif import binw_linear_lif as linear_impl
 
     return linear_impl(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
