@@ -32,7 +32,7 @@ SETTINGS = {
     ("cpu", True): dict(rounds=3, warmup=0, budget_s=1.0),
     ("cpu", False): dict(rounds=5, warmup=0, budget_s=30.0),
     ("cuda", True): dict(rounds=5, warmup=2, budget_s=1.0),
-    ("cuda", False): dict(rounds=30, warmup=3, budget_s=6.0),
+    ("cuda", False): dict(rounds=25, warmup=3, budget_s=4.0),
 }
 
 
