@@ -198,3 +198,17 @@ def test_corrupt_gain_is_an_error(tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ValueError, match="features.3.*alpha=nan"):
         ticket.load(bad)
+
+
+def test_rebuilt_gain_is_the_same_on_the_triton_subnet_kernel(tmp_path):
+    """The kernel sums |w|·M in float32 blocks and float64 across them; exact sums make it agree with torch."""
+    from binwslt.kernels.subnet import ternary_subnet as kernel_ternary_subnet
+
+    torch.manual_seed(5)
+    model = _as_if_trained(_tiny("conv4", "binwslt", prune_rate=0.45))
+    ticket.save(model, tmp_path / "t.safetensors")
+    loaded = ticket.load(tmp_path / "t.safetensors")
+    for a, b in zip(models.subnet_layers(model), models.subnet_layers(loaded)):
+        stored = ternary_subnet(a.weight, a.scores, a.prune_rate)
+        tern, alpha = kernel_ternary_subnet(b.weight, b.scores, b.prune_rate)
+        assert torch.equal(tern, stored[0]) and torch.equal(alpha.reshape(()), stored[1])
