@@ -218,3 +218,21 @@ def test_write_report(tmp_path):
     assert "### cpu-test.json" in text and "**met**" in text and "## Analysis" in text
     assert "3.00x ref" in text
     assert (tmp_path / "performance.png").stat().st_size > 1000
+
+
+def test_gpu_targets_sum_the_vgg11_layers():
+    def res(train, fwd, saved):
+        return {"status": "ok", "train": {"median_ms": train}, "forward": {"median_ms": fwd}, "saved_bytes": saved}
+    layers = []
+    for i, (tri, sj) in enumerate([(1.0, 2.0), (2.0, 2.0)]):  # summed: triton 3, SpikingJelly 4 -> 1.33x, missed
+        layers.append({"label": f"l{i}", "timesteps": 4, "batch": 128, "shape": {"model": "vgg11"},
+                       "impls": {"reference": res(5.0, 2.0, 80), "triton": res(tri, 0.5, 1),
+                                 "spikingjelly": res(sj, 1.0, 10), "floor": res(0.5, 0.5, 5)}})
+    layers.append({"label": "other", "timesteps": 4, "batch": 64, "shape": {"model": "resnet19"},
+                   "impls": {"reference": res(1e9, 1e9, 1)}})
+    result = {"meta": {"device": "cuda", "quick": False}, "layers": layers, "models": []}
+    checks = report.targets(result)
+    assert [c["met"] for c in checks] == [True, False, True, True]
+    assert checks[0]["value"] == pytest.approx(10.0 / 3.0)
+    assert checks[1]["value"] == pytest.approx(4.0 / 3.0)
+    assert checks[3]["value"] == pytest.approx(2 / 20)
