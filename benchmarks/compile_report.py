@@ -11,7 +11,14 @@ Every module ``kernels/<name>.py`` that defines a ``@triton.jit`` function must 
      "signature": {arg: type},    # EVERY argument of fn: "*fp32", "*fp16", "*bf16", "*i8", "*u8", "*i16",
                                   # "*i32", "i32", "i64", "fp32", ... or "constexpr"
      "constexprs": {arg: value},  # a value for every argument typed "constexpr"
-     "num_warps": int, "num_stages": int}
+     "num_warps": int, "num_stages": int,
+     "divisible_by_16": [arg, ...]}   # optional: args the launch sees 16-divisible (pointers: 16-byte aligned)
+
+Triton's JIT specialises every pointer that is 16-byte aligned and every int argument divisible by 16
+("tt.divisibility" = 16), which is what makes loads vectorise; an AOT compile must be told. Without
+"divisible_by_16" a spec is compiled as a launch with all pointer arguments aligned (fresh torch tensors
+are) and no int argument divisible by 16; list the int arguments (e.g. K) that real layer sizes make
+divisible to compile the variant a real model launches.
 
 Kernel entry points are named ``*_kernel``; a ``*_kernel`` function that no spec covers is an error
 (helpers such as ``lif_step`` are only compiled inside the kernels that call them).
@@ -43,7 +50,7 @@ KERNELS_DIR = REPO_ROOT / "kernels"
 DEFAULT_ARCHS = (80, 90)
 # Max dynamic shared memory per block (opt-in), bytes.
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-SPEC_KEYS = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
+SPEC_KEYS = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}  # required; "divisible_by_16" optional
 
 
 def _ensure_not_interpreting():
@@ -89,6 +96,14 @@ def _validate_spec(spec, module_name):
     if set(sig) != set(args):
         problems.append(f"{spec['name']}: signature args {sorted(sig)} != kernel args {sorted(args)}")
     const_args = {a for a, t in sig.items() if t == "constexpr"}
+    hinted = spec.get("divisible_by_16")
+    if hinted is not None:
+        unknown = set(hinted) - set(sig)
+        bad = {a for a in set(hinted) & set(sig) if sig[a] == "constexpr" or not (sig[a].startswith("*") or
+                                                                              sig[a].startswith("i"))}
+        if unknown or bad:
+            problems.append(f"{spec['name']}: divisible_by_16 names unknown args {sorted(unknown)} or "
+                            f"non-pointer/non-int args {sorted(bad)}")
     if set(spec["constexprs"]) != const_args:
         problems.append(f"{spec['name']}: constexprs {sorted(spec['constexprs'])} != args typed constexpr "
                         f"{sorted(const_args)}")
@@ -169,6 +184,15 @@ def _ptx_target(ptx):
     return match.group(1)
 
 
+def divisibility_attrs(spec):
+    """ASTSource attrs marking the spec's 16-divisible arguments (default: every pointer argument)."""
+    args = list(spec["fn"].arg_names)
+    hinted = spec.get("divisible_by_16")
+    if hinted is None:
+        hinted = [a for a, t in spec["signature"].items() if t.startswith("*")]
+    return {(args.index(a),): [["tt.divisibility", 16]] for a in hinted}
+
+
 def compile_one(spec, arch):
     """Compile one spec for sm_<arch>; return a result row (dict) with resource usage or the error.
 
@@ -183,7 +207,7 @@ def compile_one(spec, arch):
     row = {"name": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"],
            "num_stages": spec["num_stages"], "ok": False}
     try:
-        source = ASTSource(spec["fn"], dict(spec["signature"]), dict(spec["constexprs"]))
+        source = ASTSource(spec["fn"], dict(spec["signature"]), dict(spec["constexprs"]), divisibility_attrs(spec))
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
         with tempfile.TemporaryDirectory() as tmp:

@@ -619,6 +619,21 @@ def _fwd_signature(x_type, out_type, y_type, stats_type):
                                         "STATS", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
 
 
+def _hints(signature, *ints):
+    """divisible_by_16 for compile_report: every pointer (torch allocations are 16-byte aligned) plus ``ints``."""
+    return [a for a, t in signature.items() if t.startswith("*")] + list(ints)
+
+
+def _covering(data_options, neuron_options):
+    """Data-path x neuron-flag combinations to compile: every data-path combination with the default neuron (the
+    first neuron option), plus every neuron-flag combination with the heaviest data path (the last data option).
+    The neuron flags only swap a few elementwise ops; the data path decides tiles, loads and register pressure."""
+    data = list(itertools.product(*data_options))
+    neurons = list(itertools.product(*neuron_options))
+    combos = [(d, neurons[0]) for d in data] + [(data[-1], n) for n in neurons[1:]]
+    return combos
+
+
 def _compile_specs():
     specs = []
     # Forward. Inputs: (name, is_spike, direct, x pointer type, dot_fp16, spike output dtypes).
@@ -639,8 +654,8 @@ def _compile_specs():
                       "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
                                          HARD_RESET=True, DECAY_INPUT=False),
                       "num_warps": nw, "num_stages": ns})
-        for out_t, store_y, has_res, count, hard, decay_input in itertools.product(
-                out_types, (False, True), (False, True), (False, True), (True, False), (False, True)):
+        for (out_t, store_y, has_res, count), (hard, decay_input) in _covering(
+                (out_types, (False, True), (False, True), (False, True)), ((True, False), (False, True))):
             specs.append({
                 "name": (f"binary_linear_lif_fwd_kernel[{name},out={out_t},store_y={store_y},res={has_res},"
                          f"count={count},hard={hard},decay_input={decay_input}]"),
@@ -651,9 +666,9 @@ def _compile_specs():
                 "num_warps": nw, "num_stages": ns})
     scan = dict(_SCAN_GPU)
     snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
-    for y_t, out_t, direct, has_res, count, hard, decay_input in itertools.product(
-            ("i16", "fp32"), ("fp32", "fp16", "bf16"), (False, True), (False, True), (False, True), (True, False),
-            (False, True)):
+    for (y_t, out_t, direct, has_res, count), (hard, decay_input) in _covering(
+            (("fp32", "i16"), ("fp32", "fp16", "bf16"), (True, False), (False, True), (False, True)),
+            ((True, False), (False, True))):
         if direct and y_t == "i16":
             continue
         specs.append({
@@ -668,9 +683,9 @@ def _compile_specs():
             "constexprs": dict(DIRECT=direct, HAS_RES=has_res, COUNT=count, HARD_RESET=hard, DECAY_INPUT=decay_input,
                                **scan),
             "num_warps": snw, "num_stages": sns})
-    for y_t, direct, res_mode, hard, decay_input, detach, surrogate in itertools.product(
-            ("i16", "fp32"), (False, True), ("none", "res", "res+grad"), (True, False), (False, True),
-            (False, True), SURROGATE_CODES):
+    for (y_t, direct, res_mode), (hard, decay_input, detach, surrogate) in _covering(
+            (("fp32", "i16"), (True, False), ("none", "res", "res+grad")),
+            ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES))):
         if direct and y_t == "i16":
             continue
         specs.append({
@@ -716,6 +731,13 @@ def _compile_specs():
                                                       "BLOCK_K")}},
             "constexprs": dict(X_BITS=x_t == "bits", GRAD_SCORES=gs, GRAD_WEIGHT=gw, **gemm),
             "num_warps": gnw, "num_stages": gns})
+    # The hidden LIF linear layers of the models have K and C multiples of 16 (8192/4096/2048/512 -> 256), so the
+    # real launches get Triton's divisibility specialisation of K and C (vectorised tile loads and stores).
+    ints = {"binary_linear_lif_fwd_kernel": ("K", "C"), "linear_lif_scan_kernel": ("C",),
+            "linear_lif_bwd_scan_kernel": ("C",), "linear_bn_grad_fold_kernel": ("C",),
+            "linear_grad_input_kernel": ("C", "K"), "linear_grad_weight_kernel": ("C", "K")}
+    for spec in specs:
+        spec["divisible_by_16"] = _hints(spec["signature"], *ints[spec["fn"].__name__])
     return specs
 
 

@@ -1,0 +1,203 @@
+"""Fused binary linear + LIF (kernels/linear_lif.py) against binwslt.reference, through binwslt.functional."""
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close_grads, randn, run_layer, spikes
+
+from binwslt import functional as Fn
+from binwslt.config import LIFConfig
+
+pytest.importorskip("triton")
+
+RESETS = {"hard": 0.0, "soft": None}
+
+
+def _dyadic_weight(C, K, seed):
+    """Every |w| equal (alpha = 0.25 exactly), random signs: all currents are multiples of 1/32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand((C, K), generator=g) < 0.5, -0.25, 0.25)
+
+
+def _dyadic_vec(C, seed, center):
+    g = torch.Generator().manual_seed(seed)
+    return center + torch.randint(-2, 3, (C,), generator=g).float() / 8.0
+
+
+def _layer_case(T, N, K, C, *, direct, analog, scale, shift, residual, dyadic, bn, seed=0):
+    if direct:
+        x = randn(N, K, seed=seed + 1)
+    elif analog:
+        x = randn(T, N, K, seed=seed + 1).relu()
+    else:
+        x = spikes(T, N, K, seed=seed + 1)
+    if dyadic and (direct or analog):
+        x = torch.round(x * 8.0) / 8.0
+    weight = _dyadic_weight(C, K, seed + 2) if dyadic else randn(C, K, seed=seed + 2, scale=0.3)
+    scores = randn(C, K, seed=seed + 3)
+    kw = dict(timesteps=T if direct else None, batch_norm=bn)
+    if scale:
+        kw["scale"] = _dyadic_vec(C, seed + 4, 1.0) if dyadic else randn(C, seed=seed + 4, scale=0.2) + 1.0
+    if shift:
+        kw["shift"] = _dyadic_vec(C, seed + 5, 0.25) if dyadic else randn(C, seed=seed + 5, scale=0.2) + 0.25
+    if residual:
+        res = randn(T, N, C, seed=seed + 6, scale=0.5)
+        kw["residual"] = torch.round(res * 8.0) / 8.0 if dyadic else res
+    if bn:
+        kw["running_mean"] = randn(C, seed=seed + 7, scale=0.1)
+        kw["running_var"] = randn(C, seed=seed + 8, scale=0.1).abs() + 1.0
+    return x, weight, scores, kw
+
+
+def _compare(x, weight, scores, prune_rate, kw, *, exact, grad_rtol=1e-4, grad_atol=1e-5):
+    s_ref, g_ref, st_ref = run_layer("binw_linear_lif", "reference", x, weight, scores, prune_rate, **dict(kw))
+    s_tri, g_tri, st_tri = run_layer("binw_linear_lif", "triton", x, weight, scores, prune_rate, **dict(kw))
+    assert s_tri.shape == s_ref.shape and s_tri.dtype == s_ref.dtype
+    assert 0.02 < s_ref.mean() < 0.98, f"degenerate test input: firing rate {s_ref.mean():.3f}"
+    if exact:
+        assert torch.equal(s_tri, s_ref)
+    else:
+        assert (s_tri != s_ref).float().mean().item() <= 1e-3
+    if torch.equal(s_tri, s_ref):
+        assert_close_grads(g_tri, g_ref, rtol=grad_rtol, atol=grad_atol)
+    for name in st_ref:
+        torch.testing.assert_close(st_tri[name], st_ref[name], rtol=1e-5, atol=1e-6)
+    return s_ref
+
+
+GRID = list(itertools.product(
+    [1, 3, 5],                 # T
+    ["spike", "analog", "direct"],
+    [(True, True, False), (False, True, True), (False, False, False)],  # scale, shift, residual
+))
+
+
+@pytest.mark.parametrize("T,kind,epilogue", GRID)
+def test_linear_lif_dyadic_bit_identical(T, kind, epilogue):
+    """Dyadic weights (all |w| = 0.125), inputs, scale/shift, residual and decay: spikes bit-identical."""
+    scale, shift, residual = epilogue
+    x, weight, scores, kw = _layer_case(T, 5, 37, 19, direct=kind == "direct", analog=kind == "analog",
+                                        scale=scale, shift=shift, residual=residual, dyadic=True, bn=False, seed=T)
+    if kind == "spike" and not shift:
+        kw["shift"] = torch.full((19,), 0.25)  # spikes x 0.125 alone rarely reach threshold in T=1
+    kw["neuron"] = LIFConfig(decay=0.75 if T != 3 else 0.5)
+    _compare(x, weight, scores, 0.4, kw, exact=True)
+
+
+@pytest.mark.parametrize("reset", list(RESETS))
+@pytest.mark.parametrize("decay_input", [False, True])
+@pytest.mark.parametrize("surrogate,detach_reset", [("atan", False), ("sigmoid", True), ("triangle", False)])
+def test_linear_lif_neuron_variants(reset, decay_input, surrogate, detach_reset):
+    """Every neuron variant through the fused backward (spiking input, scale + shift + residual)."""
+    x, weight, scores, kw = _layer_case(3, 4, 40, 21, direct=False, analog=False, scale=True, shift=True,
+                                        residual=True, dyadic=True, bn=False, seed=11)
+    if decay_input:
+        kw["shift"] = kw["shift"] * 4.0 + 1.0
+        kw["residual"] = kw["residual"] * 4.0
+    kw["neuron"] = LIFConfig(decay=0.5, v_reset=RESETS[reset], decay_input=decay_input, surrogate=surrogate,
+                             detach_reset=detach_reset)
+    _compare(x, weight, scores, 0.3, kw, exact=True)
+
+
+@pytest.mark.parametrize("kind", ["spike", "analog", "direct"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear_lif_random_general(kind, residual):
+    """General random inputs and weights, default neuron (decay 0.99): mismatch <= 1e-3, gradients close."""
+    x, weight, scores, kw = _layer_case(4, 6, 45, 33, direct=kind == "direct", analog=kind == "analog",
+                                        scale=True, shift=True, residual=residual, dyadic=False, bn=False, seed=21)
+    kw["neuron"] = LIFConfig()
+    _compare(x, weight, scores, 0.5, kw, exact=False)
+
+
+@pytest.mark.parametrize("kind", ["spike", "analog", "direct"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_linear_lif_batch_norm_train(kind, affine):
+    """Training-mode BatchNorm over (T, N): spikes, every gradient and the running statistics."""
+    x, weight, scores, kw = _layer_case(3, 6, 33, 19, direct=kind == "direct", analog=kind == "analog",
+                                        scale=affine, shift=affine, residual=kind == "spike", dyadic=False, bn=True,
+                                        seed=31)
+    kw["neuron"] = LIFConfig(decay=0.8)
+    kw["momentum"] = 0.2
+    _compare(x, weight, scores, 0.4, kw, exact=False)
+
+
+def test_linear_lif_single_sample_and_t1():
+    x, weight, scores, kw = _layer_case(1, 1, 17, 3, direct=False, analog=True, scale=True, shift=True,
+                                        residual=False, dyadic=True, bn=False, seed=41)
+    kw["shift"] = torch.tensor([0.75, 1.25, 0.5])
+    kw["neuron"] = LIFConfig(decay=0.5)
+    _compare(x, weight, scores, 0.2, kw, exact=True)
+
+
+def test_linear_lif_spike_counts_equal_reference_sums():
+    from binwslt.kernels.linear_lif import binw_linear_lif
+
+    x, weight, scores, kw = _layer_case(3, 5, 37, 19, direct=False, analog=False, scale=True, shift=True,
+                                        residual=False, dyadic=True, bn=False, seed=51)
+    neuron = LIFConfig(decay=0.75)
+    want = Fn.binw_linear_lif(x, weight, scores, 0.4, neuron=neuron, backend="reference", **kw)
+    counts = torch.full((19,), 7, dtype=torch.int64)
+    for bn in (False, True):
+        counts.fill_(7)
+        out = binw_linear_lif(x, weight, scores, 0.4, scale=kw["scale"], shift=kw["shift"], residual=None,
+                              neuron=neuron, timesteps=None, batch_norm=bn, running_mean=None, running_var=None,
+                              momentum=0.1, eps=1e-5, spike_counts=counts)
+        if not bn:
+            assert torch.equal(out, want)
+        assert torch.equal(counts - 7, out.sum(dim=(0, 1)).long())
+
+
+def test_linear_lif_saved_bytes_small():
+    """Bytes saved for backward (spikes as bits, y as int16) are at most 1/8 of the reference's."""
+    x, weight, scores, kw = _layer_case(4, 8, 64, 32, direct=False, analog=False, scale=True, shift=True,
+                                        residual=False, dyadic=False, bn=True, seed=61)
+    kw["neuron"] = LIFConfig()
+
+    def saved_bytes(backend):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        scores_leaf = scores.clone().requires_grad_(True)
+        xs = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            Fn.binw_linear_lif(xs, weight, scores_leaf, 0.4, backend=backend, **kw)
+        return sum(total)
+
+    # weight and scores are the caller's parameters in both backends; count what each backend adds beyond them.
+    params = 2 * weight.numel() * weight.element_size()
+    ratio = (saved_bytes("triton") - params) / (saved_bytes("reference") - params)
+    assert ratio <= 1 / 8, ratio
+
+
+def test_linear_lif_no_grad_path_and_fp16():
+    """Inference (no autograd state) and fp16 analog input (fp16 dot, fp16 output)."""
+    x, weight, scores, kw = _layer_case(3, 4, 32, 16, direct=False, analog=True, scale=True, shift=True,
+                                        residual=False, dyadic=True, bn=False, seed=71)
+    neuron = LIFConfig(decay=0.75)
+    want = Fn.binw_linear_lif(x, weight, scores, 0.25, neuron=neuron, backend="reference", **kw)
+    with torch.no_grad():
+        got = Fn.binw_linear_lif(x, weight, scores, 0.25, neuron=neuron, backend="triton", **kw)
+        got16 = Fn.binw_linear_lif(x.half(), weight, scores, 0.25, neuron=neuron, backend="triton", **kw)
+    assert torch.equal(got, want)
+    assert got16.dtype == torch.float16 and torch.equal(got16.float(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bn", [False, True])
+def test_linear_lif_gpu_model_size(bn):
+    """CONV-4's fc 8192 -> 256 at T=4, N=128 on a GPU against the torch backend."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, N, K, C = 4, 128, 8192, 256
+    x = (torch.rand((T, N, K), generator=g, device="cuda") < 0.2).float()
+    weight = torch.randn((C, K), generator=g, device="cuda") * (2.0 / K) ** 0.5
+    scores = torch.randn((C, K), generator=g, device="cuda")
+    kw = dict(neuron=LIFConfig(), batch_norm=bn, scale=torch.ones(C, device="cuda") * 0.5,
+              shift=torch.full((C,), 0.5, device="cuda"))
+    s_ref, g_ref, _ = run_layer("binw_linear_lif", "torch", x, weight, scores, 0.4, **dict(kw))
+    s_tri, g_tri, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.4, **dict(kw))
+    assert (s_tri != s_ref).float().mean().item() <= 1e-3
+    if torch.equal(s_tri, s_ref):
+        assert_close_grads(g_tri, g_ref, rtol=1e-3, atol=1e-4)
