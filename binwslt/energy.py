@@ -33,8 +33,8 @@ NON_SPIKING_KINDS = ("ann", "bnn-binact")
 class LayerEnergy:
     """Compute of one conv/linear layer, per image.
 
-    ``flops``: FLOPs(l) of one evaluation (int). ``timesteps``: evaluations per image (T for a spiking layer, 1
-    for an ANN layer or a direct-encoded first layer). ``input_firing_rate``: mean of the layer's input over the
+    ``flops``: FLOPs(l) of one evaluation (int). ``timesteps``: evaluations counted per image (T for a spiking
+    layer, 1 for an ANN layer or a direct-encoded first layer). ``input_firing_rate``: mean of the layer's input over the
     batch (the fraction of 1s for spikes). ``input_binary``: whether that input held only 0s and 1s.
     ``density``: fraction of the layer's weights that are kept (1 - sparsity). ``op_type``: "mac" (4.6 pJ) or
     "sop" (0.9 pJ). ``ops``/``energy_mj``: dense-equivalent; ``ops_pruned``/``energy_mj_pruned``: pruned
@@ -83,12 +83,14 @@ class EnergyReport:
         head = f"{'layer':<28}{'type':<8}{'FLOPs':>14}{'T':>6}{'fr':>8}{'dens':>7}{'op':>5}{'ops':>14}{'mJ':>10}"
         rows = [head, "-" * len(head)]
         for layer in self.layers:
+            # the firing rate enters only SOP layers; an analog or ANN input's mean would read as a rate
+            fr = f"{layer.input_firing_rate:>8.3f}" if layer.op_type == "sop" else f"{'-':>8}"
             rows.append(f"{layer.name:<28}{layer.layer_type:<8}{layer.flops:>14,}{layer.timesteps:>6.2g}"
-                        f"{layer.input_firing_rate:>8.3f}{layer.density:>7.3f}{layer.op_type:>5}"
-                        f"{layer.ops:>14,.0f}{layer.energy_mj:>10.4f}")
-        rows.append(f"total ({'SNN' if self.spiking else 'ANN'} accounting, per image): ops {self.ops_g:.4f} G, "
-                    f"energy {self.energy_mj:.4f} mJ; pruned skipped: ops {self.ops_g_pruned:.4f} G, "
-                    f"energy {self.energy_mj_pruned:.4f} mJ")
+                        f"{fr}{layer.density:>7.3f}{layer.op_type:>5}"
+                        f"{layer.ops:>14,.0f}{layer.energy_mj:>10.3g}")
+        rows.append(f"total ({'SNN' if self.spiking else 'ANN'} accounting, per image): ops {self.ops_g:.4g} G, "
+                    f"energy {self.energy_mj:.4g} mJ; pruned skipped: ops {self.ops_g_pruned:.4g} G, "
+                    f"energy {self.energy_mj_pruned:.4g} mJ")
         return "\n".join(rows)
 
 
@@ -241,7 +243,9 @@ def estimate(model: nn.Module, x: torch.Tensor, *, spiking: Optional[bool] = Non
             op_type, ops, e_pj = "mac", s.flops * steps, e_mac_pj
         elif index == 0:
             # Direct encoding: the analog image is convolved once and the same current drives every step.
-            op_type, ops, e_pj = "mac", s.flops * (1.0 if direct_encoded else steps), e_mac_pj
+            if direct_encoded:
+                steps = 1.0
+            op_type, ops, e_pj = "mac", s.flops * steps, e_mac_pj
         else:
             op_type, ops, e_pj = "sop", fr * steps * s.flops, e_sop_pj
         layer_type = "conv" if s.module.weight.dim() == 4 else "linear"

@@ -74,7 +74,7 @@ def test_snn_accounting_by_hand():
     first, conv2, fc = report.layers
     assert report.spiking
     assert (first.flops, conv2.flops, fc.flops) == (9 * 1 * 2 * 16, 9 * 2 * 4 * 16, 64 * 3)
-    assert first.op_type == "mac" and first.ops == 288  # direct encoding: computed once
+    assert first.op_type == "mac" and first.ops == 288 and first.timesteps == 1  # direct encoding: computed once
     assert conv2.op_type == "sop" and conv2.input_firing_rate == 0.25 and conv2.input_binary
     assert conv2.timesteps == 3 and conv2.ops == 0.25 * 3 * 1152
     assert fc.input_firing_rate == 0.5 and fc.ops == fc.sops == 0.5 * 3 * 192 and first.sops == 0
@@ -118,7 +118,7 @@ def test_spiking_models_count_sops_on_binary_inputs(kind):
     assert model.training and all(m.training for m in model.modules())  # the mode is restored
     assert report.spiking and len(report.layers) == 7
     first, rest = report.layers[0], report.layers[1:]
-    assert first.op_type == "mac" and first.ops == first.flops == 9 * 1 * 8 * 64
+    assert first.op_type == "mac" and first.ops == first.flops == 9 * 1 * 8 * 64 and first.timesteps == 1
     for layer in rest:
         assert layer.op_type == "sop" and layer.input_binary and layer.timesteps == 4
         assert 0.0 <= layer.input_firing_rate <= 1.0
