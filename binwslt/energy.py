@@ -34,8 +34,8 @@ class LayerEnergy:
     """Compute of one conv/linear layer, per image.
 
     ``flops``: FLOPs(l) of one evaluation (int). ``timesteps``: evaluations counted per image (T for a spiking
-    layer, 1 for an ANN layer or a direct-encoded first layer). ``input_firing_rate``: mean of the layer's input over the
-    batch (the fraction of 1s for spikes). ``input_binary``: whether that input held only 0s and 1s.
+    layer, 1 for an ANN layer or a direct-encoded first layer). ``input_firing_rate``: mean of the layer's input
+    over the batch (the fraction of 1s for spikes). ``input_binary``: whether that input held only 0s and 1s.
     ``density``: fraction of the layer's weights that are kept (1 - sparsity). ``op_type``: "mac" (4.6 pJ) or
     "sop" (0.9 pJ). ``ops``/``energy_mj``: dense-equivalent; ``ops_pruned``/``energy_mj_pruned``: pruned
     synapses skipped. ``sops``: fr·T·FLOPs for a layer counted in SOPs, 0 for one counted in MACs.

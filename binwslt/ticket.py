@@ -11,17 +11,18 @@ plus every other state tensor of the model unchanged under ``state.<key>`` (Batc
 statistics, biases, dense layers of a dense model) and, in the safetensors metadata, the model's
 ``config`` (the keyword arguments of ``binwslt.models.build``) and each binary layer's shape and prune rate.
 
-``load`` rebuilds the model with ``binwslt.models.build_from_config(config)`` and gives each binary layer a weight with
-the stored signs and magnitudes close to α, and the scores ``M`` (1 kept, 0 pruned: the ``n_pruned`` zeros are
-exactly the pruned set). The kept magnitudes are chosen so that Σ|w|·M / ΣM is α bit for bit in any summation
-order, so the effective weights α·M·sign(w), and with them the outputs, are bit-identical. (The original
-magnitudes are not in a ticket; they matter only to fine-tuning, never to the ticket's outputs.)
+``load`` rebuilds the model with ``binwslt.models.build_from_config(config)`` and gives each binary layer a
+weight with the stored signs and magnitudes close to α, and the scores ``M`` (1 kept, 0 pruned: the
+``n_pruned`` zeros are exactly the pruned set). The kept magnitudes are chosen so that Σ|w|·M / ΣM is α bit
+for bit in any summation order, so the effective weights α·M·sign(w), and with them the outputs, are
+bit-identical. (The original magnitudes are not in a ticket; they matter only to fine-tuning, never to the
+ticket's outputs.)
 """
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
