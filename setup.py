@@ -10,11 +10,13 @@ setup(
     python_requires=">=3.9",
     # kernels/ is installed as binwslt.kernels: a top-level `kernels` would collide with the PyPI package of that name.
     packages=["binwslt", "binwslt.kernels"],
+    package_data={"binwslt": ["csrc/*.cpp"]},
     package_dir={"binwslt": "binwslt", "binwslt.kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
         "numpy",
         "triton>=3.3; platform_system == 'Linux'",
+        "ninja",  # torch's cpp_extension builds the fused CPU LIF scan with it
         "tqdm",
         "matplotlib",
         "safetensors",

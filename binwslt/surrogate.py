@@ -11,13 +11,18 @@ def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tenso
 
     atan: (α/2) / (1 + (π/2·α·x)²); sigmoid: α·s(αx)·(1 - s(αx)); triangle: max(0, α - α²|x|).
     """
+    return surrogate_grad_(x.clone(), surrogate, alpha)
+
+
+def surrogate_grad_(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """In-place `surrogate_grad`: overwrites and returns ``x`` (one buffer, no temporaries)."""
     if surrogate == "atan":
-        return (alpha / 2.0) / (1.0 + (math.pi / 2.0 * alpha * x) ** 2)
+        return x.mul_(math.pi / 2.0 * alpha).square_().add_(1.0).reciprocal_().mul_(alpha / 2.0)
     if surrogate == "sigmoid":
-        s = torch.sigmoid(alpha * x)
-        return alpha * s * (1.0 - s)
+        x.mul_(alpha).sigmoid_()
+        return x.addcmul_(x, x, value=-1.0).mul_(alpha)  # s - s² = s(1 - s)
     if surrogate == "triangle":
-        return torch.clamp(alpha - alpha * alpha * x.abs(), min=0.0)
+        return x.abs_().mul_(-alpha * alpha).add_(alpha).clamp_(min=0.0)
     raise ValueError(f"surrogate must be one of ['atan', 'sigmoid', 'triangle'], got {surrogate!r}")
 
 

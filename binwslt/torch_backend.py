@@ -1,7 +1,9 @@
 """The ``torch`` backend: the fast path where there is no GPU.
 
 One convolution (or matmul) over all T·N frames, computed once for a direct-encoded input; the subnet weight
-built once per call; the LIF scan as `torch.library` ops with a hand-written BPTT backward. What a fused layer
+built once per call; the LIF scan as `torch.library` ops with a hand-written BPTT backward, each one fused C++
+loop over T per neuron on CPU (binwslt/csrc/lif_scan.cpp, built on first use; eager PyTorch ops where it
+cannot be built or for other devices and dtypes). What a fused layer
 saves for backward is compact: input spikes as packed bits, and the pre-activation as the exact integer
 ``y = conv(X, M·sign(w))`` in int16 (a spike times a ternary weight is an integer, so ``y`` loses nothing);
 the current, membrane and spikes are recomputed from them in the backward. Analog inputs (a direct-encoded
@@ -15,42 +17,70 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from ._affine import batch_stats, channel_view, update_running_stats
+from ._affine import channel_view, update_running_stats
+from . import _cpu_ext
+from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
 from .subnet import straight_through_grads, ternary_subnet
-from .surrogate import surrogate_grad
+from .surrogate import surrogate_grad_
 
 
 # ---------------------------------------------------------------------------------------------------- LIF scan
 def _scan(current, decay, threshold, v_reset, decay_input, keep_membrane):
-    """Forward LIF scan over dim 0; returns spikes (and the pre-reset membranes U[t] if asked)."""
-    v = torch.zeros_like(current[0])
-    spikes = torch.empty_like(current)
-    membranes = []
-    for t in range(current.shape[0]):
-        if decay_input:
-            u = decay * v + (1.0 - decay) * current[t]
-        else:
-            u = decay * v + current[t]
-        s = (u >= threshold).to(current.dtype)
-        spikes[t] = s
+    """Forward LIF scan over dim 0. Returns spikes ``[T, ...]`` and, if asked, the pre-reset membranes U and the
+    spikes as bool (both ``[T, ...]``, for the backward); otherwise ``None, None``.
+
+    In place on two step buffers: every op rounds exactly as the reference's ``decay*v + I`` and
+    ``u*(1-s) + v_reset*s`` do (the reset products are exact), so the spikes are bit-identical to it.
+    ``current`` may be a stride-0 expansion over T (direct encoding): it is only read step by step.
+    """
+    drive = (1.0 - decay) * current if decay_input else current
+    T = current.shape[0]
+    spikes = torch.empty(current.shape, dtype=current.dtype, device=current.device)
+    membranes = torch.empty_like(spikes) if keep_membrane else None
+    fired_all = torch.empty(current.shape, dtype=torch.bool, device=current.device) if keep_membrane else None
+    v = torch.zeros_like(spikes[0])
+    u = torch.empty_like(v)
+    fired = torch.empty(v.shape, dtype=torch.bool, device=v.device)
+    for t in range(T):
+        torch.mul(v, decay, out=u)
+        u.add_(drive[t])
         if keep_membrane:
-            membranes.append(u)
-        v = u - threshold * s if v_reset is None else u * (1.0 - s) + v_reset * s
-    return spikes, membranes
+            membranes[t].copy_(u)
+            fired = fired_all[t]
+        torch.ge(u, threshold, out=fired)
+        spikes[t].copy_(fired)
+        if v_reset is None:
+            u.sub_(spikes[t], alpha=threshold)
+        else:
+            u.masked_fill_(fired, v_reset)
+        u, v = v, u
+    return spikes, membranes, fired_all
+
+
+def _fused_scan_ext(current):
+    """The compiled CPU scan for float32/float64 CPU tensors whose steps are contiguous, else None (eager scan)."""
+    if current.device.type != "cpu" or current.dtype not in (torch.float32, torch.float64) \
+            or not current[0].is_contiguous() or current.dim() < 2:
+        return None
+    return _cpu_ext.load()
 
 
 @torch.library.custom_op("binwslt::lif_forward", mutates_args=())
 def lif_forward(current: torch.Tensor, decay: float, threshold: float, v_reset: Optional[float],
                 decay_input: bool, surrogate: str, alpha: float, detach_reset: bool) -> torch.Tensor:
     """LIF spikes ``[T, ...]`` (dtype of ``current``) for input currents ``current`` ``[T, ...]``."""
+    ext = _fused_scan_ext(current)
+    if ext is not None:
+        flat = current.flatten(1)
+        return ext.lif_forward(flat, decay, threshold, v_reset, decay_input).view(current.shape)
     return _scan(current, decay, threshold, v_reset, decay_input, keep_membrane=False)[0]
 
 
 @lif_forward.register_fake
 def _(current, decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset):
-    return torch.empty_like(current)
+    return torch.empty(current.shape, dtype=current.dtype, device=current.device)
 
 
 @torch.library.custom_op("binwslt::lif_backward", mutates_args=())
@@ -58,30 +88,40 @@ def lif_backward(current: torch.Tensor, grad_spikes: torch.Tensor, decay: float,
                  v_reset: Optional[float], decay_input: bool, surrogate: str, alpha: float,
                  detach_reset: bool) -> torch.Tensor:
     """BPTT through the LIF: dL/dI ``[T, ...]`` from the currents and dL/dS, recomputing the membrane."""
-    spikes, membranes = _scan(current, decay, threshold, v_reset, decay_input, keep_membrane=True)
-    grad_current = torch.empty_like(current)
-    grad_v = torch.zeros_like(current[0])  # dL/dV[t], carried backwards in time
-    gain = 1.0 - decay if decay_input else 1.0
+    ext = _fused_scan_ext(current)
+    if ext is not None:
+        grad = ext.lif_backward(current.flatten(1), grad_spikes.reshape(grad_spikes.shape[0], -1).contiguous(),
+                                decay, threshold, v_reset, decay_input, SURROGATE_CODES[surrogate], alpha,
+                                detach_reset)
+        return grad.view(current.shape)
+    _, membranes, fired = _scan(current, decay, threshold, v_reset, decay_input, keep_membrane=True)
+    # dL/dV at the reset, then dS/dU for every step at once (in place over the membranes)
+    reset_slope = None if v_reset is None or detach_reset else torch.neg(membranes).add_(v_reset)
+    surrogate_slope = surrogate_grad_(membranes.sub_(threshold), surrogate, alpha)
+    grad_current = torch.empty(current.shape, dtype=current.dtype, device=current.device)
+    grad_v = torch.zeros_like(grad_current[0])  # dL/dV[t], carried backwards in time
+    grad_s = torch.empty_like(grad_v)
     for t in range(current.shape[0] - 1, -1, -1):
-        u, s = membranes[t], spikes[t]
-        grad_s = grad_spikes[t]
-        if v_reset is None:
-            grad_u = grad_v
+        grad_s.copy_(grad_spikes[t])
+        if v_reset is None:  # V = U - θS
             if not detach_reset:
-                grad_s = grad_s - threshold * grad_v
+                grad_s.sub_(grad_v, alpha=threshold)
+        else:  # V = U(1 - S) + v_r S
+            if not detach_reset:
+                grad_s.addcmul_(grad_v, reset_slope[t])
+            grad_v.masked_fill_(fired[t], 0.0)
+        grad_u = grad_v.addcmul_(grad_s, surrogate_slope[t])
+        if decay_input:
+            torch.mul(grad_u, 1.0 - decay, out=grad_current[t])
         else:
-            grad_u = grad_v * (1.0 - s)
-            if not detach_reset:
-                grad_s = grad_s + grad_v * (v_reset - u)
-        grad_u = grad_u + grad_s * surrogate_grad(u - threshold, surrogate, alpha)
-        grad_current[t] = gain * grad_u
-        grad_v = decay * grad_u
+            grad_current[t].copy_(grad_u)
+        grad_v = grad_u.mul_(decay)
     return grad_current
 
 
 @lif_backward.register_fake
 def _(current, grad_spikes, decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset):
-    return torch.empty_like(current)
+    return torch.empty(current.shape, dtype=current.dtype, device=current.device)
 
 
 def _lif_spikes(current, neuron):
@@ -150,25 +190,24 @@ def _is_spike_tensor(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _current(y, alpha, scale, shift, bn):
-    """Per-frame current ``[F, C, ...]`` = epilogue(α·y); ``bn`` is ``(mean, rstd)`` or None."""
-    cur = y * alpha
+def _per_channel(alpha, scale, shift, bn):
+    """Fold α, BatchNorm ``(mean, rstd)`` of α·y and scale/shift into the current's ``I = a·y + b`` per channel."""
+    a = alpha if scale is None else alpha * scale
+    b = shift
     if bn is not None:
         mean, rstd = bn
-        a = rstd if scale is None else rstd * scale
-        b = -mean * a if shift is None else shift - mean * a
-        return cur * channel_view(a, cur, 1) + channel_view(b, cur, 1)
-    if scale is not None:
-        cur = cur * channel_view(scale, cur, 1)
-    if shift is not None:
-        cur = cur + channel_view(shift, cur, 1)
-    return cur
+        a = a * rstd
+        gamma_rstd = rstd if scale is None else rstd * scale
+        b = -mean * gamma_rstd if shift is None else shift - mean * gamma_rstd
+    return a, b
 
 
-def _sequence(cur, T, direct, residual):
-    """Frames ``[F, C, ...]`` -> contiguous ``[T, N, C, ...]`` (repeated over T when direct), plus residual."""
-    seq = cur.unsqueeze(0).expand((T,) + tuple(cur.shape)) if direct else cur.view((T, -1) + tuple(cur.shape[1:]))
-    return (seq if residual is None else seq + residual).contiguous()
+def _current_sequence(y, a, b, residual, T, direct):
+    """I = a·y + b (+ residual) as ``[T, N, C, ...]``: a stride-0 expansion over T for direct encoding."""
+    a = channel_view(a.expand(y.shape[1]), y, 1)
+    cur = y * a if b is None else torch.addcmul(channel_view(b, y, 1), y, a)
+    seq = cur.expand((T,) + tuple(cur.shape)) if direct else cur.view((T, -1) + tuple(cur.shape[1:]))
+    return seq if residual is None else seq + residual
 
 
 class _BinWLIF(torch.autograd.Function):
@@ -179,70 +218,67 @@ class _BinWLIF(torch.autograd.Function):
                 linear_map, prune_rate, neuron, timesteps, batch_norm, momentum, eps):
         tern, alpha = ternary_subnet(weight, scores, prune_rate)
         alpha = alpha.to(x.dtype)
-        T = timesteps if timesteps is not None else x.shape[0]
-        frames = x if timesteps is not None else x.flatten(0, 1)
-        y = linear_map(frames, tern.to(x.dtype))  # exact integers when frames are spikes
-        bn = None
+        direct = timesteps is not None
+        T = timesteps if direct else x.shape[0]
+        frames = x if direct else x.flatten(0, 1)
+        y = linear_map(frames, tern.to(x.dtype))  # [F, C, ...], exact integers when frames are spikes
+        mean = rstd = None
         if batch_norm:
-            mean, var = batch_stats(y * alpha, channel_dim=1)
-            count = (T if timesteps is not None else 1) * (y.numel() // y.shape[1])
+            var_y, mean_y = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=0)
+            mean, var = mean_y * alpha, var_y * (alpha * alpha)
+            count = (T if direct else 1) * (y.numel() // y.shape[1])  # BN counts every (t, n, h, w)
             update_running_stats(running_mean, running_var, mean, var, count, momentum)
-            bn = (mean, torch.rsqrt(var + eps))
-        current = _sequence(_current(y, alpha, scale, shift, bn), T, timesteps is not None, residual)
+            rstd = torch.rsqrt(var + eps)
+        a, b = _per_channel(alpha, scale, shift, None if mean is None else (mean, rstd))
+        current = _current_sequence(y, a, b, residual, T, direct)
         spikes = _lif_spikes(current, neuron)
 
-        spiking_input = timesteps is None and _is_spike_tensor(frames)
+        spiking_input = not direct and _is_spike_tensor(frames)
         if spiking_input:
-            saved_x = pack_bits(frames != 0)
+            saved_x = pack_bits(frames)
             y_saved = y.to(torch.int16 if weight[0].numel() <= 32767 else torch.int32)
         else:
             saved_x, y_saved = frames, y
-        bn_saved = bn if bn is not None else (None, None)
-        ctx.save_for_backward(saved_x, y_saved, tern, alpha, weight, scores, scale, shift, residual, *bn_saved)
-        ctx.spiking_input = spiking_input
-        ctx.frames_shape = tuple(frames.shape)
-        ctx.dtype = x.dtype
-        ctx.linear_map, ctx.neuron, ctx.timesteps = linear_map, neuron, timesteps
+        ctx.save_for_backward(saved_x, y_saved, tern, alpha, weight, scores, scale, shift, residual, mean, rstd)
+        ctx.spiking_input, ctx.frames_shape, ctx.dtype = spiking_input, tuple(frames.shape), x.dtype
+        ctx.linear_map, ctx.neuron, ctx.direct = linear_map, neuron, direct
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         saved_x, y, tern, alpha, weight, scores, scale, shift, residual, mean, rstd = ctx.saved_tensors
-        timesteps, dtype = ctx.timesteps, ctx.dtype
+        dtype, direct, T = ctx.dtype, ctx.direct, grad_spikes.shape[0]
         y = y.to(dtype)
         bn = None if mean is None else (mean, rstd)
-        T = grad_spikes.shape[0]
-        current = _sequence(_current(y, alpha, scale, shift, bn), T, timesteps is not None, residual)
+        a, b = _per_channel(alpha, scale, shift, bn)
+        current = _current_sequence(y, a, b, residual, T, direct)
         grad_current = _lif_grad(current, grad_spikes, ctx.neuron)
         grad_residual = grad_current if ctx.needs_input_grad[5] else None
-        g = grad_current.sum(0) if timesteps is not None else grad_current.flatten(0, 1)  # [F, C, ...]
+        g = grad_current.sum(0) if direct else grad_current.flatten(0, 1)  # [F, C, ...], like y
         dims = [d for d in range(g.dim()) if d != 1]
-        grad_scale = grad_shift = None
+        sum_g, sum_gy = g.sum(dims), (g * y).sum(dims)
+        gamma = torch.ones_like(alpha) if scale is None else scale
         if bn is not None:
-            xhat = (y * alpha - channel_view(mean, g, 1)) * channel_view(rstd, g, 1)
-            if ctx.needs_input_grad[3]:
-                grad_scale = (g * xhat).sum(dims)
-            if ctx.needs_input_grad[4]:
-                grad_shift = g.sum(dims)
-            gx = g if scale is None else g * channel_view(scale, g, 1)
-            grad_cur = channel_view(rstd, g, 1) * (
-                gx - channel_view(gx.mean(dims), g, 1) - xhat * channel_view((gx * xhat).mean(dims), g, 1))
+            # xhat = α·rstd·y - mean·rstd; dL/d(α·y) = rstd·γ·(g - mean(g) - xhat·mean(g·xhat)) = c1·g + c2·y + c3
+            count = y.numel() // y.shape[1]
+            sum_gxhat = alpha * rstd * sum_gy - mean * rstd * sum_g
+            grad_scale, grad_shift = sum_gxhat, sum_g
+            c1 = rstd * gamma
+            k = c1 * sum_gxhat / count
+            c2, c3 = -k * alpha * rstd, -c1 * sum_g / count + k * mean * rstd
+            grad_cur = torch.addcmul(channel_view(c3, g, 1), g, channel_view(c1, g, 1))
+            grad_cur.addcmul_(y, channel_view(c2, g, 1))
         else:
-            if ctx.needs_input_grad[3]:
-                grad_scale = (g * y * alpha).sum(dims)
-            if ctx.needs_input_grad[4]:
-                grad_shift = g.sum(dims)
+            grad_scale, grad_shift = alpha * sum_gy, sum_g
             grad_cur = g if scale is None else g * channel_view(scale, g, 1)
+        grad_scale = grad_scale if ctx.needs_input_grad[3] else None
+        grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
-        if ctx.spiking_input:
-            frames = unpack_bits(saved_x, ctx.frames_shape).to(dtype)
-        else:
-            frames = saved_x
+        frames = unpack_bits(saved_x, ctx.frames_shape).to(dtype) if ctx.spiking_input else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w_eff = alpha * tern.to(dtype)
-            grad_x = ctx.linear_map.grad_input(ctx.frames_shape, w_eff, grad_cur)
-            if timesteps is None:
+            grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
+            if not direct:
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:

@@ -31,3 +31,14 @@ def nan_filled_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _empty_nan)
     monkeypatch.setattr(torch, "empty_like", _empty_like_nan)
     yield
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def scan_impl(request, monkeypatch):
+    """Run the torch backend with its compiled CPU scan and with the eager fallback scan."""
+    from binwslt import _cpu_ext, torch_backend
+    if request.param == "eager":
+        monkeypatch.setattr(torch_backend, "_fused_scan_ext", lambda current: None)
+    elif _cpu_ext.load() is None:
+        pytest.skip("the CPU scan extension did not build here")
+    return request.param

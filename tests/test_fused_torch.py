@@ -51,6 +51,7 @@ def test_conv_lif_matches_reference(case, neuron):
 
 
 @pytest.mark.parametrize("use_residual", [False, True])
+@pytest.mark.usefixtures("scan_impl")
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("case", CONV_CASES[1:3], ids=str)

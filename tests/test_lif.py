@@ -73,7 +73,7 @@ NEURONS = [
 
 @pytest.mark.parametrize("neuron", NEURONS, ids=str)
 @pytest.mark.parametrize("T", [1, 3, 4])
-def test_torch_matches_reference(neuron, T):
+def test_torch_matches_reference(neuron, T, scan_impl):
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, 3, 5, 7, generator=g) * (3.0 if neuron.decay_input else 1.0)
     grad = torch.randn(T, 3, 5, 7, generator=g)
@@ -90,7 +90,7 @@ def test_torch_matches_reference(neuron, T):
 
 @pytest.mark.parametrize("neuron", [LIFConfig(decay=0.7, threshold=0.5, surrogate="sigmoid"),
                                     LIFConfig(decay=0.9, threshold=0.6, v_reset=None, surrogate="atan")], ids=str)
-def test_gradcheck_float64(neuron):
+def test_gradcheck_float64(neuron, scan_impl):
     # the spike is a step, so finite differences cannot see the surrogate: compare the hand-written BPTT's full
     # Jacobian with autograd's through the reference graph, in float64
     x = (torch.randn(3, 2, 4, dtype=torch.float64) * 0.8).requires_grad_()
