@@ -87,7 +87,7 @@ def _add_run_parser(sub, command: str, help_text: str, kind_help: str) -> argpar
     _add_model_options(p, kind_help)
     _add_data_options(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, help="default 30 on digits, 200 on CIFAR")
+    g.add_argument("--epochs", type=_positive_int, help="default 10 on digits, 200 on CIFAR")
     g.add_argument("--batch-size", dest="batch_size", type=_positive_int,
                    help="global batch size, split across processes (default 64 digits, 128 CIFAR)")
     g.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam (the paper's)")
@@ -95,7 +95,7 @@ def _add_run_parser(sub, command: str, help_text: str, kind_help: str) -> argpar
                    help="default: find 0.1 (Adam, the paper's; SGD 0.1); train 1e-3 (Adam) / 0.1 (SGD); "
                         "finetune 1e-3 (Adam) / 0.01 (SGD)")
     g.add_argument("--schedule", choices=("cosine", "constant"),
-                   help="learning-rate schedule (default cosine for SGD, constant for Adam)")
+                   help="learning-rate schedule over the epochs (default cosine)")
     g.add_argument("--momentum", type=_unit_float, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=_unit_float, help="default 0")
     g.add_argument("--seed", type=_non_negative_int, help="default 0")

@@ -46,7 +46,7 @@ CHECKPOINT_FORMAT = "binwslt-checkpoint"
 # training dense weights (Adam at 0.1 diverges on weights) and for fine-tuning latent weights.
 DEFAULT_LR = {("find", "adam"): 0.1, ("find", "sgd"): 0.1, ("train", "adam"): 1e-3, ("train", "sgd"): 0.1,
               ("finetune", "adam"): 1e-3, ("finetune", "sgd"): 0.01}
-DEFAULT_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200}
+DEFAULT_EPOCHS = {"digits": 10, "cifar10": 200, "cifar100": 200}
 DEFAULT_BATCH = {"digits": 64, "cifar10": 128, "cifar100": 128}
 # fields that may differ between an interrupted run and its resumption
 RESUME_FREE_FIELDS = ("resume", "progress", "stop_after", "data_dir", "download", "device", "threads")
@@ -64,9 +64,11 @@ class RunConfig:
     """Everything a find/train/finetune run depends on (stored in checkpoints and metrics.json).
 
     ``lr``/``schedule``/``epochs``/``batch_size`` of None take the defaults for the command, optimizer and
-    dataset (see :meth:`resolved`). ``batch_size`` is global: under DDP each of W processes takes
-    ``batch_size / W``. ``ticket`` (finetune only) is a ticket file or a run folder holding one; the model's
-    kind, shape and neuron then come from the ticket. ``max_steps`` caps optimizer steps per epoch and
+    dataset (see :meth:`resolved`): cosine decay over the epochs for both optimizers (with Adam at lr 0.1 a
+    constant rate leaves the scores churning: 92% on digits after 3 epochs, 98.6% after 10 with cosine).
+    ``batch_size`` is global: under DDP each of W processes takes ``batch_size / W``. ``ticket`` (finetune
+    only) is a ticket file or a run folder holding one; the model's kind, shape and neuron then come from the
+    ticket. ``max_steps`` caps optimizer steps per epoch and
     ``eval_batches`` the test batches (of ``eval_batch_size``) evaluated (both for quick checks); the energy
     figures come from the first test batch. ``stop_after`` ends the run after that many completed epochs as if
     interrupted (the checkpoint lets ``resume`` continue). ``threads`` sets ``torch.set_num_threads`` (on a
@@ -128,7 +130,7 @@ class RunConfig:
         if cfg.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {cfg.optimizer!r}")
         if cfg.schedule is None:
-            cfg.schedule = "cosine" if cfg.optimizer == "sgd" else "constant"
+            cfg.schedule = "cosine"
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {cfg.schedule!r}")
         if cfg.lr is None:

@@ -160,7 +160,8 @@ def test_finetune_missing_ticket_is_clear(tmp_path):
 
 
 def test_defaults_follow_command_and_optimizer():
-    assert RunConfig(command="find").resolved().lr == 0.1
+    cfg = RunConfig(command="find").resolved()
+    assert cfg.lr == 0.1 and cfg.optimizer == "adam" and cfg.schedule == "cosine" and cfg.epochs == 10
     cfg = RunConfig(command="find", optimizer="sgd").resolved()
     assert cfg.schedule == "cosine" and cfg.lr == 0.1
     assert RunConfig(command="train", kind="snn").resolved().lr == 1e-3
