@@ -17,9 +17,6 @@ reductions, the BatchNorm fold, then the grad-input and grad-weight implicit GEM
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import triton
 
@@ -28,8 +25,8 @@ from binwslt.bits import pack_bits, unpack_bits
 from binwslt.config import LIFConfig
 from binwslt.subnet import ternary_subnet
 
-from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
-    conv_lif_bwd_scan_kernel
+from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
+    conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config
 from .lif import neuron_params
 
@@ -68,8 +65,28 @@ def _channel_vec(v, channels, fill, device):
     return v.detach().to(torch.float32).contiguous()
 
 
-def _strides5(t: Optional[torch.Tensor]):
-    return (0, 0, 0, 0, 0) if t is None else tuple(t.stride())
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def to_channels_last(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``[..., C, H, W]`` -> contiguous, 16-byte aligned ``[..., H, W, C]`` (no copy when ``t`` already has that
+    memory layout, e.g. the output of this op or a tensor in torch.channels_last format)."""
+    dims = t.dim()
+    cl = t.permute(*range(dims - 3), dims - 2, dims - 1, dims - 3)
+    if dtype is not None and cl.dtype != dtype:
+        cl = cl.to(dtype)
+    if not cl.is_contiguous() or not _aligned(cl):
+        cl = cl.contiguous()
+        if not _aligned(cl):
+            cl = cl.clone()
+    return cl
+
+
+def from_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """View of a contiguous ``[..., H, W, C]`` tensor as ``[..., C, H, W]`` (channels-last strides)."""
+    dims = t.dim()
+    return t.permute(*range(dims - 3), dims - 1, dims - 3, dims - 2)
 
 
 class _Geometry:
@@ -88,30 +105,20 @@ class _Geometry:
         self.OW = _out_size(self.W, self.KW, self.SW, self.PW)
         if self.OH < 1 or self.OW < 1:
             raise ValueError(f"output size {self.OH}x{self.OW} is empty for input {self.H}x{self.W}, kernel "
-                             f"{self.KH}x{self.KW}, stride {stride}, padding {padding}")
+                             f"{self.KH}x{self.KW}, stride {tuple(stride)}, padding {tuple(padding)}")
         self.M = self.N * self.OH * self.OW
         self.T_y = 1 if self.direct else self.T
-        self.out_shape = (self.T, self.N, self.C_out, self.OH, self.OW)
+        self.cl_out_shape = (self.T, self.N, self.OH, self.OW, self.C_out)
 
 
 def _prepare_input(x, geo):
-    """Channels-last kernel input and its flags: (x_cl, is_spike, dot_fp16, strides (t, n, h, w, c))."""
-    if geo.direct:
-        is_spike = False
-    else:
-        is_spike = _is_spike_tensor(x)
+    """Channels-last kernel input ``[T?, N, H, W, C_in]`` and flags (x_cl, is_spike, dot_fp16)."""
+    is_spike = (not geo.direct) and _is_spike_tensor(x)
     if is_spike:
-        x_cl = x.detach().to(torch.int8).permute(0, 1, 3, 4, 2).contiguous()
+        x_cl = to_channels_last(x.detach(), torch.int8)
     else:
-        dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
-        perm = (0, 2, 3, 1) if geo.direct else (0, 1, 3, 4, 2)
-        x_cl = x.detach().to(dtype).permute(*perm).contiguous()
-    if geo.direct:
-        sn, sh, sw, sc = x_cl.stride()
-        strides = (0, sn, sh, sw, sc)
-    else:
-        strides = tuple(x_cl.stride())
-    return x_cl, is_spike, x_cl.dtype == torch.float16, strides
+        x_cl = to_channels_last(x.detach(), torch.float16 if x.dtype == torch.float16 else torch.float32)
+    return x_cl, is_spike, x_cl.dtype == torch.float16
 
 
 def _y_dtype(is_spike, geo):
@@ -120,25 +127,36 @@ def _y_dtype(is_spike, geo):
     return torch.int16 if geo.C_in * geo.KH * geo.KW <= 32767 else torch.int32
 
 
+def _io_dtype(dtype):
+    """Dtype the kernels read/write for a caller tensor of ``dtype`` (fp64 runs as fp32 in the kernels)."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+def _launch_kwargs(cfg):
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN")) or k in ("num_warps", "num_stages")}
+
+
 # ------------------------------------------------------------------------------------------------ forward
 def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                      timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
                      spike_counts=None):
-    """Run the fused forward. Returns ``(spikes, ctx_state)``.
+    """Run the fused forward. Returns ``(spikes, state)``.
 
-    ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype. ``ctx_state``: dict of what backward needs (None unless
-    ``need_y`` or batch_norm). ``spike_counts``: optional int tensor ``[C_out]`` that the per-channel number of
-    output spikes of this call is added to.
+    ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype, with channels-last strides (memory ``[T, N, OH, OW, C_out]``:
+    the layout the kernels write coalesced, and the one the next fused layer reads without a copy). ``state``: dict
+    of what backward needs (None unless ``need_y``). ``spike_counts``: optional integer tensor ``[C_out]`` that the
+    per-channel number of output spikes of this call is added to.
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     device = x.device
     p = neuron_params(neuron)
     tern, alpha = _subnet(weight, scores, prune_rate)
     tern_cl = tern.permute(2, 3, 1, 0).contiguous()  # [KH, KW, C_in, C_out]
-    x_cl, is_spike, dot_fp16, xs = _prepare_input(x, geo)
-    out = torch.empty(geo.out_shape, dtype=x.dtype, device=device)
-    _check_int32(x_cl, out, geo.T * geo.M * geo.C_out)
-    res = residual.detach() if residual is not None else None
+    x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
+    out_dtype = _io_dtype(x.dtype)
+    out_cl = torch.empty(geo.cl_out_shape, dtype=out_dtype, device=device)
+    _check_int32(x_cl, out_cl)
+    res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
     count = torch.zeros(geo.C_out, dtype=torch.int32, device=device) if spike_counts is not None else None
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
@@ -146,35 +164,26 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=device) if store_y else None
     dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
-    common = dict(T=geo.T, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
-                  sxt=xs[0], sxn=xs[1], sxh=xs[2], sxw=xs[3], sxc=xs[4],
-                  SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
+    common = dict(T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH,
+                  OW=geo.OW, SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
                   decay=p["decay"], threshold=p["threshold"], v_reset=p["v_reset"],
                   KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct,
-                  HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"],
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    rs = _strides5(res)
-    os_ = tuple(out.stride())
+                  HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **_launch_kwargs(cfg))
     bn_state = None
     if not batch_norm:
         a = _channel_vec(scale, geo.C_out, 1.0, device)
         b = _channel_vec(shift, geo.C_out, 0.0, device)
         binary_conv_lif_fwd_kernel[grid](
-            x_cl, tern_cl, alpha, a, b, res if res is not None else dummy_f32, out,
+            x_cl, tern_cl, alpha, a, b, res_cl if res_cl is not None else dummy_f32, out_cl,
             y if y is not None else dummy_i32, count if count is not None else dummy_i32, dummy_i32,
-            srt=rs[0], srn=rs[1], src=rs[2], srh=rs[3], srw=rs[4],
-            sot=os_[0], son=os_[1], soc=os_[2], soh=os_[3], sow=os_[4],
-            FIRE=True, HAS_RES=res is not None, STORE_Y=store_y, COUNT=count is not None, STATS=False, **common)
+            FIRE=True, HAS_RES=res_cl is not None, STORE_Y=store_y, COUNT=count is not None, STATS=False, **common)
     else:
         stat_dtype = torch.int64 if is_spike else torch.float32
         stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
         binary_conv_lif_fwd_kernel[grid](
-            x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out, y, dummy_i32, stats,
-            srt=0, srn=0, src=0, srh=0, srw=0,
-            sot=os_[0], son=os_[1], soc=os_[2], soh=os_[3], sow=os_[4],
+            x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out_cl, y, dummy_i32, stats,
             FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True, **common)
-        # Exact integer sums (spikes) reduced in float64: mean/var of alpha*y over (T, N, OH, OW).
+        # Integer sums (spike input) are exact; reduce in float64: mean/var of alpha*y over (T, N, OH, OW).
         frames = geo.T_y * geo.M
         sums = stats.sum(dim=1).to(torch.float64)
         mean_y = sums[0] / frames
@@ -191,50 +200,24 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
         scfg = scan_config(geo.C_out, geo.M)
         sgrid = (triton.cdiv(geo.M, scfg["BLOCK_M"]), triton.cdiv(geo.C_out, scfg["BLOCK_N"]))
         conv_lif_scan_kernel[sgrid](
-            y, alpha, a, b, res if res is not None else dummy_f32, out, count if count is not None else dummy_i32,
-            geo.T, geo.M, geo.C_out, geo.OH, geo.OW, *rs, *os_,
+            y, alpha, a, b, res_cl if res_cl is not None else dummy_f32, out_cl,
+            count if count is not None else dummy_i32, geo.T, geo.M, geo.C_out,
             p["decay"], p["threshold"], p["v_reset"],
-            DIRECT=geo.direct, HAS_RES=res is not None, COUNT=count is not None,
-            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"],
-            BLOCK_M=scfg["BLOCK_M"], BLOCK_N=scfg["BLOCK_N"], num_warps=scfg["num_warps"],
-            num_stages=scfg["num_stages"])
+            DIRECT=geo.direct, HAS_RES=res_cl is not None, COUNT=count is not None,
+            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **_launch_kwargs(scfg))
     if spike_counts is not None:
         with torch.no_grad():
             spike_counts.add_(count.to(spike_counts.dtype))
+    spikes = from_channels_last(out_cl).to(x.dtype)
     state = None
     if need_y:
-        if is_spike:
-            saved_x = pack_bits(x_cl != 0)
-        else:
-            saved_x = x_cl
-        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
-                     x_cl_dtype=x_cl.dtype, y=y, tern_cl=tern_cl, tern=tern, alpha=alpha, a=a, b=b,
-                     bn=bn_state, neuron=neuron)
-    return out, state
+        saved_x = pack_bits(x_cl != 0) if is_spike else x_cl
+        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape), y=y,
+                     tern=tern, alpha=alpha, a=a, b=b, bn=bn_state, neuron=neuron)
+    return spikes, state
 
 
 # ------------------------------------------------------------------------------------------------ backward
-def backward_config(c_out, m):
-    """Tile config of the backward scan (same tiling rule as the forward scan)."""
-    return scan_config(c_out, m)
-
-
-def grad_input_config(c_in, c_out, p):
-    """Tile config of the grad-input implicit GEMM (fp32 operands, K over output channels)."""
-    block_n = 16 if c_in <= 16 else (32 if c_in <= 32 else 64)
-    block_k = 16 if c_out <= 16 else 32
-    block_m = 32 if p <= 4096 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
-
-
-def grad_weight_config(c_in, c_out, p):
-    """Tile config of the grad-weight implicit GEMM (rows C_in of one tap, cols C_out, K over pixels)."""
-    block_m = 16 if c_in <= 16 else (32 if c_in <= 32 else 64)
-    block_n = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
-    block_k = 32
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
-
-
 def _grad_weight_split(tiles, p, block_k, device):
     """Split of the pixel reduction so a GPU has enough programs; one split under the interpreter / on CPU."""
     if device.type != "cuda":
@@ -246,7 +229,7 @@ def _grad_weight_split(tiles, p, block_k, device):
 
 def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs):
     """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)`` (None where
-    ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``."""
+    ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides."""
     need_x, need_w, need_s, need_scale, need_shift, need_res = needs
     geo = state["geo"]
     device = grad_spikes.device
@@ -258,23 +241,23 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs
         mult = scale.detach().to(torch.float32).contiguous()
     else:
         mult = torch.ones(geo.C_out, dtype=torch.float32, device=device)
+    gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
-    grad_res = torch.empty(geo.out_shape, dtype=residual.dtype, device=device) \
-        if (need_res and residual is not None) else None
-    res = residual.detach() if residual is not None else None
-    cfg = backward_config(geo.C_out, geo.M)
+    gres_cl = None
+    if need_res and residual is not None:
+        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(residual.dtype), device=device)
+    res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
+    cfg = scan_config(geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
     conv_lif_bwd_scan_kernel[grid](
-        y, alpha, a, b, mult, res if res is not None else dummy_f32, grad_spikes, g,
-        grad_res if grad_res is not None else dummy_f32, part,
-        geo.T, geo.M, geo.C_out, geo.OH, geo.OW,
-        *_strides5(res), *_strides5(grad_spikes), *_strides5(grad_res),
-        p["decay"], p["threshold"], p["v_reset"], p["alpha"],
-        DIRECT=geo.direct, HAS_RES=res is not None, GRAD_RES=grad_res is not None,
+        y, alpha, a, b, mult, res_cl if res_cl is not None else dummy_f32, gout_cl, g,
+        gres_cl if gres_cl is not None else dummy_f32, part,
+        geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"], p["alpha"],
+        DIRECT=geo.direct, HAS_RES=res_cl is not None, GRAD_RES=gres_cl is not None,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
-        SURROGATE=p["SURROGATE"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SURROGATE=p["SURROGATE"], **_launch_kwargs(cfg))
+    grad_res = from_channels_last(gres_cl).to(residual.dtype) if gres_cl is not None else None
     sums = part.sum(dim=1)  # [2, C_out]: sum dL/dI, sum dL/dI * y over (T, N, OH, OW) (T pre-summed if direct)
     sum_g, sum_gy = sums[0], sums[1]
     g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
@@ -283,7 +266,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs
         if need_scale:
             grad_scale = alpha * sum_gy
         if need_shift:
-            grad_shift = sum_g.clone()
+            grad_shift = sum_g
     else:
         mean, rstd = bn
         count = geo.T_y * geo.M
@@ -291,43 +274,40 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs
         if need_scale:
             grad_scale = dgamma
         if need_shift:
-            grad_shift = sum_g.clone()
+            grad_shift = sum_g
         gain = rstd if scale is None else rstd * scale.detach().to(torch.float32)
         c1 = gain.contiguous()
         c2 = (-gain * dgamma / count * alpha * rstd).contiguous()
         c3 = (-gain * sum_g / count + gain * dgamma / count * mean * rstd).contiguous()
         if need_x or need_w or need_s:
             numel = g_frames.numel()
-            block = 1024
-            bn_grad_fold_kernel[(triton.cdiv(numel, block),)](g_frames, y, c1, c2, c3, numel, geo.C_out,
-                                                             BLOCK=block, num_warps=4)
+            bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](g_frames, y, c1, c2, c3, numel, geo.C_out,
+                                                                  BLOCK=FOLD_BLOCK, num_warps=4)
     grad_x = None
     if need_x:
         grad_x = _grad_input(state, g_frames, geo, device)
     grad_w = grad_s = None
     if need_w or need_s:
         grad_w, grad_s = _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device)
-    if scale is not None:
-        grad_scale = grad_scale.to(scale.dtype) if grad_scale is not None else None
+    if grad_scale is not None and scale is not None:
+        grad_scale = grad_scale.to(scale.dtype)
     return grad_x, grad_w, grad_s, grad_scale, grad_shift, grad_res
 
 
 def _grad_input(state, g_frames, geo, device):
     frames = geo.T_y * geo.N
-    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=state["out_dtype"], device=device)
+    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=_io_dtype(state["out_dtype"]), device=device)
+    tern_t = state["tern"].permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]
     P = frames * geo.H * geo.W
     cfg = grad_input_config(geo.C_in, geo.C_out, P)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
-    sf, sh, sw, sc = dx_cl.stride()
     conv_grad_input_kernel[grid](
-        g_frames, state["tern_cl"], state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
-        sf, sc, sh, sw, geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    dx = dx_cl.permute(0, 3, 1, 2)
+        g_frames, tern_t, state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, **_launch_kwargs(cfg))
+    dx = from_channels_last(dx_cl).to(state["out_dtype"])
     if geo.direct:
         return dx
-    return dx.reshape(geo.T, geo.N, geo.C_in, geo.H, geo.W)
+    return dx.unflatten(0, (geo.T, geo.N))
 
 
 def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
@@ -335,11 +315,6 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
         x_cl = unpack_bits(state["saved_x"], state["x_cl_shape"]).to(torch.int8)
     else:
         x_cl = state["saved_x"]
-    if geo.direct:
-        sn, sh, sw, sc = x_cl.stride()
-        xs = (0, sn, sh, sw, sc)
-    else:
-        xs = tuple(x_cl.stride())
     P = geo.T_y * geo.M
     cfg = grad_weight_config(geo.C_in, geo.C_out, P)
     tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])
@@ -350,14 +325,17 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
     gs = torch.empty(shape, dtype=torch.float32, device=device) if need_s else None
     gw = torch.empty(shape, dtype=torch.float32, device=device) if need_w else None
     dummy = torch.empty(1, dtype=torch.float32, device=device)
+    w_in = weight.detach().contiguous()
+    s_in = scores.detach().contiguous()
+    if w_in.dtype == torch.float64:
+        w_in, s_in = w_in.float(), s_in.float()
     grid = (geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]), split)
     conv_grad_weight_kernel[grid](
-        x_cl, g_frames, weight.detach(), scores.detach(), state["tern"], state["alpha"],
+        x_cl, g_frames, w_in, s_in, state["tern"], state["alpha"],
         gs if gs is not None else dummy, gw if gw is not None else dummy,
-        P, geo.M, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split, *xs,
+        P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
         geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_launch_kwargs(cfg))
     grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
     grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
     return grad_w, grad_s
@@ -377,8 +355,8 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
             spike_counts=spike_counts)
         if need_grad:
-            tensors = [state.pop("saved_x"), state.pop("y"), state.pop("tern_cl"), state.pop("tern"),
-                       state.pop("alpha"), state.pop("a"), state.pop("b"), weight, scores, scale, residual]
+            tensors = [state.pop("saved_x"), state.pop("y"), state.pop("tern"), state.pop("alpha"), state.pop("a"),
+                       state.pop("b"), weight, scores, scale, residual]
             bn = state.pop("bn")
             tensors += list(bn) if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
@@ -388,8 +366,8 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        saved_x, y, tern_cl, tern, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
-        state = dict(ctx.state, saved_x=saved_x, y=y, tern_cl=tern_cl, tern=tern, alpha=alpha, a=a, b=b,
+        saved_x, y, tern, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
+        state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else (mean, rstd))
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
         return grads + (None,) * 11

@@ -1,6 +1,7 @@
 """Backward kernels of the fused binary-weight conv2d + LIF op (issue 4).
 
-Pipeline (launched by ``conv_lif.py``), all buffers channels-last like the forward's ``y``:
+Pipeline (launched by ``conv_lif.py``); every tensor channels-last and contiguous, like the forward's (see
+``conv_lif_fwd``: unit stride on the channel axis, which is the contiguous axis of every tile):
 1. ``conv_lif_bwd_scan_kernel``: per output tile, recompute the current from the saved exact ``y`` and the forward
    LIF scan, parking U[t] in the fp32 gradient buffer ``g`` ``[T, M, C_out]`` (same program, same layout, so each
    thread reads back its own stores); then the reverse BPTT scan overwrites U[t] by ``mult[c] * dL/dI[t]``. In the
@@ -21,60 +22,48 @@ import itertools
 import triton
 import triton.language as tl
 
+from .conv_lif_fwd import distinct, make_spec, one_at_a_time, scan_config, tile_offsets, tile_ptrs, variants
 from .lif import SURROGATE_CODES, lif_grad_step, lif_step
 
 
 @triton.jit
 def conv_lif_bwd_scan_kernel(
         y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, gout_ptr, g_ptr, gres_ptr, part_ptr,
-        T, M, C_out, OH, OW,
-        srt, srn, src, srh, srw,
-        sgt, sgn, sgc, sgh, sgw,
-        sqt, sqn, sqc, sqh, sqw,
-        decay, threshold, v_reset, sg_alpha,
+        T, M, C_out, decay, threshold, v_reset, sg_alpha,
         DIRECT: tl.constexpr, HAS_RES: tl.constexpr, GRAD_RES: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
-        SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        SURROGATE: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Recompute + reverse LIF scan of one ``[BLOCK_M, BLOCK_N]`` output tile (see module docstring, step 1).
 
-    Writes ``g`` (fp32 ``[T, M, C_out]``; only slot 0 when DIRECT), ``gres`` (dL/dresidual, any strides, when
-    GRAD_RES) and ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and dL/dI * y).
+    All of ``y``, ``res``, ``gout`` (dL/dspikes), ``g``, ``gres`` are channels-last ``[T, M, C_out]`` (``y``:
+    ``[1, M, C_out]`` when DIRECT). Writes ``g`` (fp32; only slot 0 when DIRECT), ``gres`` (when GRAD_RES) and
+    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and dL/dI * y).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < C_out
-    mask = m_ok[:, None] & n_ok[None, :]
-    ohw = OH * OW
-    n_img = offs_m // ohw
-    rem = offs_m % ohw
-    oh = rem // OW
-    ow = rem % OW
-    res_off = (n_img * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
-    gout_off = (n_img * sgn + oh * sgh + ow * sgw)[:, None] + offs_n[None, :] * sgc
-    gres_off = (n_img * sqn + oh * sqh + ow * sqw)[:, None] + offs_n[None, :] * sqc
-    tile_off = offs_m[:, None] * C_out + offs_n[None, :]
-    step = M * C_out
     alpha = tl.load(alpha_ptr).to(tl.float32)
     a = tl.load(a_ptr + offs_n, mask=n_ok, other=0.0)
     b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
     mult = tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)
     if DIRECT:
-        y = tl.load(y_ptr + tile_off, mask=mask, other=0).to(tl.float32)
+        off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
+        y = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
         base = (y * alpha) * a[None, :] + b[None, :]
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t in range(T):
+        off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
         if DIRECT:
             cur = base
         else:
-            y = tl.load(y_ptr + t * step + tile_off, mask=mask, other=0).to(tl.float32)
+            y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0).to(tl.float32)
             cur = (y * alpha) * a[None, :] + b[None, :]
         if HAS_RES:
-            cur += tl.load(res_ptr + res_off + t * srt, mask=mask, other=0.0).to(tl.float32)
+            cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
         u, spike, v = lif_step(v, cur, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
-        tl.store(g_ptr + t * step + tile_off, u, mask=mask)
+        tl.store(tile_ptrs(g_ptr, off, EVEN_N), u, mask=mask)
     tl.debug_barrier()
     grad_v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     grad_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -82,25 +71,26 @@ def conv_lif_bwd_scan_kernel(
     sum_gy = tl.zeros([BLOCK_N], dtype=tl.float32)
     for i in range(T):
         t = T - 1 - i
-        u = tl.load(g_ptr + t * step + tile_off, mask=mask, other=0.0)
+        off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
+        u = tl.load(tile_ptrs(g_ptr, off, EVEN_N), mask=mask, other=0.0)
         spike = (u >= threshold).to(tl.float32)
-        grad_spike = tl.load(gout_ptr + gout_off + t * sgt, mask=mask, other=0.0).to(tl.float32)
+        grad_spike = tl.load(tile_ptrs(gout_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
         grad_cur, grad_v = lif_grad_step(grad_spike, grad_v, u, spike, decay, threshold, v_reset, sg_alpha,
                                          HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
         grad_cur = tl.where(mask, grad_cur, 0.0)
         if GRAD_RES:
-            tl.store(gres_ptr + gres_off + t * sqt, grad_cur.to(gres_ptr.dtype.element_ty), mask=mask)
+            tl.store(tile_ptrs(gres_ptr, off, EVEN_N), grad_cur.to(gres_ptr.dtype.element_ty), mask=mask)
         if DIRECT:
             grad_sum += grad_cur
         else:
-            y = tl.load(y_ptr + t * step + tile_off, mask=mask, other=0).to(tl.float32)
+            y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0).to(tl.float32)
             sum_g += tl.sum(grad_cur, 0)
             sum_gy += tl.sum(grad_cur * y, 0)
-            tl.store(g_ptr + t * step + tile_off, grad_cur * mult[None, :], mask=mask)
+            tl.store(tile_ptrs(g_ptr, off, EVEN_N), grad_cur * mult[None, :], mask=mask)
     if DIRECT:
         sum_g += tl.sum(grad_sum, 0)
         sum_gy += tl.sum(grad_sum * y, 0)
-        tl.store(g_ptr + tile_off, grad_sum * mult[None, :], mask=mask)
+        tl.store(tile_ptrs(g_ptr, off0, EVEN_N), grad_sum * mult[None, :], mask=mask0)
     num_pid_m = tl.num_programs(0)
     tl.store(part_ptr + pid_m * C_out + offs_n, sum_g, mask=n_ok)
     tl.store(part_ptr + (num_pid_m + pid_m) * C_out + offs_n, sum_gy, mask=n_ok)
@@ -122,16 +112,16 @@ def bn_grad_fold_kernel(g_ptr, y_ptr, c1_ptr, c2_ptr, c3_ptr, numel, C_out, BLOC
 
 @triton.jit
 def conv_grad_input_kernel(
-        g_ptr, w_ptr, alpha_ptr, dx_ptr,
-        P, C_in, C_out, H, W, OH, OW,
-        sdf, sdc, sdh, sdw,
-        SH, SW, PH, PW,
-        KH: tl.constexpr, KW: tl.constexpr,
+        g_ptr, wt_ptr, alpha_ptr, dx_ptr,
+        P, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
+        KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dX[t, n, ci, ih, iw] = alpha * sum_{kh, kw, co} g[t, n, oh, ow, co] * tern[kh, kw, ci, co], with
-    ih = oh*SH - PH + kh. Rows: the ``P = T_g*N*H*W`` input pixels; cols: input channels. ``g`` fp32
-    ``[T_g, N, OH, OW, C_out]``; ``dX`` written with strides ``sdf`` (one frame = one (t, n) image), ``sdc``,
-    ``sdh``, ``sdw``."""
+    """dX[f, ih, iw, ci] = alpha * sum_{kh, kw, co} g[f, oh, ow, co] * tern[kh, kw, ci, co] with ih = oh*SH - PH + kh.
+
+    Rows: the ``P = F*H*W`` input pixels (F frames); cols: input channels. ``g`` fp32 ``[F, OH, OW, C_out]``;
+    ``wt`` the ternary weight as int8 ``[KH, KW, C_out, C_in]``; ``dX`` ``[F, H, W, C_in]``.
+    EVEN_K: C_out % BLOCK_K == 0; EVEN_N: C_in % BLOCK_N == 0.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,53 +130,64 @@ def conv_grad_input_kernel(
     m_ok = offs_m < P
     n_ok = offs_n < C_in
     hw = H * W
-    frame = offs_m // hw  # t * N + n
-    rem = offs_m % hw
+    frame = offs_m // hw
+    rem = offs_m - frame * hw
     ih = rem // W
-    iw = rem % W
-    g_frame = g_ptr + frame * (OH * OW * C_out)
+    iw = rem - ih * W
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    num_kb = tl.cdiv(C_out, BLOCK_K)
+    for kk in range(0, KH * KW * num_kb):
+        tap = kk // num_kb
+        co = (kk - tap * num_kb) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
         oh_num = ih + PH - kh
+        ow_num = iw + PW - kw
         oh = oh_num // SH
-        h_ok = m_ok & (oh_num >= 0) & (oh * SH == oh_num) & (oh < OH)
-        for kw in tl.static_range(KW):
-            ow_num = iw + PW - kw
-            ow = ow_num // SW
-            pix_ok = h_ok & (ow_num >= 0) & (ow * SW == ow_num) & (ow < OW)
-            g_pix = g_frame + (oh * OW + ow) * C_out
-            w_tap = w_ptr + (kh * KW + kw) * C_in * C_out
-            for c0 in range(0, C_out, BLOCK_K):
-                co = c0 + offs_k
-                co_ok = co < C_out
-                g_tile = tl.load(g_pix[:, None] + co[None, :], mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
-                w_tile = tl.load(w_tap + offs_n[None, :] * C_out + co[:, None],
-                                 mask=co_ok[:, None] & n_ok[None, :], other=0)
-                acc += tl.dot(g_tile, w_tile.to(tl.float32), input_precision="ieee")
+        ow = ow_num // SW
+        pix_ok = m_ok & (oh_num >= 0) & (oh * SH == oh_num) & (oh < OH) & (ow_num >= 0) & (ow * SW == ow_num) \
+            & (ow < OW)
+        g_ptrs = g_ptr + (((frame * OH + oh) * OW + ow) * C_out)[:, None] + co[None, :]
+        w_ptrs = wt_ptr + ((tap * C_out + co) * C_in)[:, None] + offs_n[None, :]
+        if EVEN_K:
+            g_tile = tl.load(tl.multiple_of(g_ptrs, [16, 16]), mask=pix_ok[:, None], other=0.0)
+        else:
+            g_tile = tl.load(g_ptrs, mask=pix_ok[:, None] & (co < C_out)[None, :], other=0.0)
+        if EVEN_K and EVEN_N:
+            w_tile = tl.load(tl.multiple_of(w_ptrs, [16, 16]))
+        else:
+            w_tile = tl.load(w_ptrs, mask=(co < C_out)[:, None] & n_ok[None, :], other=0)
+        acc += tl.dot(g_tile, w_tile.to(tl.float32), input_precision="ieee")
     alpha = tl.load(alpha_ptr).to(tl.float32)
-    dx_off = (frame * sdf + ih * sdh + iw * sdw)[:, None] + offs_n[None, :] * sdc
-    tl.store(dx_ptr + dx_off, (acc * alpha).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    dx_ptrs = dx_ptr + (offs_m * C_in)[:, None] + offs_n[None, :]
+    if EVEN_N:
+        tl.store(tl.multiple_of(dx_ptrs, [16, 16]), (acc * alpha).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        tl.store(dx_ptrs, (acc * alpha).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def conv_grad_weight_kernel(
         x_ptr, g_ptr, w_ptr, s_ptr, tern_ptr, alpha_ptr, gs_ptr, gw_ptr,
-        P, M, C_in, C_out, H, W, OH, OW, p_per_split,
-        sxt, sxn, sxh, sxw, sxc,
-        SH, SW, PH, PW,
+        P, C_in, C_out, H, W, OH, OW, p_per_split, SH, SW, PH, PW,
         KH: tl.constexpr, KW: tl.constexpr, GRAD_SCORES: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
+        EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW_eff tile for one tap: rows = input channels, cols = output channels, reduced over the pixels
-    ``p in [split * p_per_split, ...)`` of ``P = T_g * M``; writes the straight-through gradients of split
-    ``program_id(2)`` into ``gs`` / ``gw`` ``[SPLIT, C_out, C_in, KH, KW]`` (fp32)."""
+    ``p in [split * p_per_split, ...)`` of ``P = F * M`` (F frames of M output pixels).
+
+    ``x`` channels-last ``[F, H, W, C_in]`` (int8 spikes or float); ``g`` fp32 ``[F, M, C_out]``. Writes the
+    straight-through gradients of split ``program_id(2)`` into ``gs`` / ``gw`` ``[SPLIT, C_out, C_in, KH, KW]``
+    (fp32). EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0.
+    """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     num_c_tiles = tl.cdiv(C_in, BLOCK_M)
     tap = pid_r // num_c_tiles
     kh = tap // KW
-    kw = tap % KW
-    offs_c = (pid_r % num_c_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kw = tap - kh * KW
+    offs_c = (pid_r - tap * num_c_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     c_ok = offs_c < C_in
@@ -198,17 +199,23 @@ def conv_grad_weight_kernel(
     for p0 in range(p_begin, p_end, BLOCK_K):
         p = p0 + offs_k
         p_ok = p < p_end
-        t = p // M
-        m = p % M
-        n_img = m // ohw
-        rem = m % ohw
-        ih = (rem // OW) * SH - PH + kh
-        iw = (rem % OW) * SW - PW + kw
+        frame = p // ohw  # frames of x and g coincide: both are (t, n) or n alone
+        rem = p - frame * ohw
+        oh = rem // OW
+        ow = rem - oh * OW
+        ih = oh * SH - PH + kh
+        iw = ow * SW - PW + kw
         pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_pix = x_ptr + t * sxt + n_img * sxn + ih * sxh + iw * sxw
-        x_tile = tl.load(x_pix[None, :] + offs_c[:, None] * sxc, mask=c_ok[:, None] & pix_ok[None, :], other=0)
-        g_tile = tl.load(g_ptr + p[:, None] * C_out + offs_n[None, :], mask=p_ok[:, None] & n_ok[None, :],
-                         other=0.0)
+        x_ptrs = x_ptr + (((frame * H + ih) * W + iw) * C_in)[None, :] + offs_c[:, None]
+        g_ptrs = g_ptr + (p * C_out)[:, None] + offs_n[None, :]
+        if EVEN_M:
+            x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[None, :], other=0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=c_ok[:, None] & pix_ok[None, :], other=0)
+        if EVEN_N:
+            g_tile = tl.load(tl.multiple_of(g_ptrs, [16, 16]), mask=p_ok[:, None], other=0.0)
+        else:
+            g_tile = tl.load(g_ptrs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(x_tile.to(tl.float32), g_tile, input_precision="ieee")
     # Weight layout [C_out, C_in, KH, KW]: row ci, col co.
     w_off = offs_n[None, :] * (C_in * KH * KW) + offs_c[:, None] * (KH * KW) + kh * KW + kw
@@ -223,3 +230,105 @@ def conv_grad_weight_kernel(
         alpha = tl.load(alpha_ptr).to(tl.float32)
         tern = tl.load(tern_ptr + w_off, mask=ok, other=0)
         tl.store(gw_ptr + out_off, tl.where(tern != 0, acc * alpha, 0.0), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+# The backward scan uses the forward scan's tiling (``scan_config``). The GEMMs run on fp32 operands (ieee), so
+# their tiles are narrower than the int8 forward's; channel counts that are not tile multiples get small,
+# unpipelined tiles (masked accesses do not vectorise). Every config is in COMPILE_SPECS.
+
+def _channel_tile(c, widest):
+    return widest if c % widest == 0 else (32 if c % 32 == 0 and widest > 32 else 16)
+
+
+def grad_input_config(c_in, c_out, p):
+    """Launch config of the grad-input implicit GEMM (rows: input pixels, cols: C_in, K over C_out x taps)."""
+    block_k = 16
+    block_n = _channel_tile(c_in, 64)
+    even_k, even_n = c_out % block_k == 0, c_in % block_n == 0
+    if even_k and even_n:
+        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "EVEN_N": True,
+                "num_warps": 4, "num_stages": 2}
+    block_n = 16 if c_in <= 16 else 32
+    return {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k,
+            "EVEN_N": c_in % block_n == 0, "num_warps": 4, "num_stages": 1}
+
+
+def grad_weight_config(c_in, c_out, p):
+    """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels)."""
+    block_m = _channel_tile(c_in, 64)
+    block_n = _channel_tile(c_out, 64)
+    even_m, even_n = c_in % block_m == 0, c_out % block_n == 0
+    if even_m and even_n:
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
+                "num_warps": 4, "num_stages": 2}
+    block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
+            "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
+
+
+FOLD_BLOCK = 1024
+_SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
+_PIXELS = (1024, 10 ** 6)
+
+
+def _tile_name(cfg):
+    even = "".join(str(int(v)) for k, v in cfg.items() if k.startswith("EVEN"))
+    dims = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+    return f"{dims},even={even},w{cfg['num_warps']},s{cfg['num_stages']}"
+
+
+def _tile_constexprs(cfg):
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN"))}
+
+
+def _compile_specs():
+    specs = []
+    scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr", "gres_ptr",
+                 "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
+    scan_cfgs = distinct(scan_config(c, m) for c, m in itertools.product(_SIZES, _PIXELS))
+    scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
+                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16", "fp64")])
+    for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
+        types = {"y_ptr": "*" + y_name, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
+        for name in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
+            types[name] = "*fp32"
+        for name in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
+            types[name] = "*" + io_type
+        constexprs = {"DIRECT": direct, "HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard,
+                      "DECAY_INPUT": decay_input, "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate],
+                      **_tile_constexprs(cfg)}
+        specs.append(make_spec(
+            f"conv_lif_bwd_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},detach={detach},"
+            f"{surrogate},decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
+            conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg))
+    for y_name in ("i16", "i32", "fp32"):
+        types = {"g_ptr": "*fp32", "y_ptr": "*" + y_name, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32"}
+        specs.append(make_spec(f"bn_grad_fold_kernel[{y_name}]", bn_grad_fold_kernel, types,
+                               ["g_ptr", "y_ptr", "c1_ptr", "c2_ptr", "c3_ptr", "numel", "C_out"],
+                               {"BLOCK": FOLD_BLOCK}, {"num_warps": 4, "num_stages": 1}))
+    gi_args = ["g_ptr", "wt_ptr", "alpha_ptr", "dx_ptr", "P", "C_in", "C_out", "H", "W", "OH", "OW",
+               "SH", "SW", "PH", "PW"]
+    gi_cfgs = distinct(grad_input_config(ci, co, p) for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
+    gi_flags = one_at_a_time([("fp32", "fp16", "bf16", "fp64"), ((3, 3), (1, 1))])
+    for cfg, (dx_name, (kh, kw)) in variants(gi_cfgs, gi_flags):
+        types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
+        constexprs = {"KH": kh, "KW": kw, **_tile_constexprs(cfg)}
+        specs.append(make_spec(f"conv_grad_input_kernel[{dx_name},{kh}x{kw},{_tile_name(cfg)}]",
+                               conv_grad_input_kernel, types, gi_args, constexprs, cfg))
+    gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
+               "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
+    gw_cfgs = distinct(grad_weight_config(ci, co, p) for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
+    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
+                              ("fp32", "fp16", "bf16")])
+    for cfg, (x_name, (kh, kw), (grad_s, grad_w), w_type) in variants(gw_cfgs, gw_flags):
+        types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*" + w_type, "s_ptr": "*" + w_type,
+                 "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
+        constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, **_tile_constexprs(cfg)}
+        specs.append(make_spec(
+            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},w={w_type},"
+            f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()

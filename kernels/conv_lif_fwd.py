@@ -1,18 +1,19 @@
 """Forward kernels of the fused binary-weight conv2d + LIF op (issue 3).
 
-Layouts (chosen by the launcher in ``conv_lif.py``):
-- input ``x``: channels-last ``[T, N, H, W, C_in]`` (int8 spikes, or fp16/fp32 analog), passed with strides so a
-  direct-encoded image ``[N, H, W, C_in]`` is the same tensor with a zero T stride. Channels-last makes the
-  GEMM's reduction axis (C_in) the contiguous one, so an im2col row of a tap is one coalesced load.
-- ternary weight: int8 ``[KH, KW, C_in, C_out]`` (C_out contiguous: the B operand of ``tl.dot``, row-major).
-- pre-activation ``y`` (only when autograd or training BatchNorm needs it): ``[T_y, N*OH*OW, C_out]`` contiguous,
-  int16/int32 exact integers for spike input, fp32 for analog input; ``T_y`` is 1 for a direct-encoded input.
-- output spikes / residual: any strides (the API's ``[T, N, C_out, OH, OW]`` float tensors).
+Every tensor a kernel touches is channels-last and contiguous (the launcher in ``conv_lif.py`` makes it so):
+- input ``x`` ``[T, N, H, W, C_in]`` (int8 spikes, or fp16/fp32 analog); a direct-encoded image is ``[N, H, W, C_in]``.
+- ternary weight: int8 ``[KH, KW, C_in, C_out]``.
+- output spikes, residual, pre-activation ``y``: ``[T, N*OH*OW, C_out]`` (``y``: ``T_y = 1`` when direct; int16/int32
+  exact integers for spike input, fp32 for analog input; stored only when autograd or BatchNorm needs it).
+Why channels-last: the GEMM's reduction axis (C_in) and the output tile's column axis (C_out) are then the
+contiguous ones, so every im2col row, weight row and output row a program touches is one coalesced, vectorisable
+access with unit stride known to the compiler; in NCHW the output tile would be a scatter of single elements at
+stride OH*OW (the register cost of per-element 64-bit addresses was measured: it spilled).
 
 The current is ``I[t] = (alpha * y) * a[c] + b[c] (+ residual[t])``: ``a, b`` per output channel fp32 (scale/shift,
 or training BatchNorm folded by the host), ``alpha`` the subnet gain (read from a 1-element tensor so the host
-never syncs on it). The product ``alpha * y`` first mirrors the reference (which convolves with ``alpha * tern``),
-so dyadic inputs give bit-identical spikes.
+never syncs on it). ``alpha * y`` first mirrors the reference (which convolves with ``alpha * tern``), so dyadic
+inputs give bit-identical spikes.
 """
 import itertools
 
@@ -23,78 +24,105 @@ from .lif import lif_step
 
 
 @triton.jit
-def conv_tile(x_ptr, w_ptr, t, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW,
-              sxt, sxn, sxh, sxw, sxc, SH, SW, PH, PW,
+def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
               KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr,
+              EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Implicit-GEMM tile of conv(X[t], tern): rows = output pixels ``offs_m``, cols = output channels ``offs_n``.
+    """Implicit-GEMM tile of conv(X, tern) for the frames ``frame0 + n`` of channels-last ``x``: rows = output
+    pixels ``offs_m`` (over N*OH*OW), cols = output channels ``offs_n``. EVEN_K: C_in % BLOCK_K == 0; EVEN_N:
+    C_out % BLOCK_N == 0 (no channel masks, rows known 16-aligned, so loads vectorise).
 
     Returns ``[BLOCK_M, BLOCK_N]`` int32 (exact, spike input: int8 x int8 dots) or fp32 (analog input).
     """
     ohw = OH * OW
     n = offs_m // ohw
-    rem = offs_m % ohw
+    rem = offs_m - n * ohw
     oh = rem // OW
-    ow = rem % OW
+    ow = rem - oh * OW
     m_ok = offs_m < M
     n_ok = offs_n < C_out
     offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + t * sxt + n * sxn
+    frame = frame0 + n
     if IS_SPIKE:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    # One flat loop over (tap, channel block) rather than unrolled taps: small code, one software pipeline.
+    num_cb = tl.cdiv(C_in, BLOCK_K)
+    for kk in range(0, KH * KW * num_cb):
+        tap = kk // num_cb
+        c = (kk - tap * num_cb) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = oh * SH - PH + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = ow * SW - PW + kw
-            pix_ok = h_ok & (iw >= 0) & (iw < W)
-            x_pix = x_row + ih * sxh + iw * sxw
-            w_tap = w_ptr + (kh * KW + kw) * C_in * C_out
-            for c0 in range(0, C_in, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < C_in
-                x_tile = tl.load(x_pix[:, None] + c[None, :] * sxc, mask=pix_ok[:, None] & c_ok[None, :], other=0)
-                w_tile = tl.load(w_tap + c[:, None] * C_out + offs_n[None, :],
-                                 mask=c_ok[:, None] & n_ok[None, :], other=0)
-                if IS_SPIKE:
-                    acc += tl.dot(x_tile, w_tile, out_dtype=tl.int32)
-                elif DOT_FP16:
-                    acc += tl.dot(x_tile, w_tile.to(tl.float16), out_dtype=tl.float32)
-                else:
-                    acc += tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
+        iw = ow * SW - PW + kw
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_ptrs = x_ptr + (((frame * H + ih) * W + iw) * C_in)[:, None] + c[None, :]
+        w_ptrs = w_ptr + ((tap * C_in + c) * C_out)[:, None] + offs_n[None, :]
+        if EVEN_K:
+            # rows start at multiples of C_in (a multiple of BLOCK_K >= 16) of a 16-aligned tensor
+            x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[:, None], other=0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=pix_ok[:, None] & (c < C_in)[None, :], other=0)
+        if EVEN_K and EVEN_N:
+            w_tile = tl.load(tl.multiple_of(w_ptrs, [16, 16]))
+        else:
+            w_tile = tl.load(w_ptrs, mask=(c < C_in)[:, None] & n_ok[None, :], other=0)
+        if IS_SPIKE:
+            acc += tl.dot(x_tile, w_tile, out_dtype=tl.int32)
+        elif DOT_FP16:
+            acc += tl.dot(x_tile, w_tile.to(tl.float16), out_dtype=tl.float32)
+        else:
+            acc += tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
     return acc
 
 
 @triton.jit
-def fire_tile(y, v, t, alpha, a, b, res_ptr, res_off, srt, out_ptr, out_off, sot, mask,
-              decay, threshold, v_reset, HAS_RES: tl.constexpr, HARD_RESET: tl.constexpr,
-              DECAY_INPUT: tl.constexpr):
-    """One LIF step of an output tile: current from ``y``, update membrane ``v``, store spikes of step ``t``.
+def tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N: tl.constexpr):
+    """Offsets and mask of an output tile at step ``t`` of a channels-last ``[T, M, C_out]`` tensor. Computed per
+    step (not hoisted out of the T loop by hand) so they are not live across the GEMM."""
+    row = (t * M + offs_m) * C_out
+    if EVEN_N:
+        mask = (offs_m < M)[:, None]  # [BLOCK_M, 1]: constant along a row, so row accesses stay vectorised
+    else:
+        mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
+    return row[:, None] + offs_n[None, :], mask
+
+
+@triton.jit
+def tile_ptrs(ptr, off, EVEN_N: tl.constexpr):
+    """``ptr + off`` for a tile from ``tile_offsets``; with EVEN_N its rows are known 16-aligned (C_out is a
+    multiple of BLOCK_N >= 16, tensors are 16-aligned), which lets row accesses vectorise."""
+    if EVEN_N:
+        return tl.multiple_of(ptr + off, [16, 16])
+    else:
+        return ptr + off
+
+
+@triton.jit
+def fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+              HAS_RES: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_N: tl.constexpr):
+    """One LIF step of an output tile: current from ``y``, update membrane ``v``, store the spikes at ``off`` of
+    ``out`` (channels-last ``[T, M, C_out]``, like ``res``).
 
     Returns ``(spike, v)`` with ``spike`` fp32 0/1 (masked-out entries are 0).
     """
     cur = (y.to(tl.float32) * alpha) * a[None, :] + b[None, :]
     if HAS_RES:
-        cur += tl.load(res_ptr + res_off + t * srt, mask=mask, other=0.0).to(tl.float32)
+        cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
     u, spike, v = lif_step(v, cur, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
-    tl.store(out_ptr + out_off + t * sot, spike.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(tile_ptrs(out_ptr, off, EVEN_N), spike.to(out_ptr.dtype.element_ty), mask=mask)
     return tl.where(mask, spike, 0.0), v
 
 
 @triton.jit
 def binary_conv_lif_fwd_kernel(
         x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, count_ptr, stat_ptr,
-        T, M, C_in, C_out, H, W, OH, OW,
-        sxt, sxn, sxh, sxw, sxc,
-        srt, srn, src, srh, srw,
-        sot, son, soc, soh, sow,
-        SH, SW, PH, PW,
+        T, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
         decay, threshold, v_reset,
         KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr,
         FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, COUNT: tl.constexpr, STATS: tl.constexpr,
-        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Fused conv + LIF over all T steps; each program owns a ``[BLOCK_M pixels, BLOCK_N channels]`` tile.
 
@@ -108,17 +136,7 @@ def binary_conv_lif_fwd_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < C_out
-    mask = m_ok[:, None] & n_ok[None, :]
-    ohw = OH * OW
-    n_img = offs_m // ohw
-    rem = offs_m % ohw
-    oh = rem // OW
-    ow = rem % OW
-    out_off = (n_img * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
-    res_off = (n_img * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
-    y_off = offs_m[:, None] * C_out + offs_n[None, :]
     if FIRE:
         alpha = tl.load(alpha_ptr).to(tl.float32)
         a = tl.load(a_ptr + offs_n, mask=n_ok, other=0.0)
@@ -132,28 +150,12 @@ def binary_conv_lif_fwd_kernel(
         sum_y = tl.zeros([BLOCK_N], dtype=tl.float32)
         sum_yy = tl.zeros([BLOCK_N], dtype=tl.float32)
     if DIRECT:
-        y = conv_tile(x_ptr, w_ptr, 0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, sxt, sxn, sxh, sxw, sxc,
-                      SH, SW, PH, PW, KH, KW, IS_SPIKE, DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
-        if STORE_Y:
-            tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
-        if STATS:
-            if IS_SPIKE:
-                y_wide = y.to(tl.int64)
-            else:
-                y_wide = y
-            sum_y += tl.sum(y_wide, 0)
-            sum_yy += tl.sum(y_wide * y_wide, 0)
-        if FIRE:
-            for t in range(T):
-                spike, v = fire_tile(y, v, t, alpha, a, b, res_ptr, res_off, srt, out_ptr, out_off, sot, mask,
-                                     decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
-                count += tl.sum(spike, 0)
-    else:
-        for t in range(T):
-            y = conv_tile(x_ptr, w_ptr, t, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, sxt, sxn, sxh, sxw, sxc,
-                          SH, SW, PH, PW, KH, KW, IS_SPIKE, DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
+        y = conv_tile(x_ptr, w_ptr, 0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
+                      KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
+        if STORE_Y or STATS:
+            off, mask = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
             if STORE_Y:
-                tl.store(y_ptr + t * M * C_out + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
             if STATS:
                 if IS_SPIKE:
                     y_wide = y.to(tl.int64)
@@ -161,9 +163,30 @@ def binary_conv_lif_fwd_kernel(
                     y_wide = y
                 sum_y += tl.sum(y_wide, 0)
                 sum_yy += tl.sum(y_wide * y_wide, 0)
+        if FIRE:
+            for t in range(T):
+                off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
+                spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                                     HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
+                count += tl.sum(spike, 0)
+    else:
+        for t in range(T):
+            y = conv_tile(x_ptr, w_ptr, t * N, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
+                          KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
+            off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
+            if STORE_Y:
+                tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
+            if STATS:
+                # rows past M hold zeros (masked loads), so they add nothing
+                if IS_SPIKE:
+                    y_wide = y.to(tl.int64)
+                else:
+                    y_wide = y
+                sum_y += tl.sum(y_wide, 0)
+                sum_yy += tl.sum(y_wide * y_wide, 0)
             if FIRE:
-                spike, v = fire_tile(y, v, t, alpha, a, b, res_ptr, res_off, srt, out_ptr, out_off, sot, mask,
-                                     decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
+                spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                                     HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
                 count += tl.sum(spike, 0)
     if STATS:
         num_pid_m = tl.num_programs(0)
@@ -176,12 +199,9 @@ def binary_conv_lif_fwd_kernel(
 @triton.jit
 def conv_lif_scan_kernel(
         y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, count_ptr,
-        T, M, C_out, OH, OW,
-        srt, srn, src, srh, srw,
-        sot, son, soc, soh, sow,
-        decay, threshold, v_reset,
+        T, M, C_out, decay, threshold, v_reset,
         DIRECT: tl.constexpr, HAS_RES: tl.constexpr, COUNT: tl.constexpr,
-        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """LIF scan over a stored pre-activation y ``[T_y, M, C_out]`` (BatchNorm pass 2): same epilogue as the fused
     kernel, with the batch statistics already folded into ``a, b`` by the host."""
@@ -189,29 +209,21 @@ def conv_lif_scan_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < C_out
-    mask = m_ok[:, None] & n_ok[None, :]
-    ohw = OH * OW
-    n_img = offs_m // ohw
-    rem = offs_m % ohw
-    oh = rem // OW
-    ow = rem % OW
-    out_off = (n_img * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
-    res_off = (n_img * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
-    y_off = offs_m[:, None] * C_out + offs_n[None, :]
     alpha = tl.load(alpha_ptr).to(tl.float32)
     a = tl.load(a_ptr + offs_n, mask=n_ok, other=0.0)
     b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     count = tl.zeros([BLOCK_N], dtype=tl.float32)
     if DIRECT:
-        y = tl.load(y_ptr + y_off, mask=mask, other=0)
+        off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
+        y = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0)
     for t in range(T):
+        off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
         if not DIRECT:
-            y = tl.load(y_ptr + t * M * C_out + y_off, mask=mask, other=0)
-        spike, v = fire_tile(y, v, t, alpha, a, b, res_ptr, res_off, srt, out_ptr, out_off, sot, mask,
-                             decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
+            y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0)
+        spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                             HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
         count += tl.sum(spike, 0)
     if COUNT:
         tl.atomic_add(count_ptr + offs_n, count.to(tl.int32), mask=n_ok)
@@ -223,100 +235,130 @@ def conv_lif_scan_kernel(
 # K >= 32 for int8 (16 for fp16/fp32) on a GPU; these tiles are valid there and under the interpreter alike.
 
 def forward_config(is_spike, c_in, c_out, m):
-    """Tile config ``dict(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the fused forward kernel."""
-    block_k = 32 if (is_spike and c_in <= 32) else (64 if is_spike else (16 if c_in <= 16 else 32))
-    block_n = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
-    block_m = 32 if m <= 4096 else 64 if m <= 65536 else 128
-    num_warps = 4 if block_m * block_n <= 4096 else 8
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, "num_stages": 2}
+    """Launch config of the fused forward kernel: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, num_warps,
+    num_stages)``; the EVEN flags say the channel counts are tile multiples (no channel masks, aligned rows).
+
+    Chosen so that every config compiles for sm_80/sm_90 without spilling (benchmarks/compile_report.py). Channel
+    counts that are not tile multiples (first layers, odd test shapes) get small unpipelined tiles: their masked,
+    unvectorised accesses cost registers, and those layers are small. Analog (fp32) inputs get narrower tiles than
+    int8 spikes: an fp32 operand tile is 4x the registers."""
+    block_k = (64 if c_in % 64 == 0 else 32) if is_spike else 16
+    block_n = 64 if c_out % 64 == 0 else (32 if c_out % 32 == 0 else 16)
+    even_k, even_n = c_in % block_k == 0, c_out % block_n == 0
+    if even_k and even_n and is_spike:
+        block_m = 64 if m <= 65536 else 128
+        num_warps, num_stages = (8 if block_m == 128 else 4), 2
+    elif even_k and even_n:
+        block_m, block_n, num_warps, num_stages = 64, min(block_n, 32), 8, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
+        even_n = c_out % block_n == 0
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def scan_config(c_out, m):
-    """Tile config of the LIF scan over a stored pre-activation."""
-    block_n = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
+    """Launch config of the LIF scan over a stored pre-activation."""
+    block_n = 64 if c_out >= 64 else (32 if c_out > 16 else 16)
     block_m = 32 if m <= 4096 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "EVEN_N": c_out % block_n == 0, "num_warps": 4,
+            "num_stages": 1}
 
 
-def _all_forward_configs(is_spike):
+_SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
+_PIXELS = (1024, 60000, 10 ** 6)
+
+
+def distinct(configs):
+    """The configs in first-seen order without repeats."""
     seen = []
-    for c_in, c_out, m in itertools.product((3, 32, 512), (16, 32, 512), (1024, 60000, 10 ** 6)):
-        cfg = forward_config(is_spike, c_in, c_out, m)
+    for cfg in configs:
         if cfg not in seen:
             seen.append(cfg)
     return seen
 
 
-def _all_scan_configs():
-    seen = []
-    for c_out, m in itertools.product((16, 32, 512), (1024, 10 ** 6)):
-        cfg = scan_config(c_out, m)
-        if cfg not in seen:
-            seen.append(cfg)
-    return seen
+def one_at_a_time(options):
+    """Flag sets for the compile report: the first value of every option, then each other value of one option
+    with the rest at their first value (each code path compiled once, not the whole cross product)."""
+    base = [values[0] for values in options]
+    sets = [tuple(base)]
+    for i, values in enumerate(options):
+        for value in values[1:]:
+            sets.append(tuple(base[:i] + [value] + base[i + 1:]))
+    return sets
+
+
+def variants(configs, flag_sets):
+    """Every tile config with the first (heaviest) flag set, plus every other flag set with each of the tiles that
+    hold the most elements per thread (the ones closest to spilling)."""
+    def per_thread(c):
+        return (c["BLOCK_M"] * c["BLOCK_N"] // c["num_warps"], c.get("BLOCK_K", 1))
+    top = max(per_thread(c) for c in configs)
+    heaviest = [c for c in configs if per_thread(c) == top]
+    return [(cfg, flag_sets[0]) for cfg in configs] + [(cfg, flags) for cfg in heaviest for flags in flag_sets[1:]]
+
+
+def make_spec(name, fn, types, args, constexprs, cfg, default="i32"):
+    """One COMPILE_SPECS entry; arguments not in ``types`` are ``default`` (i32), constexprs marked."""
+    sig = {arg: types.get(arg, default) for arg in args}
+    sig.update({arg: "constexpr" for arg in constexprs})
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": constexprs,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 _FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "count_ptr",
-             "stat_ptr", "T", "M", "C_in", "C_out", "H", "W", "OH", "OW", "sxt", "sxn", "sxh", "sxw", "sxc",
-             "srt", "srn", "src", "srh", "srw", "sot", "son", "soc", "soh", "sow", "SH", "SW", "PH", "PW",
+             "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
              "decay", "threshold", "v_reset"]
-_FWD_CONSTEXPRS = ["KH", "KW", "IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "COUNT", "STATS",
-                   "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
-
-
-def _fwd_signature(x_type, y_type, stat_type, out_type):
-    types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-             "res_ptr": out_type, "out_ptr": out_type, "y_ptr": y_type, "count_ptr": "*i32", "stat_ptr": stat_type,
-             "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
-    sig = {name: types.get(name, "i32") for name in _FWD_ARGS}
-    sig.update({name: "constexpr" for name in _FWD_CONSTEXPRS})
-    return sig
+_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "count_ptr", "T", "M", "C_out",
+              "decay", "threshold", "v_reset"]
+# input kind -> (x pointer, y pointer, stats pointer, DOT_FP16, DIRECT)
+_KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "*i32", "*i64", False, False),
+          "analog-fp32": ("*fp32", "*fp32", "*fp32", False, False),
+          "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
+          "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
+          "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
+# mode -> (FIRE, STORE_Y, STATS): training without BN, inference, BatchNorm pass 1
+_MODES = {"train": (True, True, False), "infer": (True, False, False), "bn-stats": (False, True, True)}
 
 
 def _compile_specs():
     specs = []
-    # (input kind, x pointer type, y type, stat type, DOT_FP16, DIRECT, kernel sizes)
-    kinds = [("spike", "*i8", "*i16", "*i64", False, False, ((3, 3), (1, 1))),
-             ("analog-fp32", "*fp32", "*fp32", "*fp32", False, False, ((3, 3),)),
-             ("direct-fp32", "*fp32", "*fp32", "*fp32", False, True, ((3, 3),)),
-             ("direct-fp16", "*fp16", "*fp32", "*fp32", True, True, ((3, 3),))]
-    # (FIRE, STORE_Y, STATS, COUNT, HAS_RES): inference, training without BN, BN pass 1
-    modes = [("infer", True, False, False, True, True), ("train", True, True, False, True, True),
-             ("bn-stats", False, True, True, False, False)]
-    for kind, x_type, y_type, stat_type, fp16, direct, ksizes in kinds:
-        is_spike = kind == "spike"
-        for (kh, kw), (mode, fire, store_y, stats, count, has_res), cfg, hard in itertools.product(
-                ksizes, modes, _all_forward_configs(is_spike), (True, False)):
-            if not fire and not hard:
-                continue  # the neuron flags do not reach code when FIRE is off
-            if not is_spike and cfg["BLOCK_K"] > 32:
-                continue
+    for is_spike in (True, False):
+        cfgs = distinct(forward_config(is_spike, ci, co, m) for ci, co, m in itertools.product(_SIZES, _SIZES, _PIXELS))
+        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
+        flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
+                                   ("fp32", "fp16", "bf16", "fp64")])
+        for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
+            x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
+            fire, store_y, stats = _MODES[mode]
+            types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                     "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type, "count_ptr": "*i32",
+                     "stat_ptr": stat_type, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
             constexprs = {"KH": kh, "KW": kw, "IS_SPIKE": is_spike, "DOT_FP16": fp16, "DIRECT": direct,
-                          "FIRE": fire, "HAS_RES": has_res, "STORE_Y": store_y, "COUNT": count, "STATS": stats,
-                          "HARD_RESET": hard, "DECAY_INPUT": False, "BLOCK_M": cfg["BLOCK_M"],
-                          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
-            specs.append({
-                "name": (f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},hard={hard},"
-                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},w{cfg['num_warps']}]"),
-                "fn": binary_conv_lif_fwd_kernel,
-                "signature": _fwd_signature(x_type, y_type, stat_type, "*fp32"),
-                "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "count_ptr", "T", "M", "C_out",
-                 "OH", "OW", "srt", "srn", "src", "srh", "srw", "sot", "son", "soc", "soh", "sow",
-                 "decay", "threshold", "v_reset"]
-    for (y_name, y_type, direct), cfg, hard in itertools.product(
-            (("i16", "*i16", False), ("fp32", "*fp32", False), ("fp32-direct", "*fp32", True)),
-            _all_scan_configs(), (True, False)):
-        types = {"y_ptr": y_type, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "res_ptr": "*fp32",
-                 "out_ptr": "*fp32", "count_ptr": "*i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
-        sig = {name: types.get(name, "i32") for name in scan_args}
-        constexprs = {"DIRECT": direct, "HAS_RES": True, "COUNT": True, "HARD_RESET": hard, "DECAY_INPUT": False,
-                      "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-        sig.update({name: "constexpr" for name in constexprs})
-        specs.append({
-            "name": f"conv_lif_scan_kernel[{y_name},hard={hard},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}]",
-            "fn": conv_lif_scan_kernel, "signature": sig, "constexprs": constexprs,
-            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                          "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "COUNT": True, "STATS": stats,
+                          "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
+                          "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                          "BLOCK_K": cfg["BLOCK_K"]}
+            specs.append(make_spec(
+                f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},hard={hard},decay_input={decay_input},"
+                f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},even={cfg['EVEN_K']:d}"
+                f"{cfg['EVEN_N']:d},w{cfg['num_warps']}]",
+                binary_conv_lif_fwd_kernel, types, _FWD_ARGS, constexprs, cfg))
+    scan_cfgs = distinct(scan_config(co, m) for co, m in itertools.product(_SIZES, _PIXELS))
+    flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
+                               (False, True), ("fp32", "fp16", "bf16", "fp64")])
+    for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
+        types = {"y_ptr": "*" + y_name, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                 "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "count_ptr": "*i32", "decay": "fp32",
+                 "threshold": "fp32", "v_reset": "fp32"}
+        constexprs = {"DIRECT": direct, "HAS_RES": True, "COUNT": True, "HARD_RESET": hard,
+                      "DECAY_INPUT": decay_input, "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"],
+                      "BLOCK_N": cfg["BLOCK_N"]}
+        specs.append(make_spec(
+            f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},decay_input={decay_input},"
+            f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},even={cfg['EVEN_N']:d}]",
+            conv_lif_scan_kernel, types, _SCAN_ARGS, constexprs, cfg))
     return specs
 
 

@@ -1,0 +1,250 @@
+"""Fused binary conv2d + LIF (kernels/conv_lif*.py) against binwslt.reference, through binwslt.functional.
+
+Runs under Triton's interpreter on CPU (tests/conftest.py), so shapes are tiny: the interpreter costs
+milliseconds per program per dot iteration. The cases still cover odd channel counts (masked tails), channel
+counts that are tile multiples (the unmasked, vectorised path), stride 2, padding 0/1, 1x1 and 3x3 kernels,
+T in {1, 3, 5}, every neuron variant, direct encoding, analog input and training BatchNorm.
+"""
+import pytest
+import torch
+from helpers import assert_close_grads, randn, run_layer, spikes
+
+from binwslt import functional as Fn
+from binwslt.config import LIFConfig
+
+pytest.importorskip("triton")
+
+RESETS = {"hard": 0.0, "soft": None}
+
+
+def _dyadic_weight(shape, seed):
+    """Every |w| equal (alpha = 0.25 exactly), random signs: with dyadic inputs every current is exact."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(shape, generator=g) < 0.5, -0.25, 0.25)
+
+
+def _dyadic_vec(C, seed, center):
+    g = torch.Generator().manual_seed(seed)
+    return center + torch.randint(-2, 3, (C,), generator=g).float() / 8.0
+
+
+def _out_hw(H, W, k, stride, padding):
+    return (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+
+
+def _conv_case(T, N, C_in, C_out, H, W, k, stride, padding, *, kind="spike", scale=True, shift=True,
+               residual=False, dyadic=True, bn=False, seed=0):
+    """Inputs and keyword arguments of one layer call; ``kind`` is "spike", "analog" or "direct"."""
+    if kind == "direct":
+        x = randn(N, C_in, H, W, seed=seed + 1)
+    elif kind == "analog":
+        x = randn(T, N, C_in, H, W, seed=seed + 1).relu()
+    else:
+        x = spikes(T, N, C_in, H, W, seed=seed + 1)
+    if dyadic and kind != "spike":
+        x = torch.round(x * 8.0) / 8.0
+    shape = (C_out, C_in, k, k)
+    weight = _dyadic_weight(shape, seed + 2) if dyadic else randn(*shape, seed=seed + 2, scale=0.3)
+    scores = randn(*shape, seed=seed + 3)
+    kw = dict(stride=stride, padding=padding, timesteps=T if kind == "direct" else None, batch_norm=bn)
+    if scale:
+        kw["scale"] = _dyadic_vec(C_out, seed + 4, 1.0) if dyadic else randn(C_out, seed=seed + 4, scale=0.2) + 1.0
+    if shift:
+        kw["shift"] = _dyadic_vec(C_out, seed + 5, 0.25) if dyadic else randn(C_out, seed=seed + 5, scale=0.2) + 0.25
+    if residual:
+        res = randn(T, N, C_out, *_out_hw(H, W, k, stride, padding), seed=seed + 6, scale=0.5)
+        kw["residual"] = torch.round(res * 8.0) / 8.0 if dyadic else res
+    if bn:
+        kw["running_mean"] = randn(C_out, seed=seed + 7, scale=0.1)
+        kw["running_var"] = randn(C_out, seed=seed + 8, scale=0.1).abs() + 1.0
+    return x, weight, scores, kw
+
+
+def _compare(x, weight, scores, prune_rate, kw, *, exact, grad_rtol=1e-4, grad_atol=1e-5):
+    """Spikes (bit-identical when ``exact``, else mismatch <= 1e-3), every gradient, running statistics."""
+    s_ref, g_ref, st_ref = run_layer("binw_conv2d_lif", "reference", x, weight, scores, prune_rate, **dict(kw))
+    s_tri, g_tri, st_tri = run_layer("binw_conv2d_lif", "triton", x, weight, scores, prune_rate, **dict(kw))
+    assert s_tri.shape == s_ref.shape and s_tri.dtype == s_ref.dtype
+    assert 0.02 < s_ref.mean() < 0.98, f"degenerate test input: firing rate {s_ref.mean():.3f}"
+    if exact:
+        assert torch.equal(s_tri, s_ref)
+    else:
+        assert (s_tri != s_ref).float().mean().item() <= 1e-3
+    if torch.equal(s_tri, s_ref):  # a flipped spike legitimately changes gradients
+        assert_close_grads(g_tri, g_ref, rtol=grad_rtol, atol=grad_atol)
+    for name in st_ref:
+        torch.testing.assert_close(st_tri[name], st_ref[name], rtol=1e-5, atol=1e-6)
+    return s_ref
+
+
+# (T, N, C_in, C_out, H, W, k, stride, padding), neuron, epilogue (scale, shift, residual)
+DYADIC_GRID = [
+    ((1, 2, 3, 5, 7, 7, 3, 1, 1), dict(decay=0.75), (True, True, False)),
+    ((3, 1, 5, 19, 9, 9, 3, 2, 0), dict(decay=0.5, v_reset=None, decay_input=True), (True, True, True)),
+    ((5, 1, 19, 3, 7, 7, 1, 2, 0), dict(decay=0.75, v_reset=None), (False, True, False)),
+    ((3, 1, 33, 5, 11, 11, 3, 2, 1), dict(decay=0.5, decay_input=True), (True, True, True)),
+    ((3, 1, 5, 3, 7, 9, 3, 1, 0), dict(decay=0.75), (False, False, True)),
+    ((2, 1, 32, 32, 5, 5, 3, 1, 1), dict(decay=0.5), (True, True, True)),  # tile-multiple channels
+    ((3, 2, 64, 16, 4, 4, 1, 1, 0), dict(decay=0.75, v_reset=None), (True, True, False)),  # K = 64, 1x1
+]
+
+
+@pytest.mark.parametrize("case,neuron,epilogue", DYADIC_GRID, ids=[str(c[0]) for c in DYADIC_GRID])
+def test_conv_lif_dyadic_bit_identical(case, neuron, epilogue):
+    """Dyadic weights (all |w| = 0.25), scale/shift/residual and decay: spikes bit-identical, gradients close."""
+    scale, shift, residual = epilogue
+    x, weight, scores, kw = _conv_case(*case, scale=scale, shift=shift, residual=residual, seed=case[0])
+    if neuron.get("decay_input"):
+        kw["shift"] = kw.get("shift", torch.zeros(case[3])) * 4.0 + 1.0
+        if residual:
+            kw["residual"] = kw["residual"] * 4.0
+    if not shift and not residual:
+        kw["shift"] = torch.full((case[3],), 0.25)
+    kw["neuron"] = LIFConfig(**neuron)
+    _compare(x, weight, scores, 0.4, kw, exact=True)
+
+
+@pytest.mark.parametrize("kind", ["direct", "analog"])
+def test_conv_lif_analog_inputs_dyadic(kind):
+    """Direct-encoded image (conv computed once for all T) and analog time-major input, rounded to 1/8."""
+    x, weight, scores, kw = _conv_case(3, 2, 3, 5, 7, 7, 3, 1, 1, kind=kind, residual=kind == "direct", seed=5)
+    kw["neuron"] = LIFConfig(decay=0.75)
+    _compare(x, weight, scores, 0.4, kw, exact=True)
+
+
+@pytest.mark.parametrize("reset", list(RESETS))
+@pytest.mark.parametrize("surrogate,detach_reset", [("atan", True), ("sigmoid", False), ("triangle", True)])
+def test_conv_lif_neuron_variants(reset, surrogate, detach_reset):
+    """Every surrogate and reset through the fused backward (spiking input, scale + shift + residual)."""
+    x, weight, scores, kw = _conv_case(3, 1, 5, 6, 5, 5, 3, 1, 1, residual=True, seed=11)
+    kw["neuron"] = LIFConfig(decay=0.5, v_reset=RESETS[reset], surrogate=surrogate, detach_reset=detach_reset)
+    _compare(x, weight, scores, 0.3, kw, exact=True)
+
+
+@pytest.mark.parametrize("kind", ["spike", "direct"])
+def test_conv_lif_random_general(kind):
+    """General random inputs and weights, default neuron (decay 0.99): mismatch <= 1e-3, gradients close."""
+    x, weight, scores, kw = _conv_case(4, 2, 6, 7, 7, 7, 3, 1, 1, kind=kind, residual=True, dyadic=False, seed=21)
+    kw["neuron"] = LIFConfig()
+    _compare(x, weight, scores, 0.5, kw, exact=False)
+
+
+@pytest.mark.parametrize("kind,affine", [("spike", True), ("spike", False), ("direct", True), ("analog", True)])
+def test_conv_lif_batch_norm_train(kind, affine):
+    """Training-mode BatchNorm over (T, N, H', W'): spikes, every gradient and the running statistics."""
+    x, weight, scores, kw = _conv_case(3, 2, 5, 7, 7, 7, 3, 2, 1, kind=kind, scale=affine, shift=affine,
+                                       residual=kind != "analog", dyadic=False, bn=True, seed=31)
+    kw["neuron"] = LIFConfig(decay=0.8)
+    kw["momentum"] = 0.2
+    _compare(x, weight, scores, 0.4, kw, exact=False)
+
+
+def test_conv_lif_spike_counts_equal_reference_sums():
+    """The per-channel spike counts accumulated by the kernels equal the reference's spike sums."""
+    from binwslt.kernels.conv_lif import binw_conv2d_lif
+
+    x, weight, scores, kw = _conv_case(3, 2, 5, 19, 7, 7, 3, 1, 1, seed=51)
+    neuron = LIFConfig(decay=0.75)
+    want = Fn.binw_conv2d_lif(x, weight, scores, 0.4, neuron=neuron, backend="reference", **kw)
+    counts = torch.full((19,), 7, dtype=torch.int64)
+    for bn in (False, True):
+        counts.fill_(7)
+        out = binw_conv2d_lif(x, weight, scores, 0.4, stride=(1, 1), padding=(1, 1), scale=kw["scale"],
+                              shift=kw["shift"], residual=None, neuron=neuron, timesteps=None, batch_norm=bn,
+                              running_mean=None, running_var=None, momentum=0.1, eps=1e-5, spike_counts=counts)
+        if not bn:
+            assert torch.equal(out, want)
+        assert 0 < out.mean() < 1
+        assert torch.equal(counts - 7, out.sum(dim=(0, 1, 3, 4)).long())
+
+
+def test_conv_lif_spike_counts_rejects_bad_buffer():
+    from binwslt.kernels.conv_lif import binw_conv2d_lif
+
+    x, weight, scores, kw = _conv_case(1, 1, 3, 5, 5, 5, 3, 1, 1, seed=52)
+    with pytest.raises(ValueError, match="spike_counts"):
+        binw_conv2d_lif(x, weight, scores, 0.4, stride=(1, 1), padding=(1, 1), scale=None, shift=None,
+                        residual=None, neuron=LIFConfig(), timesteps=None, batch_norm=False, running_mean=None,
+                        running_var=None, momentum=0.1, eps=1e-5, spike_counts=torch.zeros(4))
+
+
+def test_conv_lif_saved_bytes_small():
+    """Bytes saved for backward (spikes as bits, y as int16) are at most 1/8 of the reference's."""
+    x, weight, scores, kw = _conv_case(4, 2, 16, 16, 8, 8, 3, 1, 1, dyadic=False, bn=True, seed=61)
+    kw["neuron"] = LIFConfig()
+
+    def saved_bytes(backend):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        scores_leaf = scores.clone().requires_grad_(True)
+        xs = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            Fn.binw_conv2d_lif(xs, weight, scores_leaf, 0.4, backend=backend, **kw)
+        return sum(total)
+
+    # weight and scores are the caller's parameters in both backends; count what each backend adds beyond them.
+    params = 2 * weight.numel() * weight.element_size()
+    ratio = (saved_bytes("triton") - params) / (saved_bytes("reference") - params)
+    assert ratio <= 1 / 8, ratio
+
+
+def test_conv_lif_no_grad_and_output_layout():
+    """Inference (no autograd state): same spikes; the output is channels-last in memory, values 0/1."""
+    x, weight, scores, kw = _conv_case(2, 2, 5, 7, 6, 6, 3, 2, 1, residual=True, seed=71)
+    neuron = LIFConfig(decay=0.75)
+    want = Fn.binw_conv2d_lif(x, weight, scores, 0.25, neuron=neuron, backend="reference", **kw)
+    with torch.no_grad():
+        got = Fn.binw_conv2d_lif(x, weight, scores, 0.25, neuron=neuron, backend="triton", **kw)
+    assert torch.equal(got, want)
+    assert got.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+def test_conv_lif_training_steps_keep_masks_equal():
+    """A few SGD steps on the scores through backend="triton" and "reference" give the same subnet masks."""
+    from binwslt.subnet import subnet_mask
+
+    torch.manual_seed(0)
+    x, weight, scores0, kw = _conv_case(3, 2, 5, 6, 6, 6, 3, 1, 1, dyadic=True, seed=81)
+    target = spikes(3, 2, 6, 6, 6, p=0.3, seed=82)
+    kw["neuron"] = LIFConfig(decay=0.5)
+    masks = {}
+    for backend in ("reference", "triton"):
+        scores = scores0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([scores], lr=5.0)
+        for _ in range(3):
+            opt.zero_grad()
+            out = Fn.binw_conv2d_lif(x, weight, scores, 0.5, backend=backend, **kw)
+            ((out - target) ** 2).mean().backward()
+            opt.step()
+        masks[backend] = (subnet_mask(scores.detach(), 0.5), scores.detach())
+    assert not torch.equal(masks["reference"][0], subnet_mask(scores0, 0.5)), "the steps must change the mask"
+    assert torch.equal(masks["triton"][0], masks["reference"][0])
+    torch.testing.assert_close(masks["triton"][1], masks["reference"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("channels,stride", [((64, 64), 1), ((128, 256), 2), ((3, 64), 1)])
+def test_conv_lif_gpu_layer_sizes(channels, stride, bn):
+    """VGG-sized layers (T=4, N=16, 32x32 or 16x16) on a GPU against the torch backend."""
+    C_in, C_out = channels
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, N, H = 4, 16, 32 if C_in == 3 else 16
+    direct = C_in == 3
+    if direct:
+        x = torch.randn((N, C_in, H, H), generator=g, device="cuda")
+    else:
+        x = (torch.rand((T, N, C_in, H, H), generator=g, device="cuda") < 0.2).float()
+    weight = torch.randn((C_out, C_in, 3, 3), generator=g, device="cuda") * (2.0 / (9 * C_in)) ** 0.5
+    scores = torch.randn((C_out, C_in, 3, 3), generator=g, device="cuda")
+    kw = dict(neuron=LIFConfig(), batch_norm=bn, stride=stride, padding=1, timesteps=T if direct else None,
+              scale=torch.full((C_out,), 0.5, device="cuda"), shift=torch.full((C_out,), 0.5, device="cuda"))
+    s_ref, g_ref, _ = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, **dict(kw))
+    s_tri, g_tri, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, **dict(kw))
+    assert (s_tri != s_ref).float().mean().item() <= 1e-3
+    if torch.equal(s_tri, s_ref):
+        assert_close_grads(g_tri, g_ref, rtol=1e-3, atol=1e-4)
