@@ -49,7 +49,8 @@ def ternary_subnet(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float
     mask = subnet_mask(scores, prune_rate)
     w = weight.detach()
     tern = (torch.sign(w) * mask).to(torch.int8)
-    alpha = (w.abs() * mask).sum(dtype=torch.float32) / mask.sum(dtype=torch.float32)
+    # summed in float64 so that any summation order (the Triton kernel's blocks) rounds to the same float32
+    alpha = ((w.abs() * mask).sum(dtype=torch.float64) / mask.sum()).to(torch.float32)
     return tern, alpha
 
 

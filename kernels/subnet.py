@@ -5,8 +5,8 @@ removed (M = 0), alpha = sum(|w| * M) / sum(M), W_eff = alpha * M * sign(w).
 
 The threshold tau = the n_pruned-th smallest |score| comes from ``torch.kthvalue`` in the launcher;
 one Triton pass then writes tern = sign(w) * (|s| > tau) as int8 and per-program partial sums of
-|w| * M and of M. Partials (not atomics) keep alpha deterministic; they are summed on the host in
-fp64. If scores tie at tau, "|s| > tau" keeps a different count than numel - n_pruned; the
+|w| * M (in fp64, as binwslt.subnet sums) and of M. Partials (not atomics) keep alpha deterministic;
+they are summed on the host in fp64, so alpha rounds to the same float32 as binwslt.subnet's. If scores tie at tau, "|s| > tau" keeps a different count than numel - n_pruned; the
 tie-break rule (by flat index) then needs a sort, so that rare case falls back to
 ``binwslt.subnet.ternary_subnet`` and the result matches it exactly.
 """
@@ -31,7 +31,7 @@ def ternary_subnet_kernel(weight_ptr, scores_ptr, tern_ptr, abs_sum_ptr, kept_pt
     sign = (w > 0).to(tl.int8) - (w < 0).to(tl.int8)
     tern = tl.where(keep, sign, 0).to(tl.int8)
     tl.store(tern_ptr + offs, tern, mask=mask)
-    tl.store(abs_sum_ptr + pid, tl.sum(tl.where(keep, tl.abs(w), 0.0), axis=0))
+    tl.store(abs_sum_ptr + pid, tl.sum(tl.where(keep, tl.abs(w), 0.0).to(tl.float64), axis=0))
     tl.store(kept_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
 
 
@@ -67,7 +67,7 @@ def ternary_subnet(weight, scores, prune_rate):
         tau = float(torch.kthvalue(s.abs().float(), n_pruned).values)
     num_programs = triton.cdiv(numel, SUBNET_BLOCK)
     tern = torch.empty(numel, dtype=torch.int8, device=w.device)
-    abs_sums = torch.empty(num_programs, dtype=torch.float32, device=w.device)
+    abs_sums = torch.empty(num_programs, dtype=torch.float64, device=w.device)
     kept = torch.empty(num_programs, dtype=torch.int32, device=w.device)
     ternary_subnet_kernel[(num_programs,)](w, s, tern, abs_sums, kept, numel, tau,
                                            BLOCK=SUBNET_BLOCK, num_warps=SUBNET_NUM_WARPS)
@@ -76,7 +76,7 @@ def ternary_subnet(weight, scores, prune_rate):
         from binwslt.subnet import ternary_subnet as torch_ternary_subnet
 
         return torch_ternary_subnet(weight, scores, prune_rate)
-    alpha = (abs_sums.double().sum() / n_kept).float()
+    alpha = (abs_sums.sum() / n_kept).float()
     return tern.reshape(weight.shape), alpha
 
 
@@ -84,7 +84,7 @@ COMPILE_SPECS = [
     {
         "name": f"ternary_subnet_kernel[w={wt},s={st}]",
         "fn": ternary_subnet_kernel,
-        "signature": {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "tern_ptr": "*i8", "abs_sum_ptr": "*fp32",
+        "signature": {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "tern_ptr": "*i8", "abs_sum_ptr": "*fp64",
                       "kept_ptr": "*i32", "numel": "i32", "tau": "fp32", "BLOCK": "constexpr"},
         "constexprs": {"BLOCK": SUBNET_BLOCK},
         "num_warps": SUBNET_NUM_WARPS, "num_stages": 1,
