@@ -70,9 +70,7 @@ class MultiStep(nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t, n = x.shape[:2]
-        y = self.module(x.flatten(0, 1))
-        return y.view(t, n, *y.shape[1:])
+        return _multistep(self.module, x)
 
 
 class DenseUnit(nn.Module):
@@ -109,6 +107,7 @@ class DenseUnit(nn.Module):
 
 
 def _multistep(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` applied to ``x [T, N, ...]`` with T merged into the batch; returns ``[T, N, ...]``."""
     t, n = x.shape[:2]
     y = module(x.flatten(0, 1))
     return y.view(t, n, *y.shape[1:])

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -411,13 +412,11 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
         torch.cuda.set_device(device)
     if cfg.batch_size % dist_info.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {dist_info.world_size} processes")
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download and dist_info.main) \
-        if dist_info.main or cfg.dataset == "digits" else None
-    if dataset is None:  # other ranks read CIFAR after rank 0 has downloaded it
-        _barrier(dist_info)
+    # rank 0 reads (and, with download, fetches) the data first; the others read it once it is in place
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download) if dist_info.main else None
+    _barrier(dist_info)
+    if dataset is None:
         dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    elif dist_info.world_size > 1 and cfg.dataset != "digits":
-        _barrier(dist_info)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, dataset).to(device)
@@ -485,9 +484,10 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
                   "test_loss": test_loss, "test_accuracy": test_acc, "lr": lr,
                   "seconds": time.time() - epoch_start}
         history.append(record)
-        if show:
-            tqdm.write(f"{cfg.command} {cfg.kind} epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}"
-                       f" acc {record['train_accuracy']:.4f} | test acc {test_acc:.4f} | {record['seconds']:.1f}s")
+        if dist_info.main:  # one line per epoch even without progress bars, so logs show the run's course
+            tqdm.write(f"{cfg.command} {cfg.kind} epoch {epoch + 1}/{cfg.epochs}: train loss "
+                       f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test acc {test_acc:.4f} | "
+                       f"{record['seconds']:.1f}s", file=sys.stdout)
         if dist_info.main:
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT, "version": 1, "config": cfg.to_dict(), "epoch": epoch + 1,
