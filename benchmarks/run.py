@@ -180,6 +180,8 @@ def run_suite(args) -> dict:
     settings = dict(SETTINGS[(device, args.quick)])
     if args.rounds is not None:
         settings["rounds"] = args.rounds
+    if args.budget is not None:
+        settings["budget_s"] = args.budget
     impls = [i for i in cases.IMPLS if i in args.impls]
     if device == "cpu":
         impls = [i for i in impls if i != "triton"]  # interpreted: checked once below, never timed
@@ -188,10 +190,12 @@ def run_suite(args) -> dict:
               "peers": {p: {"available": why is None, "reason": why} for p, why in peer_status().items()},
               "layers": [], "models": [], "interpreter_check": None}
     start = time.perf_counter()
-    if device == "cpu" and "triton" in args.impls:
+    if device == "cpu" and "triton" in args.impls and args.only is None:
         result["interpreter_check"] = interpreter_check(dtype)
         print(f"[triton under the interpreter] {result['interpreter_check']['impls']['triton']}", flush=True)
     for kind, key in (("layer", "layers"), ("model", "models")):
+        if args.only not in (None, key):
+            continue
         for case in plan[key]:
             t0 = time.perf_counter()
             entry = measure_case(kind, case, impls, device, dtype, settings)
@@ -218,6 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--impls", nargs="+", default=None, help="subset of implementations (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="override the timed rounds per case")
+    p.add_argument("--budget", type=float, default=None, help="override the seconds of timed rounds per case")
+    p.add_argument("--only", choices=("layers", "models"), default=None, help="run only the layer or model cases")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. the machine's load)")
     args = p.parse_args(argv)
     return args
