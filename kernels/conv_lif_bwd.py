@@ -22,7 +22,8 @@ import itertools
 import triton
 import triton.language as tl
 
-from .conv_lif_fwd import distinct, make_spec, one_at_a_time, scan_config, tile_offsets, tile_ptrs, variants
+from .conv_lif_fwd import INTERPRET_ROWS, distinct, interpreting, make_spec, one_at_a_time, scan_config, \
+    tile_offsets, tile_ptrs, variants
 from .lif import SURROGATE_CODES, lif_grad_step, lif_step
 
 
@@ -50,8 +51,8 @@ def conv_lif_bwd_scan_kernel(
     mult = tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)
     if DIRECT:
         off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
-        y = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
-        base = (y * alpha) * a[None, :] + b[None, :]
+        y0 = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
+        base = (y0 * alpha) * a[None, :] + b[None, :]
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t in range(T):
         off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
@@ -66,9 +67,10 @@ def conv_lif_bwd_scan_kernel(
         tl.store(tile_ptrs(g_ptr, off, EVEN_N), u, mask=mask)
     tl.debug_barrier()
     grad_v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    grad_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-    sum_gy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Per-element accumulators, reduced over rows once after the loop (a cross-warp reduction per step costs
+    # shared-memory round trips and made ptxas spill).
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_gy = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(T):
         t = T - 1 - i
         off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
@@ -80,17 +82,19 @@ def conv_lif_bwd_scan_kernel(
         grad_cur = tl.where(mask, grad_cur, 0.0)
         if GRAD_RES:
             tl.store(tile_ptrs(gres_ptr, off, EVEN_N), grad_cur.to(gres_ptr.dtype.element_ty), mask=mask)
-        if DIRECT:
-            grad_sum += grad_cur
-        else:
+        acc_g += grad_cur
+        if not DIRECT:
             y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0).to(tl.float32)
-            sum_g += tl.sum(grad_cur, 0)
-            sum_gy += tl.sum(grad_cur * y, 0)
+            acc_gy += grad_cur * y
             tl.store(tile_ptrs(g_ptr, off, EVEN_N), grad_cur * mult[None, :], mask=mask)
     if DIRECT:
-        sum_g += tl.sum(grad_sum, 0)
-        sum_gy += tl.sum(grad_sum * y, 0)
-        tl.store(tile_ptrs(g_ptr, off0, EVEN_N), grad_sum * mult[None, :], mask=mask0)
+        # reload y rather than keep it live across both scans
+        off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
+        y0 = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
+        acc_gy = acc_g * y0
+        tl.store(tile_ptrs(g_ptr, off0, EVEN_N), acc_g * mult[None, :], mask=mask0)
+    sum_g = tl.sum(acc_g, 0)
+    sum_gy = tl.sum(acc_gy, 0)
     num_pid_m = tl.num_programs(0)
     tl.store(part_ptr + pid_m * C_out + offs_n, sum_g, mask=n_ok)
     tl.store(part_ptr + (num_pid_m + pid_m) * C_out + offs_n, sum_gy, mask=n_ok)
@@ -241,30 +245,38 @@ def _channel_tile(c, widest):
     return widest if c % widest == 0 else (32 if c % 32 == 0 and widest > 32 else 16)
 
 
-def grad_input_config(c_in, c_out, p):
+def grad_input_config(c_in, c_out, p, interpret=None):
     """Launch config of the grad-input implicit GEMM (rows: input pixels, cols: C_in, K over C_out x taps)."""
     block_k = 16
     block_n = _channel_tile(c_in, 64)
     even_k, even_n = c_out % block_k == 0, c_in % block_n == 0
     if even_k and even_n:
-        return {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "EVEN_N": True,
-                "num_warps": 4, "num_stages": 2}
-    block_n = 16 if c_in <= 16 else 32
-    return {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k,
-            "EVEN_N": c_in % block_n == 0, "num_warps": 4, "num_stages": 1}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "EVEN_N": True,
+               "num_warps": 4, "num_stages": 2}
+    else:
+        block_n = 16 if c_in <= 16 else 32
+        cfg = {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k,
+               "EVEN_N": c_in % block_n == 0, "num_warps": 4, "num_stages": 1}
+    if interpreting(interpret):
+        cfg["BLOCK_M"] = INTERPRET_ROWS
+    return cfg
 
 
-def grad_weight_config(c_in, c_out, p):
+def grad_weight_config(c_in, c_out, p, interpret=None):
     """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels)."""
     block_m = _channel_tile(c_in, 64)
     block_n = _channel_tile(c_out, 64)
     even_m, even_n = c_in % block_m == 0, c_out % block_n == 0
     if even_m and even_n:
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
-                "num_warps": 4, "num_stages": 2}
-    block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
-            "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
+               "num_warps": 4, "num_stages": 2}
+    else:
+        block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
+               "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
+    if interpreting(interpret):
+        cfg["BLOCK_K"] = INTERPRET_ROWS  # the pixel axis is this GEMM's K
+    return cfg
 
 
 FOLD_BLOCK = 1024
@@ -286,7 +298,7 @@ def _compile_specs():
     specs = []
     scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr", "gres_ptr",
                  "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
-    scan_cfgs = distinct(scan_config(c, m) for c, m in itertools.product(_SIZES, _PIXELS))
+    scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _PIXELS))
     scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
                                 (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16", "fp64")])
     for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
@@ -309,7 +321,8 @@ def _compile_specs():
                                {"BLOCK": FOLD_BLOCK}, {"num_warps": 4, "num_stages": 1}))
     gi_args = ["g_ptr", "wt_ptr", "alpha_ptr", "dx_ptr", "P", "C_in", "C_out", "H", "W", "OH", "OW",
                "SH", "SW", "PH", "PW"]
-    gi_cfgs = distinct(grad_input_config(ci, co, p) for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
+    gi_cfgs = distinct(grad_input_config(ci, co, p, interpret=False)
+                       for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
     gi_flags = one_at_a_time([("fp32", "fp16", "bf16", "fp64"), ((3, 3), (1, 1))])
     for cfg, (dx_name, (kh, kw)) in variants(gi_cfgs, gi_flags):
         types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
@@ -318,7 +331,8 @@ def _compile_specs():
                                conv_grad_input_kernel, types, gi_args, constexprs, cfg))
     gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
                "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
-    gw_cfgs = distinct(grad_weight_config(ci, co, p) for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
+    gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
+                       for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
     gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
                               ("fp32", "fp16", "bf16")])
     for cfg, (x_name, (kh, kw), (grad_s, grad_w), w_type) in variants(gw_cfgs, gw_flags):

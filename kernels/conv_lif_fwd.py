@@ -16,6 +16,7 @@ never syncs on it). ``alpha * y`` first mirrors the reference (which convolves w
 inputs give bit-identical spikes.
 """
 import itertools
+import os
 
 import triton
 import triton.language as tl
@@ -234,7 +235,20 @@ def conv_lif_scan_kernel(
 # count depends on BLOCK_M - and the choice below is what the compile report checks). tl.dot needs M, N >= 16 and
 # K >= 32 for int8 (16 for fp16/fp32) on a GPU; these tiles are valid there and under the interpreter alike.
 
-def forward_config(is_spike, c_in, c_out, m):
+def interpreting(override=None):
+    """``override`` if given, else whether TRITON_INTERPRET=1 is set. Under the interpreter the launchers use
+    taller pixel tiles (fewer, larger programs: the interpreter's cost is per program and per loop iteration,
+    nearly independent of the tile size). Only the pixel dimension changes, so the channel tiles and EVEN paths
+    the tests exercise are the GPU's."""
+    if override is not None:
+        return bool(override)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRET_ROWS = 128
+
+
+def forward_config(is_spike, c_in, c_out, m, interpret=None):
     """Launch config of the fused forward kernel: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, num_warps,
     num_stages)``; the EVEN flags say the channel counts are tile multiples (no channel masks, aligned rows).
 
@@ -253,16 +267,18 @@ def forward_config(is_spike, c_in, c_out, m):
     else:
         block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
         even_n = c_out % block_n == 0
+    if interpreting(interpret):
+        block_m = INTERPRET_ROWS
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
             "num_warps": num_warps, "num_stages": num_stages}
 
 
-def scan_config(c_out, m):
-    """Launch config of the LIF scan over a stored pre-activation."""
-    block_n = 64 if c_out >= 64 else (32 if c_out > 16 else 16)
-    block_m = 32 if m <= 4096 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "EVEN_N": c_out % block_n == 0, "num_warps": 4,
-            "num_stages": 1}
+def scan_config(c_out, m, interpret=None):
+    """Launch config of the elementwise LIF scans over a stored pre-activation (forward BatchNorm pass 2 and the
+    backward scan): memory-bound, so small tiles (8 elements per thread) that leave registers for the T loop."""
+    block_n = 32 if c_out >= 32 else 16
+    return {"BLOCK_M": INTERPRET_ROWS if interpreting(interpret) else 32, "BLOCK_N": block_n,
+            "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
 
 
 _SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
@@ -325,7 +341,8 @@ _MODES = {"train": (True, True, False), "infer": (True, False, False), "bn-stats
 def _compile_specs():
     specs = []
     for is_spike in (True, False):
-        cfgs = distinct(forward_config(is_spike, ci, co, m) for ci, co, m in itertools.product(_SIZES, _SIZES, _PIXELS))
+        cfgs = distinct(forward_config(is_spike, ci, co, m, interpret=False)
+                        for ci, co, m in itertools.product(_SIZES, _SIZES, _PIXELS))
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
         flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
                                    ("fp32", "fp16", "bf16", "fp64")])
@@ -345,7 +362,7 @@ def _compile_specs():
                 f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},even={cfg['EVEN_K']:d}"
                 f"{cfg['EVEN_N']:d},w{cfg['num_warps']}]",
                 binary_conv_lif_fwd_kernel, types, _FWD_ARGS, constexprs, cfg))
-    scan_cfgs = distinct(scan_config(co, m) for co, m in itertools.product(_SIZES, _PIXELS))
+    scan_cfgs = distinct(scan_config(co, m, interpret=False) for co, m in itertools.product(_SIZES, _PIXELS))
     flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
                                (False, True), ("fp32", "fp16", "bf16", "fp64")])
     for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
