@@ -111,12 +111,12 @@ def test_gradcheck_epilogue_and_conv_backward(monkeypatch, batch_norm):
     checked against the reference's Jacobian in test_lif.py)."""
     monkeypatch.setattr(torch_backend, "_lif_spikes", lambda current, neuron: current.clone())
     monkeypatch.setattr(torch_backend, "_lif_grad", lambda current, grad, neuron: grad)
-    T, N, C_in, C_out = 2, 2, 3, 4
-    x = randn(T, N, C_in, 5, 5, seed=1).double().requires_grad_()
+    T, N, C_in, C_out = 2, 1, 2, 3
+    x = randn(T, N, C_in, 4, 4, seed=1).double().requires_grad_()
     weight, scores = randn(C_out, C_in, 3, 3, seed=2).double(), randn(C_out, C_in, 3, 3, seed=3).double()
     scale = (randn(C_out, seed=4) * 0.1 + 1).double().requires_grad_()
     shift = randn(C_out, seed=5).double().requires_grad_()
-    residual = randn(T, N, C_out, 3, 3, seed=6).double().requires_grad_()
+    residual = randn(T, N, C_out, 2, 2, seed=6).double().requires_grad_()
 
     def layer(x, scale, shift, residual):
         return Fn.binw_conv2d_lif(x, weight, scores, 0.4, stride=2, padding=1, scale=scale, shift=shift,
