@@ -336,19 +336,23 @@ def _interpreting():
 
 # GPU tiles respect tl.dot minimums (M, N >= 16; K >= 32 for int8, >= 16 otherwise); the interpreter (one config,
 # tiny tiles) keeps test grids small. Every GPU config below is listed in COMPILE_SPECS.
-_FWD_GPU = {True: dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-            False: dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)}
+# Keyed by input kind. fp16 analog at 4 warps spills on sm_90; fp32 (tf32x3) spills with BLOCK_K=64.
+_FWD_GPU = {"spike": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+            "fp16": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+            "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)}
 _FWD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
-_SCAN_GPU = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+_SCAN_GPU = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)  # 4 warps: the backward scan spills
 _SCAN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 _GEMM_GPU = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 _GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 FOLD_BLOCK = 1024
 
 
-def forward_config(is_spike):
+def forward_config(is_spike, dot_fp16):
     """Tile config of binary_linear_lif_fwd_kernel: dict of BLOCK_M/N/K, num_warps, num_stages."""
-    return dict(_FWD_INTERP) if _interpreting() else dict(_FWD_GPU[is_spike])
+    if _interpreting():
+        return dict(_FWD_INTERP)
+    return dict(_FWD_GPU["spike" if is_spike else ("fp16" if dot_fp16 else "fp32")])
 
 
 def scan_config():
@@ -430,7 +434,7 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     y = torch.empty((T_y, N, C), dtype=_y_dtype(is_spike, K), device=device) if store_y else None
     dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
-    cfg = forward_config(is_spike)
+    cfg = forward_config(is_spike, dot_fp16)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_N"]))
     flags = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, HARD_RESET=p["HARD_RESET"],
                  DECAY_INPUT=p["DECAY_INPUT"], **_launch_opts(cfg))
@@ -643,7 +647,7 @@ def _compile_specs():
               ("direct-fp32", False, True, "*fp32", False, ("fp32", "bf16")),
               ("direct-fp16", False, True, "*fp16", True, ("fp16",))]
     for name, is_spike, direct, x_type, dot_fp16, out_types in inputs:
-        cfg = dict(_FWD_GPU[is_spike])
+        cfg = dict(_FWD_GPU["spike" if is_spike else ("fp16" if dot_fp16 else "fp32")])
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         y_type = "*i16" if is_spike else "*fp32"
         stats_type = "*i64" if is_spike else "*fp32"
