@@ -1,7 +1,13 @@
 """Shared test inputs: spikes, weights, and the runner comparing a backend's outputs and gradients."""
+import pathlib
+import sys
+
 import torch
 
 from binwslt import functional as Fn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.memory import saved_bytes  # noqa: E402,F401  (the one saved-for-backward counter)
 
 
 def spikes(*shape, p=0.4, seed=0):

@@ -8,7 +8,7 @@ from binwslt import LIFConfig
 from binwslt import functional as Fn
 from binwslt import torch_backend
 
-from helpers import assert_close_grads, randn, run_layer, spikes
+from helpers import assert_close_grads, randn, run_layer, saved_bytes, spikes
 
 NEURONS = [LIFConfig(decay=0.75, threshold=0.8, v_reset=vr, decay_input=di, surrogate=sg, detach_reset=dr)
            for vr, di, sg, dr in itertools.product((0.0, None), (False, True), ("atan", "sigmoid", "triangle"),
@@ -123,24 +123,6 @@ def test_gradcheck_epilogue_and_conv_backward(monkeypatch, batch_norm):
                                   residual=residual, batch_norm=batch_norm, backend="torch")
 
     assert torch.autograd.gradcheck(layer, (x, scale, shift, residual))
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes of the distinct tensors autograd saves while ``fn`` runs, not counting those in ``exclude``
-    (parameters the layer holds anyway)."""
-    seen = {t.untyped_storage().data_ptr() for t in exclude}
-    total = [0]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
 def test_saved_state_is_compact():
