@@ -115,3 +115,40 @@ def test_lif_gpu_large(surrogate, reset):
     assert (s_tri != s_ref).float().mean().item() <= 1e-3
     same = (s_tri == s_ref).all(0)
     torch.testing.assert_close(g_tri[:, same], g_ref[:, same], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_report_parsers():
+    """The two tool outputs compile_report reads (cuobjdump resource usage, ptxas -v spill line)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compile_report.py"
+    spec = importlib.util.spec_from_file_location("compile_report_under_test", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    usage = report.parse_resource_usage(
+        " Function lif_backward_kernel:\n  REG:62 STACK:8 SHARED:0 LOCAL:0 CONSTANT[0]:592 TEXTURE:0")
+    assert usage == {"REG": 62, "STACK": 8, "SHARED": 0, "LOCAL": 0}
+    spills = report.parse_ptxas_spills("    8 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n")
+    assert spills == {"spill_stores": 16, "spill_loads": 12}
+    with pytest.raises(ValueError, match="spill"):
+        report.parse_ptxas_spills("ptxas info: nothing here")
+
+
+def test_compile_report_compiles_lif_backward_for_sm80_sm90():
+    """Ahead-of-time compile (no GPU needed) of one lif backward variant: a clean row per arch, exit status 0."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    name = "lif_backward_kernel[fp32,hard=True,decay_input=False,detach=False,atan]"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "compile_report.py"), "--module", "lif",
+                           "--filter", name, "--jobs", "1"], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.endswith(name)]
+    assert [row.split()[0] for row in rows] == ["sm_80", "sm_90"]
+    assert all(" ok " in row for row in rows)
