@@ -23,12 +23,12 @@ import triton
 from binwslt._affine import update_running_stats
 from binwslt.bits import pack_bits, unpack_bits
 from binwslt.config import LIFConfig
-from binwslt.subnet import ternary_subnet
 
 from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config
 from .lif import neuron_params
+from .subnet import ternary_subnet as kernel_ternary_subnet
 
 _INT32_LIMIT = 2 ** 31 - 1
 
@@ -39,12 +39,9 @@ def _is_spike_tensor(x: torch.Tensor) -> bool:
 
 
 def _subnet(weight, scores, prune_rate):
-    """Ternary weight (int8, weight's shape) and alpha (1-element fp32 tensor) of the subnet."""
-    try:
-        from .subnet import ternary_subnet as kernel_subnet  # K2's Triton subnet, when present
-    except ImportError:
-        kernel_subnet = ternary_subnet
-    tern, alpha = kernel_subnet(weight, scores, prune_rate)
+    """Ternary weight (int8, weight's shape) and alpha (1-element fp32 tensor) of the subnet (Triton kernel, which
+    falls back to binwslt.subnet when ties at the threshold make the count ambiguous)."""
+    tern, alpha = kernel_ternary_subnet(weight, scores, prune_rate)
     return tern, alpha.reshape(1).to(torch.float32)
 
 

@@ -192,15 +192,20 @@ def test_conv_lif_saved_bytes_small():
     assert ratio <= 1 / 8, ratio
 
 
-def test_conv_lif_no_grad_and_output_layout():
-    """Inference (no autograd state): same spikes; the output is channels-last in memory, values 0/1."""
+def test_conv_lif_no_grad_output_layout_and_fp16():
+    """Inference (no autograd state): same spikes, channels-last memory; fp16 and bool spikes give the same."""
     x, weight, scores, kw = _conv_case(2, 2, 5, 7, 6, 6, 3, 2, 1, residual=True, seed=71)
     neuron = LIFConfig(decay=0.75)
     want = Fn.binw_conv2d_lif(x, weight, scores, 0.25, neuron=neuron, backend="reference", **kw)
     with torch.no_grad():
         got = Fn.binw_conv2d_lif(x, weight, scores, 0.25, neuron=neuron, backend="triton", **kw)
+        kw16 = dict(kw, residual=kw["residual"].half())
+        got16 = Fn.binw_conv2d_lif(x.half(), weight, scores, 0.25, neuron=neuron, backend="triton", **kw16)
+        got_bool = Fn.binw_conv2d_lif(x.bool(), weight, scores, 0.25, neuron=neuron, backend="triton", **kw)
     assert torch.equal(got, want)
     assert got.permute(0, 1, 3, 4, 2).is_contiguous()
+    assert got16.dtype == torch.float16 and torch.equal(got16.float(), want)
+    assert torch.equal(got_bool, want)
 
 
 def test_conv_lif_training_steps_keep_masks_equal():
