@@ -224,9 +224,10 @@ def _grad_weight_split(tiles, p, block_k, device):
     return max(1, min(want, triton.cdiv(p, 16 * block_k)))
 
 
-def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs):
+def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)`` (None where
-    ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides."""
+    ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides. ``state`` holds what
+    the forward kept (``res_cl``: the residual channels-last, or None; ``res_dtype``: its dtype)."""
     need_x, need_w, need_s, need_scale, need_shift, need_res = needs
     geo = state["geo"]
     device = grad_spikes.device
@@ -240,10 +241,10 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs
         mult = torch.ones(geo.C_out, dtype=torch.float32, device=device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
+    res_cl = state["res_cl"]
     gres_cl = None
-    if need_res and residual is not None:
-        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(residual.dtype), device=device)
-    res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
+    if need_res and res_cl is not None:
+        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state["res_dtype"]), device=device)
     cfg = scan_config(geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
@@ -254,7 +255,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, needs
         DIRECT=geo.direct, HAS_RES=res_cl is not None, GRAD_RES=gres_cl is not None,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
         SURROGATE=p["SURROGATE"], **_launch_kwargs(cfg))
-    grad_res = from_channels_last(gres_cl).to(residual.dtype) if gres_cl is not None else None
+    grad_res = from_channels_last(gres_cl).to(state["res_dtype"]) if gres_cl is not None else None
     sums = part.sum(dim=1)  # [2, C_out]: sum dL/dI, sum dL/dI * y over (T, N, OH, OW) (T pre-summed if direct)
     sum_g, sum_gy = sums[0], sums[1]
     g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
@@ -339,8 +340,23 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
 
 
 # ------------------------------------------------------------------------------------------------ autograd
+def pack_ternary(tern: torch.Tensor):
+    """int8 ternary weight -> (mask bits, sign bits) as two packed uint8 tensors (2 bits per weight)."""
+    return pack_bits(tern != 0), pack_bits(tern > 0)
+
+
+def unpack_ternary(mask_bits, sign_bits, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: the int8 ternary weight of ``shape``."""
+    mask = unpack_bits(mask_bits, shape).to(torch.int8)
+    sign = unpack_bits(sign_bits, shape).to(torch.int8) * 2 - 1
+    return mask * sign
+
+
 class BinWConv2dLIFFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused op; gradients to x, weight, scores, scale, shift, residual."""
+    """Autograd wrapper of the fused op; gradients to x, weight, scores, scale, shift, residual.
+
+    Saved: input spikes as bits (analog input as is), y as int16, the ternary weight as 2 bits per weight, a
+    spiking residual as bits (an analog residual as is), per-channel vectors, and the caller's weight/scores."""
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
@@ -352,21 +368,36 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
             spike_counts=spike_counts)
         if need_grad:
-            tensors = [state.pop("saved_x"), state.pop("y"), state.pop("tern"), state.pop("alpha"), state.pop("a"),
-                       state.pop("b"), weight, scores, scale, residual]
+            saved_res, res_bits = residual, False
+            if residual is not None and _is_spike_tensor(residual):
+                saved_res = pack_bits(residual.detach().permute(0, 1, 3, 4, 2) != 0)
+                res_bits = True
+            tern = state.pop("tern")
+            tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(tern), state.pop("alpha"),
+                       state.pop("a"), state.pop("b"), weight, scores, scale, saved_res]
             bn = state.pop("bn")
             tensors += list(bn) if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
-            state["out_dtype"] = x.dtype
+            state.update(out_dtype=x.dtype, res_bits=res_bits, has_res=residual is not None,
+                         res_dtype=residual.dtype if residual is not None else None)
             ctx.state = state
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        saved_x, y, tern, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
-        state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
-                     bn=None if mean is None else (mean, rstd))
-        grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
+        (saved_x, y, mask_bits, sign_bits, alpha, a, b, weight, scores, scale, saved_res, mean,
+         rstd) = ctx.saved_tensors
+        info = ctx.state
+        geo = info["geo"]
+        res_cl = None
+        if info["has_res"]:
+            if info["res_bits"]:
+                res_cl = unpack_bits(saved_res, geo.cl_out_shape).to(_io_dtype(info["res_dtype"]))
+            else:
+                res_cl = to_channels_last(saved_res.detach(), _io_dtype(info["res_dtype"]))
+        state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
+                     alpha=alpha, a=a, b=b, bn=None if mean is None else (mean, rstd), res_cl=res_cl)
+        grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
         return grads + (None,) * 11
 
 

@@ -121,6 +121,14 @@ def test_conv_lif_neuron_variants(reset, surrogate, detach_reset):
     _compare(x, weight, scores, 0.3, kw, exact=True)
 
 
+def test_conv_lif_spiking_residual():
+    """A 0/1 residual (identity shortcut of a spiking ResNet block, saved as bits): spikes and gradients."""
+    x, weight, scores, kw = _conv_case(3, 2, 6, 6, 5, 5, 3, 1, 1, seed=15)
+    kw["residual"] = x.clone()
+    kw["neuron"] = LIFConfig(decay=0.5, v_reset=None)
+    _compare(x, weight, scores, 0.4, kw, exact=True)
+
+
 @pytest.mark.parametrize("kind", ["spike", "direct"])
 def test_conv_lif_random_general(kind):
     """General random inputs and weights, default neuron (decay 0.99): mismatch <= 1e-3, gradients close."""
@@ -168,10 +176,14 @@ def test_conv_lif_spike_counts_rejects_bad_buffer():
                         running_var=None, momentum=0.1, eps=1e-5, spike_counts=torch.zeros(4))
 
 
-def test_conv_lif_saved_bytes_small():
-    """Bytes saved for backward (spikes as bits, y as int16) are at most 1/8 of the reference's."""
-    x, weight, scores, kw = _conv_case(4, 2, 16, 16, 8, 8, 3, 1, 1, dyadic=False, bn=True, seed=61)
+@pytest.mark.parametrize("bn,spike_residual", [(True, False), (False, True)])
+def test_conv_lif_saved_bytes_small(bn, spike_residual):
+    """Bytes saved for backward (spikes and a spiking residual as bits, y as int16, the ternary weight as 2 bits)
+    are at most 1/8 of the reference's."""
+    x, weight, scores, kw = _conv_case(4, 2, 16, 16, 8, 8, 3, 1, 1, dyadic=False, bn=bn, seed=61)
     kw["neuron"] = LIFConfig()
+    if spike_residual:
+        kw["residual"] = spikes(4, 2, 16, 8, 8, seed=62)
 
     def saved_bytes(backend):
         total = []
