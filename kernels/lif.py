@@ -117,16 +117,14 @@ def lif_forward_kernel(x_ptr, spike_ptr, num_neurons, num_steps, decay, threshol
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_neurons
-    # Pointer arithmetic is 64-bit, so stepping pointers by num_neurons never overflows int32.
-    x_ptrs = x_ptr + offs
-    s_ptrs = spike_ptr + offs
     v = tl.zeros([BLOCK], dtype=tl.float32)
-    for _ in range(num_steps):
-        current = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    for t in range(num_steps):
+        # Offsets recomputed from t (int64), not pointers stepped in the loop: a loop-carried pointer loses
+        # Triton's alignment facts, which de-vectorises the loads and round-trips pointers through shared memory.
+        off = tl.cast(t, tl.int64) * num_neurons + offs
+        current = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         u, spike, v = lif_step(v, current, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
-        tl.store(s_ptrs, spike.to(spike_ptr.dtype.element_ty), mask=mask)
-        x_ptrs += num_neurons
-        s_ptrs += num_neurons
+        tl.store(spike_ptr + off, spike.to(spike_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -140,30 +138,22 @@ def lif_backward_kernel(x_ptr, grad_spike_ptr, grad_x_ptr, num_neurons, num_step
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_neurons
-    x_ptrs = x_ptr + offs
-    g_ptrs = grad_x_ptr + offs
-    gs_ptrs = grad_spike_ptr + offs
     v = tl.zeros([BLOCK], dtype=tl.float32)
-    for _ in range(num_steps):
-        current = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    for t in range(num_steps):
+        off = tl.cast(t, tl.int64) * num_neurons + offs
+        current = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
         u, spike, v = lif_step(v, current, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
-        tl.store(g_ptrs, u, mask=mask)
-        x_ptrs += num_neurons
-        g_ptrs += num_neurons
-        gs_ptrs += num_neurons
+        tl.store(grad_x_ptr + off, u, mask=mask)
     tl.debug_barrier()
-    g_ptrs -= num_neurons
-    gs_ptrs -= num_neurons
     grad_v = tl.zeros([BLOCK], dtype=tl.float32)
-    for _ in range(num_steps):
-        u = tl.load(g_ptrs, mask=mask, other=0.0)
+    for i in range(num_steps):
+        off = tl.cast(num_steps - 1 - i, tl.int64) * num_neurons + offs
+        u = tl.load(grad_x_ptr + off, mask=mask, other=0.0)
         spike = (u >= threshold).to(tl.float32)
-        grad_spike = tl.load(gs_ptrs, mask=mask, other=0.0).to(tl.float32)
+        grad_spike = tl.load(grad_spike_ptr + off, mask=mask, other=0.0).to(tl.float32)
         grad_current, grad_v = lif_grad_step(grad_spike, grad_v, u, spike, decay, threshold, v_reset, alpha,
                                              HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
-        tl.store(g_ptrs, grad_current, mask=mask)
-        g_ptrs -= num_neurons
-        gs_ptrs -= num_neurons
+        tl.store(grad_x_ptr + off, grad_current, mask=mask)
 
 
 def neuron_params(neuron):
@@ -292,7 +282,18 @@ def _compile_specs():
     return specs
 
 
-COMPILE_SPECS = _compile_specs()
+def _with_divisibility_variants(specs, int_args):
+    """Each spec twice: as launched with the int_args not divisible by 16, and (",div16") divisible (the usual
+    real-size launch, where Triton's specialisation vectorises the loads)."""
+    out = []
+    for spec in specs:
+        pointers = [a for a, t in spec["signature"].items() if t.startswith("*")]
+        out.append(dict(spec, divisible_by_16=pointers))
+        out.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=pointers + list(int_args)))
+    return out
+
+
+COMPILE_SPECS = _with_divisibility_variants(_compile_specs(), ("num_neurons",))
 
 __all__ = ["lif_step", "lif_grad_step", "surrogate_grad", "lif", "lif_forward", "lif_backward", "LIFFunction",
            "neuron_params", "surrogate_code", "SURROGATE_CODES", "COMPILE_SPECS"]

@@ -80,7 +80,7 @@ def ternary_subnet(weight, scores, prune_rate):
     return tern.reshape(weight.shape), alpha
 
 
-COMPILE_SPECS = [
+_SUBNET_SPECS = [
     {
         "name": f"ternary_subnet_kernel[w={wt},s={st}]",
         "fn": ternary_subnet_kernel,
@@ -91,5 +91,9 @@ COMPILE_SPECS = [
     }
     for wt, st in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"))
 ]
+# Compiled as launched with numel not divisible by 16 and (",div16") divisible; pointers are 16-byte aligned.
+COMPILE_SPECS = [dict(spec, name=spec["name"][:-1] + suffix,
+                      divisible_by_16=[a for a, t in spec["signature"].items() if t.startswith("*")] + extra)
+                 for spec in _SUBNET_SPECS for suffix, extra in (("]", []), (",div16]", ["numel"]))]
 
 __all__ = ["ternary_subnet", "ternary_subnet_kernel", "COMPILE_SPECS"]
