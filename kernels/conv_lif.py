@@ -17,6 +17,8 @@ reductions, the BatchNorm fold, then the grad-input and grad-weight implicit GEM
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -214,12 +216,41 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     return spikes, state
 
 
+def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timesteps=None):
+    """The forward's implicit GEMM alone (no LIF epilogue): the baseline the fused kernel is timed against.
+
+    Same kernel and tiles as the fused forward with FIRE off, storing y = conv(X, tern) channels-last
+    ``[T_y, N*OH*OW, C_out]`` (int16/int32 for spikes, fp32 for analog input; ``T_y = 1`` when direct).
+    """
+    geo = _Geometry(x, weight, stride, padding, timesteps)
+    tern, alpha = _subnet(weight, scores, prune_rate)
+    tern_cl = tern.permute(2, 3, 1, 0).contiguous()
+    x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
+    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=x.device)
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
+    grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
+    dummy = torch.empty(1, dtype=torch.int32, device=x.device)
+    dummy_f32 = torch.empty(1, dtype=torch.float32, device=x.device)
+    binary_conv_lif_fwd_kernel[grid](
+        x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, dummy_f32, y, dummy, dummy,
+        T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
+        SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW, decay=0.0, threshold=1.0, v_reset=0.0,
+        KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, FIRE=False, HAS_RES=False,
+        STORE_Y=True, COUNT=False, STATS=False, HARD_RESET=True, DECAY_INPUT=False, **_launch_kwargs(cfg))
+    return y
+
+
 # ------------------------------------------------------------------------------------------------ backward
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _grad_weight_split(tiles, p, block_k, device):
     """Split of the pixel reduction so a GPU has enough programs; one split under the interpreter / on CPU."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = max(1, (2 * sms) // max(tiles, 1))
     return max(1, min(want, triton.cdiv(p, 16 * block_k)))
 

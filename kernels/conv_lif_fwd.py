@@ -334,8 +334,9 @@ _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "
           "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
           "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
           "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
-# mode -> (FIRE, STORE_Y, STATS): training without BN, inference, BatchNorm pass 1
-_MODES = {"train": (True, True, False), "infer": (True, False, False), "bn-stats": (False, True, True)}
+# mode -> (FIRE, STORE_Y, STATS): training without BN, inference, BatchNorm pass 1, the benchmark baseline
+_MODES = {"train": (True, True, False), "infer": (True, False, False), "bn-stats": (False, True, True),
+          "gemm-only": (False, True, False)}
 
 
 def _compile_specs():

@@ -166,6 +166,34 @@ def test_conv_lif_spike_counts_equal_reference_sums():
         assert torch.equal(counts - 7, out.sum(dim=(0, 1, 3, 4)).long())
 
 
+def test_conv_lif_long_sequence_and_fp16_image():
+    """T = 16 steps in one program (forward only), and a direct-encoded fp16 image (fp16 dot) = its fp32 twin."""
+    neuron = LIFConfig(decay=0.75)
+    x, weight, scores, kw = _conv_case(16, 1, 3, 5, 5, 5, 3, 1, 1, residual=True, seed=53)
+    want = Fn.binw_conv2d_lif(x, weight, scores, 0.4, neuron=neuron, backend="reference", **kw)
+    with torch.no_grad():
+        got = Fn.binw_conv2d_lif(x, weight, scores, 0.4, neuron=neuron, backend="triton", **kw)
+    assert 0 < want.mean() < 1 and torch.equal(got, want)
+    image, weight, scores, kw = _conv_case(3, 2, 3, 5, 6, 6, 3, 2, 1, kind="direct", seed=54)
+    with torch.no_grad():
+        got32 = Fn.binw_conv2d_lif(image, weight, scores, 0.4, neuron=neuron, backend="triton", **kw)
+        got16 = Fn.binw_conv2d_lif(image.half(), weight, scores, 0.4, neuron=neuron, backend="triton", **kw)
+    assert 0 < got32.mean() < 1 and torch.equal(got16.float(), got32)
+
+
+def test_conv_gemm_baseline_is_the_exact_integer_conv():
+    """binary_conv_gemm (the benchmark's no-epilogue baseline) returns conv(X, tern) exactly, channels-last."""
+    from binwslt.kernels.conv_lif import binary_conv_gemm
+    from binwslt.subnet import ternary_subnet
+
+    x, weight, scores, kw = _conv_case(2, 2, 5, 7, 6, 6, 3, 2, 1, seed=55)
+    y = binary_conv_gemm(x, weight, scores, 0.4, stride=(2, 2), padding=(1, 1))
+    tern, _ = ternary_subnet(weight, scores, 0.4)
+    want = torch.nn.functional.conv2d(x.flatten(0, 1), tern.float(), stride=2, padding=1)
+    assert y.dtype == torch.int16
+    assert torch.equal(y.float(), want.permute(0, 2, 3, 1).reshape(2, -1, 7))
+
+
 def test_conv_lif_spike_counts_rejects_bad_buffer():
     from binwslt.kernels.conv_lif import binw_conv2d_lif
 
