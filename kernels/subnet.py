@@ -6,9 +6,10 @@ removed (M = 0), alpha = sum(|w| * M) / sum(M), W_eff = alpha * M * sign(w).
 The threshold tau = the n_pruned-th smallest |score| comes from ``torch.kthvalue`` in the launcher;
 one Triton pass then writes tern = sign(w) * (|s| > tau) as int8 and per-program partial sums of
 |w| * M (in fp64, as binwslt.subnet sums) and of M. Partials (not atomics) keep alpha deterministic;
-they are summed on the host in fp64, so alpha rounds to the same float32 as binwslt.subnet's. If scores tie at tau, "|s| > tau" keeps a different count than numel - n_pruned; the
-tie-break rule (by flat index) then needs a sort, so that rare case falls back to
-``binwslt.subnet.ternary_subnet`` and the result matches it exactly.
+they are summed on the host in fp64, so alpha rounds to the same float32 as binwslt.subnet's. If
+scores tie at tau, "|s| > tau" keeps a different count than numel - n_pruned; the tie-break rule
+(by flat index) then needs a sort, so that rare case falls back to ``binwslt.subnet.ternary_subnet``
+and the result matches it exactly.
 """
 
 import torch
