@@ -194,6 +194,22 @@ def test_conv_gemm_baseline_is_the_exact_integer_conv():
     assert torch.equal(y.float(), want.permute(0, 2, 3, 1).reshape(2, -1, 7))
 
 
+def test_conv_lif_weight_gradient_for_fine_tuning():
+    """When the frozen weight does require grad: dL/dw = dL/dW_eff * alpha * M, as binwslt.subnet defines it."""
+    x, weight, scores, kw = _conv_case(2, 1, 5, 6, 5, 5, 3, 1, 1, seed=56)
+    kw["neuron"] = LIFConfig(decay=0.5)
+    grads = {}
+    for backend in ("reference", "triton"):
+        w = weight.clone().requires_grad_(True)
+        s = scores.clone().requires_grad_(True)
+        out = Fn.binw_conv2d_lif(x, w, s, 0.4, backend=backend, **kw)
+        (out * randn(*out.shape, seed=57)).sum().backward()
+        grads[backend] = (w.grad, s.grad)
+    assert grads["reference"][0].abs().sum() > 0
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_conv_lif_spike_counts_rejects_bad_buffer():
     from binwslt.kernels.conv_lif import binw_conv2d_lif
 
