@@ -238,12 +238,19 @@ def _barrier(dist_info: _Dist) -> None:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, write) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
