@@ -16,6 +16,8 @@ from typing import List, Optional
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("reference", "torch", "triton", "spikingjelly", "snntorch", "floor")
+IMPL_COLOR = {"reference": "tab:blue", "torch": "tab:orange", "triton": "tab:purple", "spikingjelly": "tab:green",
+              "snntorch": "tab:red", "floor": "tab:gray"}
 IMPL_TITLE = {"reference": "reference", "torch": "torch", "triton": "triton", "spikingjelly": "SpikingJelly",
               "snntorch": "snnTorch", "floor": "bare conv (floor)"}
 
@@ -239,15 +241,21 @@ def plot(results: List[tuple], path: pathlib.Path) -> Optional[pathlib.Path]:
     import matplotlib.pyplot as plt
     if not results:
         return None
-    fig, axes = plt.subplots(len(results), 1, figsize=(12, 4.5 * len(results)), squeeze=False)
+    heights = [max(2.5, 0.0) + 2.0 * (len(r["layers"]) > 0) for _, r in results]
+    fig, axes = plt.subplots(len(results), 1, figsize=(12, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, (name, result) in zip(axes[:, 0], results):
         entries = result["models"] + result["layers"]
-        impls = [i for i in _impls(result) if i != "floor"]
-        width = 0.8 / max(1, len(impls))
-        for k, impl in enumerate(impls):
+        series = {}
+        for impl in _impls(result):
             vals = [((e["impls"].get(impl) or {}).get("ratios") or {}).get("train_over_floor") for e in entries]
+            if impl != "floor" and any(v is not None for v in vals):
+                series[impl] = vals
+        width = 0.8 / max(1, len(series))
+        for k, (impl, vals) in enumerate(series.items()):
             xs = [i + k * width for i, v in enumerate(vals) if v is not None]
-            ax.bar(xs, [v for v in vals if v is not None], width, label=IMPL_TITLE[impl])
+            ax.bar(xs, [v for v in vals if v is not None], width, label=IMPL_TITLE[impl], color=IMPL_COLOR[impl])
+        ax.set_xlim(-0.5, max(len(entries), 3) - 0.5 + 0.4)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_yscale("log")
         ax.set_ylabel("train step / bare conv")

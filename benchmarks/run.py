@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -151,7 +152,7 @@ def environment(device: str, args) -> dict:
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": device, "quick": args.quick, "dtype": args.dtype,
-        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/run.py " + shlex.join(sys.argv[1:]),
         "note": args.note, "python": platform.python_version(), "torch": torch.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
