@@ -69,17 +69,15 @@ def _aligned(t: torch.Tensor) -> bool:
 
 
 def to_channels_last(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    """``[..., C, H, W]`` -> contiguous, 16-byte aligned ``[..., H, W, C]`` (no copy when ``t`` already has that
-    memory layout, e.g. the output of this op or a tensor in torch.channels_last format)."""
+    """``[..., C, H, W]`` -> contiguous, 16-byte aligned ``[..., H, W, C]`` of ``dtype`` (default: t's). No copy when
+    ``t`` already has that memory layout (e.g. the output of this op), else one fused convert-and-copy pass."""
     dims = t.dim()
     cl = t.permute(*range(dims - 3), dims - 2, dims - 1, dims - 3)
-    if dtype is not None and cl.dtype != dtype:
-        cl = cl.to(dtype)
-    if not cl.is_contiguous() or not _aligned(cl):
-        cl = cl.contiguous()
-        if not _aligned(cl):
-            cl = cl.clone()
-    return cl
+    dtype = cl.dtype if dtype is None else dtype
+    if cl.dtype == dtype and cl.is_contiguous() and _aligned(cl):
+        return cl
+    out = torch.empty(cl.shape, dtype=dtype, device=cl.device)  # fresh allocations are aligned
+    return out.copy_(cl)
 
 
 def from_channels_last(t: torch.Tensor) -> torch.Tensor:

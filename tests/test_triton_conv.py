@@ -265,26 +265,34 @@ def test_conv_lif_no_grad_output_layout_and_fp16():
 
 
 def test_conv_lif_training_steps_keep_masks_equal():
-    """A few SGD steps on the scores through backend="triton" and "reference" give the same subnet masks."""
+    """A few SGD steps of a two-layer model (direct-encoded conv + BN, then a strided spiking conv with a
+    residual) on backend="triton" and "reference" give the same subnet masks and nearly the same scores."""
     from binwslt.subnet import subnet_mask
 
-    torch.manual_seed(0)
-    x, weight, scores0, kw = _conv_case(3, 2, 5, 6, 6, 6, 3, 1, 1, dyadic=True, seed=81)
-    target = spikes(3, 2, 6, 6, 6, p=0.3, seed=82)
-    kw["neuron"] = LIFConfig(decay=0.5)
-    masks = {}
+    image = torch.round(randn(2, 3, 6, 6, seed=81) * 8.0) / 8.0
+    w1, w2 = _dyadic_weight((6, 3, 3, 3), 82), _dyadic_weight((6, 6, 3, 3), 83)
+    s1_0, s2_0 = randn(6, 3, 3, 3, seed=84), randn(6, 6, 3, 3, seed=85)
+    target = spikes(3, 2, 6, 3, 3, p=0.3, seed=86)
+    neuron = LIFConfig(decay=0.5)
+    result = {}
     for backend in ("reference", "triton"):
-        scores = scores0.clone().requires_grad_(True)
-        opt = torch.optim.SGD([scores], lr=5.0)
+        s1, s2 = s1_0.clone().requires_grad_(True), s2_0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([s1, s2], lr=20.0)
         for _ in range(3):
             opt.zero_grad()
-            out = Fn.binw_conv2d_lif(x, weight, scores, 0.5, backend=backend, **kw)
+            h = Fn.binw_conv2d_lif(image, w1, s1, 0.5, padding=1, timesteps=3, batch_norm=True, neuron=neuron,
+                                   shift=torch.full((6,), 0.5), backend=backend)
+            out = Fn.binw_conv2d_lif(h, w2, s2, 0.5, stride=2, padding=1, residual=h[..., ::2, ::2],
+                                     shift=torch.full((6,), 0.25), neuron=neuron, backend=backend)
             ((out - target) ** 2).mean().backward()
             opt.step()
-        masks[backend] = (subnet_mask(scores.detach(), 0.5), scores.detach())
-    assert not torch.equal(masks["reference"][0], subnet_mask(scores0, 0.5)), "the steps must change the mask"
-    assert torch.equal(masks["triton"][0], masks["reference"][0])
-    torch.testing.assert_close(masks["triton"][1], masks["reference"][1], rtol=1e-4, atol=1e-5)
+        result[backend] = [s1.detach(), s2.detach()]
+    changed = [not torch.equal(subnet_mask(s, 0.5), subnet_mask(s0, 0.5))
+               for s, s0 in zip(result["reference"], (s1_0, s2_0))]
+    assert all(changed), "the steps must change both masks"
+    for got, want in zip(result["triton"], result["reference"]):
+        assert torch.equal(subnet_mask(got, 0.5), subnet_mask(want, 0.5))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
