@@ -171,6 +171,17 @@ def environment(device: str, args) -> dict:
     return meta
 
 
+def schedule(plan: dict, only=None):
+    """``[(kind, case)]`` in run order: the first model's layers (the target's), the whole models, the other layers,
+    so that a time limit cuts the least important cases."""
+    layers = plan["layers"] if only in (None, "layers") else []
+    models = plan["models"] if only in (None, "models") else []
+    first = layers[0].shape.model if layers else None
+    primary = [c for c in layers if c.shape.model == first]
+    rest = [c for c in layers if c.shape.model != first]
+    return [("layer", c) for c in primary] + [("model", c) for c in models] + [("layer", c) for c in rest]
+
+
 def run_suite(args) -> dict:
     import torch
     from benchmarks import cases, memory, shapes
@@ -194,22 +205,25 @@ def run_suite(args) -> dict:
     if device == "cpu" and "triton" in args.impls and args.only is None:
         result["interpreter_check"] = interpreter_check(dtype)
         print(f"[triton under the interpreter] {result['interpreter_check']['impls']['triton']}", flush=True)
-    for kind, key in (("layer", "layers"), ("model", "models")):
-        if args.only not in (None, key):
-            continue
-        for case in plan[key]:
-            t0 = time.perf_counter()
+    for kind, case in schedule(plan, args.only):
+        key = kind + "s"
+        t0 = time.perf_counter()
+        if args.max_minutes is not None and t0 - start > 60 * args.max_minutes:
+            entry = {"label": case.label, "timesteps": case.timesteps, "batch": case.batch,
+                     "impls": {i: {"status": "skipped", "reason": f"--max-minutes {args.max_minutes:g} reached"}
+                               for i in impls}}
+        else:
             entry = measure_case(kind, case, impls, device, dtype, settings)
-            if kind == "layer":
-                entry["shape"] = case.shape.to_dict()
-                fused = memory.fused_traffic(case.shape, case.timesteps, case.batch)
-                eager = memory.eager_traffic(case.shape, case.timesteps, case.batch)
-                entry["traffic"] = {"fused_bytes": fused, "eager_bytes": eager, "eager_over_fused": eager / fused}
-            else:
-                entry["model"] = {"name": case.name, "width": case.width, "image_size": case.image_size}
-            add_ratios(entry)
-            result[key].append(entry)
-            print(f"[{time.perf_counter() - start:7.1f}s] {case.label}: {time.perf_counter() - t0:.1f}s", flush=True)
+        if kind == "layer":
+            entry["shape"] = case.shape.to_dict()
+            fused = memory.fused_traffic(case.shape, case.timesteps, case.batch)
+            eager = memory.eager_traffic(case.shape, case.timesteps, case.batch)
+            entry["traffic"] = {"fused_bytes": fused, "eager_bytes": eager, "eager_over_fused": eager / fused}
+        else:
+            entry["model"] = {"name": case.name, "width": case.width, "image_size": case.image_size}
+        add_ratios(entry)
+        result[key].append(entry)
+        print(f"[{time.perf_counter() - start:7.1f}s] {case.label}: {time.perf_counter() - t0:.1f}s", flush=True)
     result["meta"]["wall_s"] = time.perf_counter() - start
     result["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
@@ -225,8 +239,13 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="override the timed rounds per case")
     p.add_argument("--budget", type=float, default=None, help="override the seconds of timed rounds per case")
     p.add_argument("--only", choices=("layers", "models"), default=None, help="run only the layer or model cases")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new case after this many minutes (default: 8.5 on cuda, none on cpu); the cases "
+                        "left are recorded as skipped")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. the machine's load)")
     args = p.parse_args(argv)
+    if args.max_minutes is None and args.device == "cuda":
+        args.max_minutes = 8.5
     return args
 
 
