@@ -5,7 +5,7 @@
 The README gets, per results file: the command and machine, the issue's targets checked against the measured
 figures (met / not met, with the numbers), the training-step, forward and saved-bytes tables (ratios to the
 reference and to the bare-convolution floor, saved bytes relative to SpikingJelly) and the modelled memory
-traffic. ``results/notes.md``, if present, is appended verbatim (the analysis of a missed target).
+traffic. ``results/notes.md``, if present, goes verbatim before the tables (the analysis of the targets).
 """
 from __future__ import annotations
 
@@ -288,11 +288,11 @@ def write_report(folder: pathlib.Path = RESULTS) -> pathlib.Path:
         parts += [f"![training step relative to the bare convolutions]({png.name})", ""]
     if not results:
         parts += ["No results yet.", ""]
-    for name, result in results:
-        parts.append(markdown_for_result(result, name))
     notes = folder / "notes.md"
     if notes.exists():
-        parts += ["", notes.read_text().strip(), ""]
+        parts += [notes.read_text().strip(), "", "## Measured figures", ""]
+    for name, result in results:
+        parts.append(markdown_for_result(result, name))
     out = folder / "README.md"
     out.write_text("\n".join(parts).rstrip() + "\n")
     return out
