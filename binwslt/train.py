@@ -457,12 +457,13 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
                                   world_size=dist_info.world_size, drop_last=False)
     test_loader = dataset.loader("test", cfg.eval_batch_size, shuffle=False)
     show = cfg.progress and dist_info.main
+    kind = model.config["kind"]  # finetune: the ticket's kind, whatever cfg.kind says
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(first_epoch, last_epoch):
         model.train()
         train_loader.set_epoch(epoch)
         steps = len(train_loader) if cfg.max_steps is None else min(len(train_loader), cfg.max_steps)
-        bar = tqdm(total=steps, desc=f"{cfg.command} {cfg.kind} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
+        bar = tqdm(total=steps, desc=f"{cfg.command} {kind} epoch {epoch + 1}/{cfg.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         loss_sum, correct, count, epoch_start = 0.0, 0, 0, time.time()
         for step, (x, y) in enumerate(train_loader):
@@ -492,7 +493,7 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
                   "seconds": time.time() - epoch_start}
         history.append(record)
         if dist_info.main:  # one line per epoch even without progress bars, so logs show the run's course
-            tqdm.write(f"{cfg.command} {cfg.kind} epoch {epoch + 1}/{cfg.epochs}: train loss "
+            tqdm.write(f"{cfg.command} {kind} epoch {epoch + 1}/{cfg.epochs}: train loss "
                        f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f} | test acc {test_acc:.4f} | "
                        f"{record['seconds']:.1f}s", file=sys.stdout)
         if dist_info.main:
