@@ -8,11 +8,10 @@ and writes ``DIR/metrics.json`` (at least ``test_accuracy``, ``prune_rate``, ``s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from binwslt import models
 from binwslt.data import DATASETS

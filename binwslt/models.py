@@ -16,7 +16,7 @@ classifier's logits over T. Layout, so hooks can find things: ``model.features``
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
