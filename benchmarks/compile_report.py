@@ -158,6 +158,18 @@ def _nvidia_tool(name):
     return str(path) if path.exists() else name
 
 
+def _ptxas_for(arch):
+    """The ptxas Triton itself uses for sm_<arch> (newer Triton ships a second one for sm_90 and up)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return _nvidia_tool("ptxas")
+    try:
+        return get_ptxas(arch).path
+    except TypeError:  # Triton releases whose get_ptxas takes no arch
+        return get_ptxas().path
+
+
 def parse_resource_usage(text):
     """Parse ``cuobjdump --dump-resource-usage`` output into {"REG", "STACK", "SHARED", "LOCAL"} (ints)."""
     usage = {}
@@ -217,7 +229,7 @@ def compile_one(spec, arch):
                                   capture_output=True, text=True, check=True).stdout
             ptx = pathlib.Path(tmp, "kernel.ptx")
             ptx.write_text(compiled.asm["ptx"])
-            ptxas = subprocess.run([_nvidia_tool("ptxas"), "-v", f"--gpu-name={_ptx_target(compiled.asm['ptx'])}",
+            ptxas = subprocess.run([_ptxas_for(arch), "-v", f"--gpu-name={_ptx_target(compiled.asm['ptx'])}",
                                     "-o", str(pathlib.Path(tmp, "check.cubin")), str(ptx)],
                                    capture_output=True, text=True, check=True)
         usage = parse_resource_usage(dump)
