@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .conv_lif_fwd import INTERPRET_ROWS, distinct, interpreting, make_spec, one_at_a_time, scan_config, \
-    tile_offsets, tile_ptrs, variants
+    tile_offsets, tile_ptrs, variants, with_divisible_twins
 from .lif import SURROGATE_CODES, lif_grad_step, lif_step
 
 
@@ -300,7 +300,7 @@ def _compile_specs():
                  "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
     scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _PIXELS))
     scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16", "fp64")])
+                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16")])
     for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
         types = {"y_ptr": "*" + y_name, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
         for name in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
@@ -323,7 +323,7 @@ def _compile_specs():
                "SH", "SW", "PH", "PW"]
     gi_cfgs = distinct(grad_input_config(ci, co, p, interpret=False)
                        for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gi_flags = one_at_a_time([("fp32", "fp16", "bf16", "fp64"), ((3, 3), (1, 1))])
+    gi_flags = one_at_a_time([("fp32", "fp16", "bf16"), ((3, 3), (1, 1))])
     for cfg, (dx_name, (kh, kw)) in variants(gi_cfgs, gi_flags):
         types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
         constexprs = {"KH": kh, "KW": kw, **_tile_constexprs(cfg)}
@@ -333,16 +333,15 @@ def _compile_specs():
                "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
     gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
                        for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
-                              ("fp32", "fp16", "bf16")])
-    for cfg, (x_name, (kh, kw), (grad_s, grad_w), w_type) in variants(gw_cfgs, gw_flags):
-        types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*" + w_type, "s_ptr": "*" + w_type,
+    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True))])
+    for cfg, (x_name, (kh, kw), (grad_s, grad_w)) in variants(gw_cfgs, gw_flags):
+        types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32",
                  "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
         constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, **_tile_constexprs(cfg)}
         specs.append(make_spec(
-            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},w={w_type},"
+            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},"
             f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
-    return specs
+    return with_divisible_twins(specs)
 
 
 COMPILE_SPECS = _compile_specs()

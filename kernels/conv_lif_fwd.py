@@ -323,6 +323,23 @@ def make_spec(name, fn, types, args, constexprs, cfg, default="i32"):
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+# Int arguments that real layers make multiples of 16 (channels 64..512, 32x32..4x4 maps, N = 128).
+_SIZE_ARGS = ("C_in", "C_out", "M", "P", "H", "W", "OH", "OW")
+
+
+def with_divisible_twins(specs):
+    """Add, for every spec whose EVEN flags are all set (channel counts that are tile multiples), a twin compiled as
+    the JIT specialises a real layer's launch: every pointer 16-byte aligned and the size ints 16-divisible."""
+    twins = []
+    for spec in specs:
+        evens = [v for k, v in spec["constexprs"].items() if k.startswith("EVEN")]
+        if evens and all(evens):
+            sig = spec["signature"]
+            hinted = [a for a, t in sig.items() if t.startswith("*")] + [a for a in _SIZE_ARGS if a in sig]
+            twins.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=hinted))
+    return specs + twins
+
+
 _FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "count_ptr",
              "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
              "decay", "threshold", "v_reset"]
@@ -346,7 +363,7 @@ def _compile_specs():
                         for ci, co, m in itertools.product(_SIZES, _SIZES, _PIXELS))
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
         flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
-                                   ("fp32", "fp16", "bf16", "fp64")])
+                                   ("fp32", "fp16", "bf16")])
         for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
             fire, store_y, stats = _MODES[mode]
@@ -365,7 +382,7 @@ def _compile_specs():
                 binary_conv_lif_fwd_kernel, types, _FWD_ARGS, constexprs, cfg))
     scan_cfgs = distinct(scan_config(co, m, interpret=False) for co, m in itertools.product(_SIZES, _PIXELS))
     flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                               (False, True), ("fp32", "fp16", "bf16", "fp64")])
+                               (False, True), ("fp32", "fp16", "bf16")])
     for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
         types = {"y_ptr": "*" + y_name, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                  "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "count_ptr": "*i32", "decay": "fp32",
@@ -377,7 +394,7 @@ def _compile_specs():
             f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},decay_input={decay_input},"
             f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},even={cfg['EVEN_N']:d}]",
             conv_lif_scan_kernel, types, _SCAN_ARGS, constexprs, cfg))
-    return specs
+    return with_divisible_twins(specs)
 
 
 COMPILE_SPECS = _compile_specs()
