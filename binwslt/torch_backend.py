@@ -6,6 +6,7 @@ loop over T per neuron on CPU (binwslt/csrc/lif_scan.cpp, built on first use; ea
 cannot be built or for other devices and dtypes). What a fused layer
 saves for backward is compact: input spikes as packed bits, and the pre-activation as the exact integer
 ``y = conv(X, M·sign(w))`` in int16 (a spike times a ternary weight is an integer, so ``y`` loses nothing);
+the mask as bits;
 the current, membrane and spikes are recomputed from them in the backward. Analog inputs (a direct-encoded
 image, pooled features) are saved as they are, and their ``y`` in float.
 """
@@ -239,14 +240,17 @@ class _BinWLIF(torch.autograd.Function):
             y_saved = y.to(torch.int16 if weight[0].numel() <= 32767 else torch.int32)
         else:
             saved_x, y_saved = frames, y
-        ctx.save_for_backward(saved_x, y_saved, tern, alpha, weight, scores, scale, shift, residual, mean, rstd)
+        mask_bits = pack_bits(tern != 0)  # the ternary weight is sign(weight) on these bits: 1 bit per weight
+        ctx.save_for_backward(saved_x, y_saved, mask_bits, alpha, weight, scores, scale, shift, residual, mean,
+                              rstd)
         ctx.spiking_input, ctx.frames_shape, ctx.dtype = spiking_input, tuple(frames.shape), x.dtype
         ctx.linear_map, ctx.neuron, ctx.direct = linear_map, neuron, direct
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        saved_x, y, tern, alpha, weight, scores, scale, shift, residual, mean, rstd = ctx.saved_tensors
+        saved_x, y, mask_bits, alpha, weight, scores, scale, shift, residual, mean, rstd = ctx.saved_tensors
+        tern = torch.sign(weight.detach()).to(torch.int8) * unpack_bits(mask_bits, weight.shape)
         dtype, direct, T = ctx.dtype, ctx.direct, grad_spikes.shape[0]
         y = y.to(dtype)
         bn = None if mean is None else (mean, rstd)
