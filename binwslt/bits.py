@@ -26,3 +26,15 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
         raise ValueError(f"packed holds {packed.numel() * 8} bits, shape {tuple(shape)} needs {numel}")
     bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0
     return bits.reshape(-1)[:numel].reshape(shape)
+
+
+def pack_ternary(tern: torch.Tensor):
+    """int8 ternary weight (-1, 0, 1) -> ``(mask_bits, sign_bits)``, two packed uint8 tensors: 2 bits per weight."""
+    return pack_bits(tern != 0), pack_bits(tern > 0)
+
+
+def unpack_ternary(mask_bits: torch.Tensor, sign_bits: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: the int8 ternary weight of ``shape``."""
+    mask = unpack_bits(mask_bits, shape).to(torch.int8)
+    sign = unpack_bits(sign_bits, shape).to(torch.int8) * 2 - 1
+    return mask * sign

@@ -27,7 +27,7 @@ import torch
 import triton
 
 from binwslt._affine import update_running_stats
-from binwslt.bits import pack_bits, unpack_bits
+from binwslt.bits import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 from binwslt.config import LIFConfig
 
 from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
@@ -371,18 +371,6 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
 
 
 # ------------------------------------------------------------------------------------------------ autograd
-def pack_ternary(tern: torch.Tensor):
-    """int8 ternary weight -> (mask bits, sign bits) as two packed uint8 tensors (2 bits per weight)."""
-    return pack_bits(tern != 0), pack_bits(tern > 0)
-
-
-def unpack_ternary(mask_bits, sign_bits, shape) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`: the int8 ternary weight of ``shape``."""
-    mask = unpack_bits(mask_bits, shape).to(torch.int8)
-    sign = unpack_bits(sign_bits, shape).to(torch.int8) * 2 - 1
-    return mask * sign
-
-
 class BinWConv2dLIFFunction(torch.autograd.Function):
     """Autograd wrapper of the fused op; gradients to x, weight, scores, scale, shift, residual.
 

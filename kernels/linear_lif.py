@@ -16,8 +16,8 @@ Training-mode BatchNorm: pass 1 (the same kernel, FIRE=False) stores y and per-p
 elementwise LIF scan over y.
 
 Saved for backward: input spikes as packed bits (1 bit per spike, read bit-wise by the grad-weight kernel; an
-analog input is kept as is), y as int16 (int32 when K > 32767; fp32 for analog inputs), the int8 ternary
-weight, alpha and the per-channel a, b. The membrane is recomputed from y rather than stored.
+analog input is kept as is), y as int16 (int32 when K > 32767; fp32 for analog inputs), the ternary
+weight as 2 bits per weight (binwslt.bits.pack_ternary), alpha and the per-channel a, b. The membrane is recomputed from y rather than stored.
 
 Backward: one scan kernel recomputes U over T (parked in the gradient buffer), runs the reverse BPTT scan
 (``lif_grad_step``), writes dL/dI times the per-channel multiplier (scale without BN; 1 with BN, folded after),
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from binwslt._affine import update_running_stats
-from binwslt.bits import pack_bits
+from binwslt.bits import pack_bits, pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
 
 from .lif import SURROGATE_CODES, lif_grad_step, lif_step, neuron_params
@@ -574,8 +574,8 @@ class BinWLinearLIFFunction(torch.autograd.Function):
             momentum=momentum, eps=eps, need_state=need_grad, spike_counts=spike_counts)
         if need_grad:
             bn = state.pop("bn")
-            tensors = [state.pop("saved_x"), state.pop("y"), state.pop("tern"), state.pop("alpha"), state.pop("a"),
-                       state.pop("b"), weight, scores, scale, residual]
+            tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(state.pop("tern")), state.pop("alpha"),
+                       state.pop("a"), state.pop("b"), weight, scores, scale, residual]
             tensors += list(bn) if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
             ctx.state = state
@@ -583,7 +583,8 @@ class BinWLinearLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        saved_x, y, tern, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
+        saved_x, y, mask_bits, sign_bits, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
+        tern = unpack_ternary(mask_bits, sign_bits, weight.shape).contiguous()
         state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else (mean, rstd))
         grads = linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])

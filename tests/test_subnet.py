@@ -80,3 +80,11 @@ def test_selection_equals_stable_sort_with_many_ties():
             want = torch.ones(n, dtype=torch.bool)
             want[order[:n_pruned(n, p)]] = False
             assert torch.equal(subnet_mask(scores, p), want), (n, p)
+
+
+def test_ternary_round_trip_in_two_bits():
+    from binwslt.bits import pack_ternary, unpack_ternary
+    tern = torch.randint(-1, 2, (5, 3, 3, 3), dtype=torch.int8)
+    mask_bits, sign_bits = pack_ternary(tern)
+    assert mask_bits.numel() + sign_bits.numel() == 2 * ((tern.numel() + 7) // 8)
+    assert torch.equal(unpack_ternary(mask_bits, sign_bits, tern.shape), tern)

@@ -7,7 +7,7 @@ T in {1, 3, 5}, every neuron variant, direct encoding, analog input and training
 """
 import pytest
 import torch
-from helpers import assert_close_grads, randn, run_layer, spikes
+from helpers import assert_close_grads, randn, run_layer, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -222,30 +222,28 @@ def test_conv_lif_spike_counts_rejects_bad_buffer():
 
 @pytest.mark.parametrize("bn,spike_residual", [(True, False), (False, True)])
 def test_conv_lif_saved_bytes_small(bn, spike_residual):
-    """Bytes saved for backward (spikes and a spiking residual as bits, y as int16, the ternary weight as 2 bits)
-    are at most 1/8 of the reference's."""
-    x, weight, scores, kw = _conv_case(4, 2, 16, 16, 8, 8, 3, 1, 1, dyadic=False, bn=bn, seed=61)
+    """Distinct bytes saved for backward, the layer's parameters not counted: input spikes and a spiking residual
+    as bits, y as int16, the ternary weight as 2 bits, per-channel statistics - nothing else. With BatchNorm (the
+    default `BinWConv2dLIF` in training, issue 4's case) that is at most 1/8 of the reference's; without it the
+    reference keeps no BatchNorm intermediates and the ratio is about 0.135, so that case checks the budget."""
+    T, N, C, H = 4, 2, 16, 8
+    x, weight, scores, kw = _conv_case(T, N, C, C, H, H, 3, 1, 1, dyadic=False, bn=bn, seed=61)
     kw["neuron"] = LIFConfig()
     if spike_residual:
-        kw["residual"] = spikes(4, 2, 16, 8, 8, seed=62)
+        kw["residual"] = spikes(T, N, C, H, H, seed=62)
 
-    def saved_bytes(backend):
-        total = []
-
-        def pack(t):
-            total.append(t.numel() * t.element_size())
-            return t
-
+    def saved(backend):
         scores_leaf = scores.clone().requires_grad_(True)
         xs = x.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            Fn.binw_conv2d_lif(xs, weight, scores_leaf, 0.4, backend=backend, **kw)
-        return sum(total)
+        return saved_bytes(lambda: Fn.binw_conv2d_lif(xs, weight, scores_leaf, 0.4, backend=backend, **kw),
+                           exclude=(weight, scores_leaf))  # the layer's parameters exist anyway
 
-    # weight and scores are the caller's parameters in both backends; count what each backend adds beyond them.
-    params = 2 * weight.numel() * weight.element_size()
-    ratio = (saved_bytes("triton") - params) / (saved_bytes("reference") - params)
-    assert ratio <= 1 / 8, ratio
+    triton_bytes = saved("triton")
+    out_elems = T * N * C * H * H
+    budget = 2 * out_elems + x.numel() // 8 + (out_elems // 8 if spike_residual else 0) + weight.numel() // 4
+    assert triton_bytes <= budget + 64 * C, (triton_bytes, budget)
+    if bn:
+        assert triton_bytes / saved("reference") <= 1 / 8
 
 
 def test_conv_lif_no_grad_output_layout_and_fp16():
