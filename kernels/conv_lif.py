@@ -33,7 +33,7 @@ from binwslt.config import LIFConfig
 from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config
-from .lif import neuron_params
+from .lif import check_spike_counts, neuron_params
 from .subnet import ternary_subnet as kernel_ternary_subnet
 
 _INT32_LIMIT = 2 ** 31 - 1
@@ -433,12 +433,7 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
-    if spike_counts is not None:
-        if not isinstance(spike_counts, torch.Tensor) or spike_counts.shape != (weight.shape[0],) \
-                or spike_counts.is_floating_point():
-            raise ValueError(f"spike_counts must be an integer tensor of shape [{weight.shape[0]}], got "
-                             f"{getattr(spike_counts, 'dtype', type(spike_counts))} "
-                             f"{tuple(getattr(spike_counts, 'shape', ()))}")
+    check_spike_counts(spike_counts, weight.shape[0])
     return BinWConv2dLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
                                        prune_rate, tuple(stride), tuple(padding), neuron, timesteps, batch_norm,
                                        momentum, eps, spike_counts)

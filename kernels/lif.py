@@ -17,7 +17,6 @@ Reverse step, given g_S = dL/dS[t] and g_V = dL/dV[t] (carried from step t+1):
 """
 
 import itertools
-import math
 
 import torch
 import triton
@@ -297,3 +296,14 @@ COMPILE_SPECS = _with_divisibility_variants(_compile_specs(), ("num_neurons",))
 
 __all__ = ["lif_step", "lif_grad_step", "surrogate_grad", "lif", "lif_forward", "lif_backward", "LIFFunction",
            "neuron_params", "surrogate_code", "SURROGATE_CODES", "COMPILE_SPECS"]
+
+
+def check_spike_counts(spike_counts, channels: int) -> None:
+    """Validate the optional per-channel spike counter of the fused layers: None or an integer ``[channels]``."""
+    if spike_counts is None:
+        return
+    if not isinstance(spike_counts, torch.Tensor) or spike_counts.shape != (channels,) \
+            or spike_counts.is_floating_point():
+        raise ValueError(f"spike_counts must be an integer tensor of shape [{channels}], got "
+                         f"{getattr(spike_counts, 'dtype', type(spike_counts))} "
+                         f"{tuple(getattr(spike_counts, 'shape', ()))}")

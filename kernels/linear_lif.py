@@ -38,7 +38,7 @@ from binwslt._affine import update_running_stats
 from binwslt.bits import pack_bits, pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
 
-from .lif import SURROGATE_CODES, lif_grad_step, lif_step, neuron_params
+from .lif import SURROGATE_CODES, check_spike_counts, lif_grad_step, lif_step, neuron_params
 
 _INT32_LIMIT = 2 ** 31 - 1
 
@@ -603,12 +603,7 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
-    if spike_counts is not None:
-        if not isinstance(spike_counts, torch.Tensor) or spike_counts.shape != (weight.shape[0],) \
-                or spike_counts.is_floating_point():
-            raise ValueError(f"spike_counts must be an integer tensor of shape [{weight.shape[0]}], got "
-                             f"{getattr(spike_counts, 'dtype', type(spike_counts))} "
-                             f"{tuple(getattr(spike_counts, 'shape', ()))}")
+    check_spike_counts(spike_counts, weight.shape[0])
     if x.dtype == torch.float64:
         raise TypeError("the Triton linear kernels compute in fp32; use backend='torch' for float64 x")
     return BinWLinearLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,

@@ -46,3 +46,22 @@ def assert_close_grads(got, want, rtol=1e-4, atol=1e-5):
     for name in want:
         assert got[name] is not None, f"no gradient for {name}"
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def compare_triton_to_reference(op, x, weight, scores, prune_rate, kw, *, exact, grad_rtol=1e-4, grad_atol=1e-5):
+    """Run ``op`` on the triton and reference backends: spikes bit-identical when ``exact`` (else mismatch
+    <= 1e-3), every gradient within tolerance wherever the spikes agree (a flipped spike legitimately changes
+    gradients), running statistics. Returns the reference spikes."""
+    s_ref, g_ref, st_ref = run_layer(op, "reference", x, weight, scores, prune_rate, **dict(kw))
+    s_tri, g_tri, st_tri = run_layer(op, "triton", x, weight, scores, prune_rate, **dict(kw))
+    assert s_tri.shape == s_ref.shape and s_tri.dtype == s_ref.dtype
+    assert 0.02 < s_ref.mean() < 0.98, f"degenerate test input: firing rate {s_ref.mean():.3f}"
+    if exact:
+        assert torch.equal(s_tri, s_ref)
+    else:
+        assert (s_tri != s_ref).float().mean().item() <= 1e-3
+    if torch.equal(s_tri, s_ref):
+        assert_close_grads(g_tri, g_ref, rtol=grad_rtol, atol=grad_atol)
+    for name in st_ref:
+        torch.testing.assert_close(st_tri[name], st_ref[name], rtol=1e-5, atol=1e-6)
+    return s_ref
