@@ -104,6 +104,19 @@ def _check_batch_norm(batch_norm, running_mean, running_var, momentum, eps, chan
         raise ValueError(f"eps must be > 0, got {eps!r}")
 
 
+def _check_epilogue(device, out_shape, scale, shift, residual, batch_norm, running_mean, running_var, momentum,
+                    eps):
+    """The per-output-channel epilogue's arguments of a fused layer whose output is ``out_shape``
+    (channels at dim 2)."""
+    channels = out_shape[2]
+    _check_channel_vector(scale, "scale", channels)
+    _check_channel_vector(shift, "shift", channels)
+    _check_same_device(device, scale=scale, shift=shift, residual=residual)
+    if residual is not None and tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"residual must have the output shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+    _check_batch_norm(batch_norm, running_mean, running_var, momentum, eps, channels, device)
+
+
 def lif(x_seq: torch.Tensor, neuron: LIFConfig = LIFConfig(), backend: str = "auto") -> torch.Tensor:
     """LIF neuron over all timesteps.
 
@@ -166,14 +179,9 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     if H_out < 1 or W_out < 1:
         raise ValueError(f"x spatial size {tuple(in_shape[2:])} is smaller than the kernel {(kh, kw)} with "
                          f"padding {padding}")
-    scale = _check_channel_vector(scale, "scale", C_out)
-    shift = _check_channel_vector(shift, "shift", C_out)
-    _check_same_device(x.device, scale=scale, shift=shift, residual=residual)
     steps = T if T is not None else x.shape[0]
-    out_shape = (steps, in_shape[0], C_out, H_out, W_out)
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"residual must have the output shape {out_shape}, got {tuple(residual.shape)}")
-    _check_batch_norm(batch_norm, running_mean, running_var, momentum, eps, C_out, x.device)
+    _check_epilogue(x.device, (steps, in_shape[0], C_out, H_out, W_out), scale, shift, residual, batch_norm,
+                    running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
     impl = backend_module(resolve_backend(backend, x.device))
     return impl.binw_conv2d_lif(x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale,
@@ -205,14 +213,9 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects in={in_features} "
                          f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
-    scale = _check_channel_vector(scale, "scale", out_features)
-    shift = _check_channel_vector(shift, "shift", out_features)
-    _check_same_device(x.device, scale=scale, shift=shift, residual=residual)
     steps = T if T is not None else x.shape[0]
-    out_shape = (steps, x.shape[-2], out_features)
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"residual must have the output shape {out_shape}, got {tuple(residual.shape)}")
-    _check_batch_norm(batch_norm, running_mean, running_var, momentum, eps, out_features, x.device)
+    _check_epilogue(x.device, (steps, x.shape[-2], out_features), scale, shift, residual, batch_norm,
+                    running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
     impl = backend_module(resolve_backend(backend, x.device))
     return impl.binw_linear_lif(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual,
