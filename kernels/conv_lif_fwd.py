@@ -101,6 +101,23 @@ def tile_ptrs(ptr, off, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y: tl.constexpr, STATS: tl.constexpr,
+                      IS_SPIKE: tl.constexpr, EVEN_N: tl.constexpr):
+    """Store the pre-activation tile (for backward / pass 2) and add its per-channel sum and sum of squares
+    (exact int64 for spikes). Rows past M hold zeros (masked loads), so they add nothing."""
+    if STORE_Y:
+        tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        if IS_SPIKE:
+            y_wide = y.to(tl.int64)
+        else:
+            y_wide = y
+        sum_y += tl.sum(y_wide, 0)
+        sum_yy += tl.sum(y_wide * y_wide, 0)
+    return sum_y, sum_yy
+
+
+@triton.jit
 def fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
               HAS_RES: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_N: tl.constexpr):
     """One LIF step of an output tile: current from ``y``, update membrane ``v``, store the spikes at ``off`` of
@@ -155,15 +172,7 @@ def binary_conv_lif_fwd_kernel(
                       KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
         if STORE_Y or STATS:
             off, mask = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
-            if STORE_Y:
-                tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
-            if STATS:
-                if IS_SPIKE:
-                    y_wide = y.to(tl.int64)
-                else:
-                    y_wide = y
-                sum_y += tl.sum(y_wide, 0)
-                sum_yy += tl.sum(y_wide * y_wide, 0)
+            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N)
         if FIRE:
             for t in range(T):
                 off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
@@ -175,16 +184,7 @@ def binary_conv_lif_fwd_kernel(
             y = conv_tile(x_ptr, w_ptr, t * N, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
                           KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
             off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
-            if STORE_Y:
-                tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
-            if STATS:
-                # rows past M hold zeros (masked loads), so they add nothing
-                if IS_SPIKE:
-                    y_wide = y.to(tl.int64)
-                else:
-                    y_wide = y
-                sum_y += tl.sum(y_wide, 0)
-                sum_yy += tl.sum(y_wide * y_wide, 0)
+            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N)
             if FIRE:
                 spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
                                      HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
