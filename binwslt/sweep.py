@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -112,7 +113,13 @@ def _finished_metrics(out: str, config: dict) -> Optional[dict]:
     return metrics if same and metrics.get("finished") else None
 
 
-def _run_one(config_fields: dict) -> dict:
+def run_or_resume(config_fields: dict) -> dict:
+    """Run one cell (fields of ``binwslt.train.RunConfig``, ``out`` its own folder) and return its metrics.
+
+    A folder that already holds finished metrics with the same settings is reused without running; one holding a
+    checkpoint is resumed from it (a checkpoint from other settings is replaced by a fresh run). Used by the
+    sweeps and by ``binwslt reproduce``.
+    """
     from . import train
 
     cfg = train.RunConfig(**config_fields).resolved()
@@ -157,23 +164,52 @@ def run_sweep(param: str, values: Sequence, kinds: Sequence[str], base_args: Opt
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
-    rows: List[dict] = []
+    points = []
     for kind in kinds:
         varied = kind in _VARIED_FOR[param]
         for value in (values if varied else [None]):
             fields = dict(base_args, command=train.command_for_kind(kind), kind=kind)
             if value is None:
                 fields["out"] = os.path.join(out_dir, f"{kind}-base")
+                label = f"{kind} (constant in {param})"
             else:
                 fields[field_name] = value
                 fields["out"] = os.path.join(out_dir, f"{kind}-{param}-{_format_value(value)}")
-            metrics = _run_one(fields)
+                label = f"{kind} {param}={_format_value(value)}"
+            points.append((kind, varied, value, label, fields))
+    rows: List[dict] = []
+    with point_bar(len(points), base_args.get("progress", True), f"sweep {param}") as bar:
+        for i, (kind, varied, value, label, fields) in enumerate(points):
+            announce(bar, i, len(points), label)
+            metrics = run_or_resume(fields)
+            bar.update(1)
             rows.append(_row(param, value, kind, varied, metrics, fields["out"]))
             write_csv(rows, os.path.join(out_dir, f"sweep-{param}.csv"))
     csv_path = os.path.join(out_dir, f"sweep-{param}.csv")
     png_path = os.path.join(out_dir, f"sweep-{param}.png")
     plot_sweep(rows, param, png_path, values=values)
     return SweepResult(rows=rows, csv_path=csv_path, png_path=png_path)
+
+
+def point_bar(total: int, show: bool, title: str):
+    """The outer progress bar of a grid of ``total`` runs (a sweep's points, a reproduction's cells).
+
+    Shown only when ``show`` and stderr is a terminal (``disable=None``); each run's own epoch bar sits below it.
+    Use with :func:`announce`, which names the running point on the bar and in a plain line.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=title, disable=None if show else True, position=0, leave=True,
+                dynamic_ncols=True, unit="run")
+
+
+def announce(bar, index: int, total: int, label: str) -> None:
+    """Name run ``index`` (0-based) of ``total`` on ``bar`` and in one stdout line (which logs keep)."""
+    from tqdm.auto import tqdm
+
+    text = f"[{index + 1}/{total}] {label}"
+    bar.set_description_str(text)
+    tqdm.write(text, file=sys.stdout)
 
 
 def _row(param, value, kind, varied, metrics, out) -> dict:
@@ -227,6 +263,19 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str, values: Optional[Seq
     Rows of a varied kind become a line with markers; a constant kind's single row a horizontal dashed line
     across the swept range (``values``, default the range of the varied rows).
     """
+    fig = sweep_figure(rows, param, values)
+    import matplotlib.pyplot as plt
+
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def sweep_figure(rows: Sequence[dict], param: str, values: Optional[Sequence] = None):
+    """The matplotlib figure :func:`plot_sweep` saves (one axes; the legend outside it, right of the plot, so
+    it covers no line whatever the accuracies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +283,7 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str, values: Optional[Seq
 
     param = normalize_param(param)
     xs_all = sorted({float(r["value"]) for r in rows if r["varied"]} | {float(v) for v in (values or [])})
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
     lo, hi = (xs_all[0], xs_all[-1]) if xs_all else (0.0, 1.0)
     kinds = [k for k in KIND_LABELS if any(r["kind"] == k for r in rows)]
     for kind in kinds:
@@ -257,10 +306,6 @@ def plot_sweep(rows: Sequence[dict], param: str, path: str, values: Optional[Seq
     if param == "decay":
         ax.invert_xaxis()  # the paper goes from 0.99 down to 0.2
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig

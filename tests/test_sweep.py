@@ -1,6 +1,9 @@
 """binwslt.sweep: Fig. 2 style sweeps (real tiny runs on digits, and the bookkeeping with a stand-in trainer)."""
+import io
 import os
+import sys
 
+import numpy as np
 import pytest
 
 from binwslt import sweep, train
@@ -126,3 +129,76 @@ def test_kinds_accept_comma_string():
     assert sweep.check_kinds("binwslt,ann") == ["binwslt", "ann"]
     with pytest.raises(FileNotFoundError, match="nothere.csv"):
         sweep.read_csv("nothere.csv")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_names_the_running_point(tmp_path, monkeypatch, capsys):
+    """Issue #13: during a sweep the bars say which point runs (and a plain line per point goes to the log)."""
+    fake = FakeRun()
+    monkeypatch.setattr(train, "run", fake)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    sweep.run_sweep("prune-rate", [0.3, 0.7], ["binwslt", "ann"], {"epochs": 1}, tmp_path)
+    bars, lines = terminal.getvalue(), capsys.readouterr().out.splitlines()
+    for i, label in enumerate(["binwslt prune-rate=0.3", "binwslt prune-rate=0.7", "ann (constant in prune-rate)"]):
+        assert f"[{i + 1}/3] {label}" in bars
+        assert f"[{i + 1}/3] {label}" in lines
+    # not a terminal, or progress off: no bar at all, the plain lines stay
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    sweep.run_sweep("prune-rate", [0.3], ["binwslt"], {"epochs": 1, "progress": False}, tmp_path / "b")
+    assert "[1/1]" not in plain.getvalue() and "[1/1] binwslt prune-rate=0.3" in capsys.readouterr().out
+
+
+def _display_points(ax, artist):
+    """Display coordinates along ``artist`` (a Line2D or the LineCollection of hlines), 50 per segment."""
+    if hasattr(artist, "get_xydata"):
+        segments = [artist.get_xydata()]
+    else:
+        segments = [np.asarray(s) for s in artist.get_segments()]
+    pts = []
+    for seg in segments:
+        for a, b in zip(seg[:-1], seg[1:]):
+            for t in np.linspace(0.0, 1.0, 50):
+                pts.append(a + t * (b - a))
+    return ax.transData.transform(np.asarray(pts))
+
+
+def test_legend_covers_no_line(tmp_path):
+    """Issue #13: the sweep plot's legend covered the SNN line. Here SNN is the lowest line, at the bottom left,
+    where the legend used to sit; the legend must now lie outside the axes and over no line's point."""
+    rows = [{"kind": "binwslt", "varied": True, "value": v, "test_accuracy": a, "model": "conv4",
+             "dataset": "digits"} for v, a in ((0.2, 0.99), (0.5, 0.98), (0.95, 0.90))]
+    rows += [{"kind": "bnn-binact", "varied": True, "value": v, "test_accuracy": a, "model": "conv4",
+              "dataset": "digits"} for v, a in ((0.2, 0.97), (0.5, 0.95), (0.95, 0.85))]
+    rows += [{"kind": "snn", "varied": False, "value": "", "test_accuracy": 0.80, "model": "conv4",
+              "dataset": "digits"},
+             {"kind": "ann", "varied": False, "value": "", "test_accuracy": 0.995, "model": "conv4",
+              "dataset": "digits"}]
+    import matplotlib.pyplot as plt
+
+    fig = sweep.sweep_figure(rows, "prune-rate", [0.2, 0.5, 0.95])
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        legend = ax.get_legend().get_window_extent()
+        assert not legend.overlaps(ax.get_window_extent())
+        lines = list(ax.get_lines()) + list(ax.collections)
+        assert len(lines) == 4
+        for artist in lines:
+            pts = _display_points(ax, artist)
+            inside = (pts[:, 0] >= legend.x0) & (pts[:, 0] <= legend.x1) & (pts[:, 1] >= legend.y0) & \
+                (pts[:, 1] <= legend.y1)
+            assert not inside.any(), artist.get_label()
+    finally:
+        plt.close(fig)
+    # the saved PNG keeps the legend (bbox_inches="tight" widens the image rather than cropping it)
+    path = sweep.plot_sweep(rows, "prune-rate", str(tmp_path / "s.png"), values=[0.2, 0.5, 0.95])
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.shape[1] > img.shape[0] * 1.3
