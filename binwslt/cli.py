@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=_positive_int)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    from binwslt import reproduce  # binwslt reproduce: the options and the handler live in binwslt/reproduce.py
+    reproduce.add_parser(sub)
     return parser
 
 
@@ -421,7 +423,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"find": _run_command, "train": _run_command, "finetune": _run_command, "eval": _eval_command,
-                "energy": _energy_command, "sweep": _sweep_command}
+                "energy": _energy_command, "sweep": _sweep_command,
+                "reproduce": lambda a: __import__("binwslt.reproduce", fromlist=["command"]).command(a)}
     try:
         handlers[args.command](args)
     except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
