@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .conv_lif_fwd import INTERPRET_ROWS, distinct, interpreting, make_spec, one_at_a_time, scan_config, \
     tile_offsets, tile_ptrs, variants, with_divisible_twins
+from .gemm import split_dot_both, split_dot_exact_a, split_dot_exact_b
 from .lif import SURROGATE_CODES, lif_grad_step, lif_step
 
 
@@ -119,12 +120,13 @@ def conv_grad_input_kernel(
         g_ptr, wt_ptr, alpha_ptr, dx_ptr,
         P, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
         KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr = True):
     """dX[f, ih, iw, ci] = alpha * sum_{kh, kw, co} g[f, oh, ow, co] * tern[kh, kw, ci, co] with ih = oh*SH - PH + kh.
 
     Rows: the ``P = F*H*W`` input pixels (F frames); cols: input channels. ``g`` fp32 ``[F, OH, OW, C_out]``;
     ``wt`` the ternary weight as int8 ``[KH, KW, C_out, C_in]``; ``dX`` ``[F, H, W, C_in]``.
-    EVEN_K: C_out % BLOCK_K == 0; EVEN_N: C_in % BLOCK_N == 0.
+    EVEN_K: C_out % BLOCK_K == 0; EVEN_N: C_in % BLOCK_N == 0. Tensor-core dots: g split into bf16 hi + lo when
+    SPLIT (``grad_precision="split"``), hi alone otherwise; the ternary weight is exact in bf16 (kernels/gemm.py).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -161,7 +163,7 @@ def conv_grad_input_kernel(
             w_tile = tl.load(tl.multiple_of(w_ptrs, [16, 16]))
         else:
             w_tile = tl.load(w_ptrs, mask=(co < C_out)[:, None] & n_ok[None, :], other=0)
-        acc += tl.dot(g_tile, w_tile.to(tl.float32), input_precision="ieee")
+        acc = split_dot_exact_b(g_tile, w_tile, acc, SPLIT)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     dx_ptrs = dx_ptr + (offs_m * C_in)[:, None] + offs_n[None, :]
     if EVEN_N:
@@ -176,13 +178,15 @@ def conv_grad_weight_kernel(
         P, C_in, C_out, H, W, OH, OW, p_per_split, SH, SW, PH, PW,
         KH: tl.constexpr, KW: tl.constexpr, GRAD_SCORES: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
         EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr = True):
     """dW_eff tile for one tap: rows = input channels, cols = output channels, reduced over the pixels
     ``p in [split * p_per_split, ...)`` of ``P = F * M`` (F frames of M output pixels).
 
     ``x`` channels-last ``[F, H, W, C_in]`` (int8 spikes or float); ``g`` fp32 ``[F, M, C_out]``. Writes the
     straight-through gradients of split ``program_id(2)`` into ``gs`` / ``gw`` ``[SPLIT, C_out, C_in, KH, KW]``
-    (fp32). EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0.
+    (fp32). EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0. Tensor-core dots (kernels/gemm.py): g split
+    into bf16 hi + lo when SPLIT, hi alone otherwise; int8 spikes are exact in bf16, an analog ``x`` is split too
+    (three dots when SPLIT).
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -220,7 +224,10 @@ def conv_grad_weight_kernel(
             g_tile = tl.load(tl.multiple_of(g_ptrs, [16, 16]), mask=p_ok[:, None], other=0.0)
         else:
             g_tile = tl.load(g_ptrs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(x_tile.to(tl.float32), g_tile, input_precision="ieee")
+        if x_ptr.dtype.element_ty == tl.int8:
+            acc = split_dot_exact_a(x_tile, g_tile, acc, SPLIT)
+        else:
+            acc = split_dot_both(x_tile, g_tile, acc, SPLIT)
     # Weight layout [C_out, C_in, KH, KW]: row ci, col co.
     w_off = offs_n[None, :] * (C_in * KH * KW) + offs_c[:, None] * (KH * KW) + kh * KW + kw
     ok = c_ok[:, None] & n_ok[None, :]
