@@ -330,23 +330,25 @@ def _compile_specs():
                "SH", "SW", "PH", "PW"]
     gi_cfgs = distinct(grad_input_config(ci, co, p, interpret=False)
                        for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gi_flags = one_at_a_time([("fp32", "fp16", "bf16"), ((3, 3), (1, 1))])
-    for cfg, (dx_name, (kh, kw)) in variants(gi_cfgs, gi_flags):
+    gi_flags = one_at_a_time([("fp32", "fp16", "bf16"), ((3, 3), (1, 1)), (True, False)])
+    for cfg, (dx_name, (kh, kw), split) in variants(gi_cfgs, gi_flags):
         types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
-        constexprs = {"KH": kh, "KW": kw, **_tile_constexprs(cfg)}
-        specs.append(make_spec(f"conv_grad_input_kernel[{dx_name},{kh}x{kw},{_tile_name(cfg)}]",
+        constexprs = {"KH": kh, "KW": kw, "SPLIT": split, **_tile_constexprs(cfg)}
+        specs.append(make_spec(f"conv_grad_input_kernel[{dx_name},{kh}x{kw},split={split},{_tile_name(cfg)}]",
                                conv_grad_input_kernel, types, gi_args, constexprs, cfg))
     gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
                "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
     gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
                        for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True))])
-    for cfg, (x_name, (kh, kw), (grad_s, grad_w)) in variants(gw_cfgs, gw_flags):
+    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
+                              (True, False)])
+    for cfg, (x_name, (kh, kw), (grad_s, grad_w), split) in variants(gw_cfgs, gw_flags):
         types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32",
                  "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
-        constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, **_tile_constexprs(cfg)}
+        constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, "SPLIT": split,
+                      **_tile_constexprs(cfg)}
         specs.append(make_spec(
-            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},"
+            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},split={split},"
             f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
     return with_divisible_twins(specs)
 
