@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from binwslt import paper
-from binwslt.sweep import KIND_LABELS, announce, point_bar, run_or_resume
+from binwslt.sweep import KIND_LABELS, announce, finished_metrics, point_bar, run_or_resume
 
 TARGETS = ("table1", "table2", "fig2", "fig3")
 ENGINES = ("auto", "ray", "local")
@@ -202,11 +202,10 @@ def _cell_task(fields: dict, threads: Optional[int], _needed=None) -> Tuple[str,
     if threads is not None and fields.get("threads") is None:
         fields = dict(fields, threads=threads)
     cfg = train.RunConfig(**fields).resolved()
-    path = os.path.join(cfg.out, train.METRICS_NAME)
-    before = os.path.getmtime(path) if os.path.isfile(path) else None
-    metrics = run_or_resume(fields)
-    after = os.path.getmtime(path) if os.path.isfile(path) else None
-    status = "skipped" if before is not None and before == after else "done"
+    metrics = finished_metrics(cfg.out, cfg.to_dict())
+    status = "skipped" if metrics is not None else "done"
+    if metrics is None:
+        metrics = run_or_resume(fields)
     return status, {k: v for k, v in metrics.items() if k != "history"}
 
 

@@ -98,7 +98,7 @@ def _format_value(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _finished_metrics(out: str, config: dict) -> Optional[dict]:
+def finished_metrics(out: str, config: dict) -> Optional[dict]:
     """The run's metrics when ``out`` holds a finished run with the same settings, else None."""
     from .train import METRICS_NAME, RESUME_FREE_FIELDS
 
@@ -123,7 +123,7 @@ def run_or_resume(config_fields: dict) -> dict:
     from . import train
 
     cfg = train.RunConfig(**config_fields).resolved()
-    reused = _finished_metrics(cfg.out, cfg.to_dict())
+    reused = finished_metrics(cfg.out, cfg.to_dict())
     if reused is not None:
         return reused
     if os.path.isfile(os.path.join(cfg.out, train.CHECKPOINT_NAME)):

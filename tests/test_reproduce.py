@@ -263,3 +263,26 @@ def test_ray_local_cluster_two_workers(tmp_path):
     assert rows["snn"]["n"] == 0 and rows["snn"]["acc_mean"] is None
     text = open(report.md_path, encoding="utf-8").read()
     assert "1 run(s) failed" in text and "| conv4 | SNN | — | 83.41 | — |" in text
+
+
+def test_killed_grid_resumes_the_interrupted_run(tmp_path, monkeypatch):
+    """A run stopped after its first epoch (as a killed grid leaves it: a checkpoint, unfinished metrics) is
+    resumed from its checkpoint by the next reproduce call; the finished ones are not run again."""
+    extra = dict(reproduce.SCALES["quick"].run, data_dir="./data", epochs=2, progress=False, backend="torch")
+    runs = str(tmp_path / "runs")
+    killed = reproduce.make_cell("conv4", "binwslt", 0)
+    train.run(train.RunConfig(**killed.fields("digits", runs, extra), stop_after=1))
+    done = reproduce.make_cell("conv4", "ann", 0)
+    train.run(train.RunConfig(**done.fields("digits", runs, extra)))
+    assert not json.load(open(os.path.join(runs, killed.key, "metrics.json")))["finished"]
+    calls = []
+    real = train.run
+    monkeypatch.setattr(train, "run", lambda cfg: calls.append(cfg) or real(cfg))
+    report = reproduce.reproduce("table1", dataset="digits", models=["conv4"], scale="quick", out=tmp_path,
+                                 engine="local", progress=False, run_args={"epochs": 2, "backend": "torch"})
+    status = {k: o.status for k, o in report.outcomes.items()}
+    assert status[done.key] == "skipped" and status[killed.key] == "done"
+    resumed = [c for c in calls if c.out.endswith(killed.key)]
+    assert len(resumed) == 1 and resumed[0].resume and len(calls) == 3
+    metrics = json.load(open(os.path.join(runs, killed.key, "metrics.json")))
+    assert metrics["finished"] and [h["epoch"] for h in metrics["history"]] == [1, 2]
