@@ -18,7 +18,8 @@ from .backends import resolve_backend
 from .config import LIFConfig
 from .subnet import check_prune_rate, subnet_mask, subnet_weight
 
-__all__ = ["LIF", "BinWConv2d", "BinWLinear", "BinWConv2dLIF", "BinWLinearLIF", "convert"]
+__all__ = ["LIF", "BinWConv2d", "BinWLinear", "BinWConv2dLIF", "BinWLinearLIF", "convert", "ConversionError",
+           "score_parameters", "finetune_parameters", "fused_layers"]
 
 
 class LIF(nn.Module):
@@ -181,31 +182,5 @@ class BinWLinearLIF(_FusedLIFLayer):
                 f"timesteps={self.timesteps}, backend={self.backend!r}")
 
 
-def convert(model: nn.Module, prune_rate: float = 0.4) -> nn.Module:
-    """Replace every `nn.Conv2d` / `nn.Linear` of ``model`` (SpikingJelly's multi-step layers included) by
-    `BinWConv2d` / `BinWLinear` in place, keeping each layer's current weight as the frozen random weight.
-
-    Only ungrouped, undilated, zero-padded convolutions can become binary subnets; anything else is an error.
-    Returns ``model``.
-    """
-    check_prune_rate(prune_rate)
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Conv2d) and not isinstance(child, BinWConv2d):
-            if child.groups != 1 or tuple(child.dilation) != (1, 1) or child.padding_mode != "zeros" \
-                    or isinstance(child.padding, str):
-                raise ValueError(f"convert: layer {name!r} ({child}) uses groups/dilation/padding modes that "
-                                 "binary-subnet convolutions do not support")
-            new = BinWConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                             child.padding, prune_rate, bias=child.bias is not None)
-        elif isinstance(child, nn.Linear) and not isinstance(child, BinWLinear):
-            new = BinWLinear(child.in_features, child.out_features, prune_rate, bias=child.bias is not None)
-        else:
-            convert(child, prune_rate)
-            continue
-        with torch.no_grad():
-            new.weight.copy_(child.weight)
-            if child.bias is not None:
-                new.bias.copy_(child.bias)
-        setattr(model, name, new.to(device=child.weight.device))
-        del new
-    return model
+# convert and the parameter selections live in binwslt/convert.py; binwslt.nn.convert is their public name.
+from .convert import ConversionError, convert, finetune_parameters, fused_layers, score_parameters  # noqa: E402
