@@ -193,10 +193,22 @@ class Outcome:
     status: str
     metrics: Optional[dict] = None
     error: str = ""
+    placement: dict = field(default_factory=dict)
 
 
-def _cell_task(fields: dict, threads: Optional[int], _needed=None) -> Tuple[str, dict]:
-    """Run one cell (in this process or a Ray worker); returns ``(status, metrics without history)``."""
+def _placement() -> dict:
+    """Where this process runs: the host and, inside a Ray task, the GPU ids Ray gave it."""
+    gpus: list = []
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            gpus = [str(g) for g in ray.get_gpu_ids()]
+    return {"node": platform.node(), "gpus": gpus}
+
+
+def _cell_task(fields: dict, threads: Optional[int], _needed=None) -> Tuple[str, dict, dict]:
+    """Run one cell (in this process or a Ray worker); returns ``(status, metrics without history, placement)``."""
     from binwslt import train
 
     if threads is not None and fields.get("threads") is None:
@@ -206,7 +218,7 @@ def _cell_task(fields: dict, threads: Optional[int], _needed=None) -> Tuple[str,
     status = "skipped" if metrics is not None else "done"
     if metrics is None:
         metrics = run_or_resume(fields)
-    return status, {k: v for k, v in metrics.items() if k != "history"}
+    return status, {k: v for k, v in metrics.items() if k != "history"}, _placement()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -229,8 +241,8 @@ def run_local(cells: Sequence[Cell], fields: Callable[[Cell], dict], progress: b
                 outcomes[cell.key] = Outcome(cell.key, "failed", error=f"needs {cell.needs}, which failed")
             else:
                 try:
-                    status, metrics = _cell_task(fields(cell), threads)
-                    outcomes[cell.key] = Outcome(cell.key, status, metrics)
+                    status, metrics, where = _cell_task(fields(cell), threads)
+                    outcomes[cell.key] = Outcome(cell.key, status, metrics, placement=where)
                 except Exception as exc:  # noqa: BLE001 - a failed run is reported, the others go on
                     outcomes[cell.key] = Outcome(cell.key, "failed", error=_error_text(exc))
             _report(outcomes[cell.key])
@@ -272,8 +284,8 @@ def run_ray(cells: Sequence[Cell], fields: Callable[[Cell], dict], address: Opti
             for ref in ready:
                 key = by_ref[ref]
                 try:
-                    status, metrics = ray.get(ref)
-                    outcomes[key] = Outcome(key, status, metrics)
+                    status, metrics, where = ray.get(ref)
+                    outcomes[key] = Outcome(key, status, metrics, placement=where)
                 except Exception as exc:  # noqa: BLE001 - ray.exceptions.RayError and the task's own errors
                     outcomes[key] = Outcome(key, "failed", error=_error_text(exc))
                 _report(outcomes[key], f"[{len(outcomes)}/{len(refs)}] ")
@@ -289,7 +301,8 @@ def _report(o: Outcome, prefix: str = "  ") -> None:
     else:
         acc = (o.metrics or {}).get("test_accuracy")
         acc_text = f"test accuracy {100 * acc:.2f}%" if acc is not None else ""
-        print(f"{prefix}{o.key}: {o.status} {acc_text}", flush=True)
+        where = f" (on {o.placement['node']}, GPU {','.join(o.placement['gpus'])})" if o.placement.get("gpus") else ""
+        print(f"{prefix}{o.key}: {o.status} {acc_text}{where}", flush=True)
 
 
 def _ray_available() -> bool:

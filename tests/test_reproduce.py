@@ -242,9 +242,10 @@ def test_ray_local_cluster_two_workers(tmp_path):
     # the failing cell: its run folder is a file, so its run fails when it writes its first checkpoint
     os.makedirs(tmp_path / "runs")
     (tmp_path / "runs" / "conv4-snn-T4-lam0.99-s0").write_text("not a folder")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # two declared GPUs (none real: the runs still use the CPU), to check that each run asks for one by default
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        assert ray.cluster_resources()["CPU"] == 2
+        assert ray.cluster_resources()["CPU"] == 2 and ray.cluster_resources()["GPU"] == 2
         report = reproduce.reproduce("table1", dataset="digits", models=["conv4"], scale="quick", out=tmp_path,
                                      engine="auto", run_args={"backend": "torch"})
         assert ray.is_initialized()  # it used the cluster it found and left it running
@@ -254,6 +255,9 @@ def test_ray_local_cluster_two_workers(tmp_path):
     assert status == {"conv4-ann-s0": "done", "conv4-snn-T4-lam0.99-s0": "failed",
                       "conv4-bnn-binact-rp0.4-s0": "done", "conv4-binwslt-rp0.4-T4-lam0.99-s0": "done"}
     assert "conv4-snn-T4-lam0.99-s0" in report.outcomes["conv4-snn-T4-lam0.99-s0"].error  # names its folder
+    for o in report.outcomes.values():
+        if o.status == "done":  # one run per GPU: each task was given exactly one of the two
+            assert len(o.placement["gpus"]) == 1 and o.placement["gpus"][0] in ("0", "1")
     rows = {r["kind"]: r for r in report.rows}
     for kind in ("ann", "bnn-binact", "binwslt"):
         metrics = json.load(open(tmp_path / "runs" / next(
