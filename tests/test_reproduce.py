@@ -160,7 +160,7 @@ def test_fig2_and_fig3_local(tmp_path, monkeypatch):
     assert len(ft) == 2 and {os.path.basename(c.ticket) for c in ft} == {
         "conv4-binwslt-rp0.4-T4-lam0.99-s0", "conv4-binwslt-rp0.8-T4-lam0.99-s0"}
     text = open(fig3.md_path, encoding="utf-8").read()
-    assert "| conv4 | 10.00x | 8.92x | 2.00x | 1.86x |" in text  # energy ratios from the fake metrics
+    assert "| conv4 | 10.00x (20.00x) | 8.92x | 2.00x (4.00x) | 1.86x |" in text  # ratios of the fake energies
     right = {(r["series"], r["x"]): r["acc_mean"] for r in fig3.rows if r["panel"] == "finetune"}
     assert right[("binwslt FT", 0.8)] == pytest.approx(right[("binwslt", 0.8)] + 2.0)
 
