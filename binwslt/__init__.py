@@ -5,6 +5,7 @@
 """
 from . import functional, nn
 from .config import LIFConfig
+from .cpu import cpu_info
 
 __version__ = "0.1.0"
-__all__ = ["LIFConfig", "functional", "nn", "__version__"]
+__all__ = ["LIFConfig", "cpu_info", "functional", "nn", "__version__"]

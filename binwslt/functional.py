@@ -7,24 +7,30 @@ convolution is computed once and drives the neuron at every step). Outputs are s
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .backends import backend_module, resolve_backend
 from .config import LIFConfig
-from .subnet import check_prune_rate, subnet_weight  # noqa: F401  (subnet_weight is part of this API)
+from .spikes import mark_spikes
+from .subnet import Subnet, check_prune_rate, subnet_weight  # noqa: F401  (subnet_weight is part of this API)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["lif", "subnet_weight", "binw_conv2d_lif", "binw_linear_lif"]
+__all__ = ["lif", "subnet_weight", "binw_conv2d_lif", "binw_linear_lif", "GRAD_PRECISIONS"]
+
+GRAD_PRECISIONS = ("split", "bf16")
+"""``grad_precision`` values: "split" (default; the fp32 gradient operand as bf16/fp16 high + low terms,
+fp32-level accuracy) or "bf16" (one low-precision term, an explicit opt-in). The reference backend ignores it."""
 
 
 def _as_float(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype in (torch.bool, torch.uint8, torch.int8):
-        return x.to(torch.float32)
+        return mark_spikes(x.to(torch.float32))  # still spikes: the backends see it by the mark
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float, bool or uint8, got dtype {x.dtype}")
     return x
@@ -117,6 +123,28 @@ def _check_epilogue(device, out_shape, scale, shift, residual, batch_norm, runni
     _check_batch_norm(batch_norm, running_mean, running_var, momentum, eps, channels, device)
 
 
+def _backend_options(subnet, grad_precision, device, weight_shape) -> dict:
+    """Check ``subnet`` / ``grad_precision`` and return the keywords to pass on to the backend.
+
+    Only non-default values are passed, so a backend that predates a keyword keeps working with its default.
+    """
+    if grad_precision not in GRAD_PRECISIONS:
+        raise ValueError(f"grad_precision must be one of {list(GRAD_PRECISIONS)}, got {grad_precision!r}")
+    options = {}
+    if subnet is not None:
+        if not isinstance(subnet, Subnet):
+            raise TypeError(f"subnet must be a binwslt.subnet.Subnet or None, got {type(subnet).__name__}")
+        if subnet.ternary.device != device or subnet.alpha.device != device:
+            raise ValueError(f"subnet is on {subnet.ternary.device} but x is on {device}")
+        if subnet.ternary.numel() != math.prod(weight_shape):
+            raise ValueError(f"subnet.ternary has {subnet.ternary.numel()} weights, weight has "
+                             f"{math.prod(weight_shape)} (shape {tuple(weight_shape)})")
+        options["subnet"] = subnet
+    if grad_precision != "split":
+        options["grad_precision"] = grad_precision
+    return options
+
+
 def lif(x_seq: torch.Tensor, neuron: LIFConfig = LIFConfig(), backend: str = "auto") -> torch.Tensor:
     """LIF neuron over all timesteps.
 
@@ -142,7 +170,8 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     residual: Optional[torch.Tensor] = None, neuron: LIFConfig = LIFConfig(),
                     timesteps: Optional[int] = None, backend: str = "auto", batch_norm: bool = False,
                     running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
-                    momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+                    momentum: float = 0.1, eps: float = 1e-5, subnet: Optional[Subnet] = None,
+                    grad_precision: str = "split") -> torch.Tensor:
     """Binary-subnet convolution fused with the LIF neuron over all T steps.
 
     ``I[t] = scale ⊙ conv(X[t], α·M⊙sign(w)) + shift (+ residual[t])``, ``S = LIF(I)``.
@@ -160,6 +189,10 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
         backend: ``"reference"``, ``"torch"``, ``"triton"`` or ``"auto"``.
         batch_norm: training-mode BatchNorm over (T, N, H', W') per channel before ``scale``/``shift`` (gamma/beta);
             ``running_mean``/``running_var`` ``[C_out]`` are updated in place with ``momentum`` when given.
+        subnet: the layer's precomputed `binwslt.subnet.Subnet` from the backend's ``make_subnet`` (the nn
+            modules cache it while the scores are unchanged); None computes it here. The reference ignores it.
+        grad_precision: ``"split"`` (default, fp32-level gradients from high + low low-precision terms) or
+            ``"bf16"`` (one term, faster, ~3 significant digits in the gradients). The reference ignores it.
     Returns:
         spikes ``[T, N, C_out, H', W']`` in x's floating dtype (float32 for bool/uint8 x).
     """
@@ -183,11 +216,12 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     _check_epilogue(x.device, (steps, in_shape[0], C_out, H_out, W_out), scale, shift, residual, batch_norm,
                     running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
+    options = _backend_options(subnet, grad_precision, x.device, weight.shape)
     impl = backend_module(resolve_backend(backend, x.device))
     return impl.binw_conv2d_lif(x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale,
                                 shift=shift, residual=residual, neuron=neuron, timesteps=T, batch_norm=batch_norm,
                                 running_mean=running_mean, running_var=running_var, momentum=float(momentum),
-                                eps=float(eps))
+                                eps=float(eps), **options)
 
 
 def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, *,
@@ -195,14 +229,16 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     residual: Optional[torch.Tensor] = None, neuron: LIFConfig = LIFConfig(),
                     timesteps: Optional[int] = None, backend: str = "auto", batch_norm: bool = False,
                     running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
-                    momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+                    momentum: float = 0.1, eps: float = 1e-5, subnet: Optional[Subnet] = None,
+                    grad_precision: str = "split") -> torch.Tensor:
     """Binary-subnet linear layer fused with the LIF neuron over all T steps.
 
     Args:
         x: ``[T, N, in]`` spikes or analog features (float/bool/uint8), or an analog ``[N, in]`` with ``timesteps``.
         weight: frozen random weights ``[out, in]``, float; scores: same shape; prune_rate in [0, 1).
         scale, shift: optional ``[out]`` float; residual: optional ``[T, N, out]``.
-        neuron, timesteps, backend, batch_norm, running_mean, running_var, momentum, eps: as `binw_conv2d_lif`.
+        neuron, timesteps, backend, batch_norm, running_mean, running_var, momentum, eps, subnet,
+        grad_precision: as `binw_conv2d_lif`.
     Returns:
         spikes ``[T, N, out]`` in x's floating dtype (float32 for bool/uint8 x).
     """
@@ -217,7 +253,8 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     _check_epilogue(x.device, (steps, x.shape[-2], out_features), scale, shift, residual, batch_norm,
                     running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
+    options = _backend_options(subnet, grad_precision, x.device, weight.shape)
     impl = backend_module(resolve_backend(backend, x.device))
     return impl.binw_linear_lif(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual,
                                 neuron=neuron, timesteps=T, batch_norm=batch_norm, running_mean=running_mean,
-                                running_var=running_var, momentum=float(momentum), eps=float(eps))
+                                running_var=running_var, momentum=float(momentum), eps=float(eps), **options)

@@ -16,7 +16,7 @@ from torch import nn
 from . import functional
 from .backends import resolve_backend
 from .config import LIFConfig
-from .subnet import check_prune_rate, subnet_mask, subnet_weight
+from .subnet import SubnetCache, check_prune_rate, subnet_mask, subnet_weight
 
 __all__ = ["LIF", "BinWConv2d", "BinWLinear", "BinWConv2dLIF", "BinWLinearLIF", "convert", "ConversionError",
            "score_parameters", "finetune_parameters", "fused_layers"]
@@ -42,6 +42,7 @@ class _SubnetParams(nn.Module):
 
     def _init_subnet(self, shape, prune_rate: float):
         self.prune_rate = check_prune_rate(prune_rate)
+        self._subnet_cache = SubnetCache()  # (ternary, α) kept while weight, scores and prune_rate are unchanged
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.scores = nn.Parameter(torch.empty(shape))
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
@@ -49,7 +50,12 @@ class _SubnetParams(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """α·M⊙sign(w), the weight the layer computes with (differentiable to ``scores``)."""
-        return subnet_weight(self.weight, self.scores, self.prune_rate)
+        return subnet_weight(self.weight, self.scores, self.prune_rate,
+                             subnet=self._subnet_cache.get(self.weight, self.scores, self.prune_rate, "torch"))
+
+    def _subnet(self, x: torch.Tensor, backend: str):
+        """The cached `Subnet` for the backend that runs on ``x``'s device (None where it has no make_subnet)."""
+        return self._subnet_cache.get(self.weight, self.scores, self.prune_rate, resolve_backend(backend, x.device))
 
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept weights, shape of ``weight``."""
@@ -107,11 +113,15 @@ class BinWLinear(_SubnetParams):
 class _FusedLIFLayer(_SubnetParams):
     """Shared BN handling of the fused layers: batch statistics in training, folded into scale/shift in eval."""
 
-    def _init_fused(self, channels, batch_norm, bn_class, neuron, timesteps, backend):
+    def _init_fused(self, channels, batch_norm, bn_class, neuron, timesteps, backend, grad_precision):
         if not isinstance(neuron, LIFConfig):
             raise TypeError(f"neuron must be a binwslt.LIFConfig, got {type(neuron).__name__}")
         resolve_backend(backend, torch.device("cpu"))
+        if grad_precision not in functional.GRAD_PRECISIONS:
+            raise ValueError(f"grad_precision must be one of {list(functional.GRAD_PRECISIONS)}, "
+                             f"got {grad_precision!r}")
         self.neuron, self.timesteps, self.backend = neuron, timesteps, backend
+        self.grad_precision = grad_precision
         self.bn = bn_class(channels) if batch_norm else None
 
     def _bn_kwargs(self) -> dict:
@@ -141,19 +151,20 @@ class BinWConv2dLIF(_FusedLIFLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  prune_rate: float = 0.4, batch_norm: bool = True, neuron: LIFConfig = LIFConfig(),
-                 timesteps: Optional[int] = None, backend: str = "auto"):
+                 timesteps: Optional[int] = None, backend: str = "auto", grad_precision: str = "split"):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding = stride, padding
         self._init_subnet((out_channels, in_channels, kh, kw), prune_rate)
-        self._init_fused(out_channels, batch_norm, nn.BatchNorm2d, neuron, timesteps, backend)
+        self._init_fused(out_channels, batch_norm, nn.BatchNorm2d, neuron, timesteps, backend, grad_precision)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         timesteps = self.timesteps if x.dim() == 4 else None
         return functional.binw_conv2d_lif(
             x, self.weight, self.scores, self.prune_rate, stride=self.stride, padding=self.padding,
-            residual=residual, neuron=self.neuron, timesteps=timesteps, backend=self.backend, **self._bn_kwargs())
+            residual=residual, neuron=self.neuron, timesteps=timesteps, backend=self.backend,
+            subnet=self._subnet(x, self.backend), grad_precision=self.grad_precision, **self._bn_kwargs())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -165,17 +176,19 @@ class BinWLinearLIF(_FusedLIFLayer):
     """Binary-subnet linear + (BatchNorm) + LIF: ``[T, N, in]`` (or ``[N, in]`` with ``timesteps``) -> ``[T, N, out]``."""
 
     def __init__(self, in_features: int, out_features: int, prune_rate: float = 0.4, batch_norm: bool = True,
-                 neuron: LIFConfig = LIFConfig(), timesteps: Optional[int] = None, backend: str = "auto"):
+                 neuron: LIFConfig = LIFConfig(), timesteps: Optional[int] = None, backend: str = "auto",
+                 grad_precision: str = "split"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_subnet((out_features, in_features), prune_rate)
-        self._init_fused(out_features, batch_norm, nn.BatchNorm1d, neuron, timesteps, backend)
+        self._init_fused(out_features, batch_norm, nn.BatchNorm1d, neuron, timesteps, backend, grad_precision)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         timesteps = self.timesteps if x.dim() == 2 else None
         return functional.binw_linear_lif(
             x, self.weight, self.scores, self.prune_rate, residual=residual, neuron=self.neuron,
-            timesteps=timesteps, backend=self.backend, **self._bn_kwargs())
+            timesteps=timesteps, backend=self.backend, subnet=self._subnet(x, self.backend),
+            grad_precision=self.grad_precision, **self._bn_kwargs())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prune_rate={self.prune_rate}, "

@@ -53,8 +53,10 @@ def _epilogue(y, scale, shift, residual, batch_norm, running_mean, running_var, 
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps):
-    """conv2d(X[t], α·M·sign(w)) per step, epilogue, LIF. Returns spikes ``[T, N, C_out, H', W']`` in x.dtype."""
+                    batch_norm, running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
+    """conv2d(X[t], α·M·sign(w)) per step, epilogue, LIF. Returns spikes ``[T, N, C_out, H', W']`` in x.dtype.
+
+    ``subnet`` and ``grad_precision`` are accepted and ignored: the oracle always recomputes in full precision."""
     w_eff = subnet_weight(weight, scores, prune_rate).to(x.dtype)
     if timesteps is not None:
         current = F.conv2d(x, w_eff, stride=stride, padding=padding)
@@ -66,8 +68,10 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps):
-    """linear(X[t], α·M·sign(w)) per step, epilogue, LIF. Returns spikes ``[T, N, out]`` in x.dtype."""
+                    running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
+    """linear(X[t], α·M·sign(w)) per step, epilogue, LIF. Returns spikes ``[T, N, out]`` in x.dtype.
+
+    ``subnet`` and ``grad_precision`` are accepted and ignored (see `binw_conv2d_lif`)."""
     w_eff = subnet_weight(weight, scores, prune_rate).to(x.dtype)
     if timesteps is not None:
         y = torch.stack([F.linear(x, w_eff)] * timesteps)

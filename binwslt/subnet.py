@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -56,15 +58,16 @@ def ternary_subnet(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float
 
 class _SubnetWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, scores, prune_rate):
-        tern, alpha = ternary_subnet(weight, scores, prune_rate)
+    def forward(ctx, weight, scores, prune_rate, subnet):
+        tern, alpha = ternary_subnet(weight, scores, prune_rate) if subnet is None else (subnet.ternary,
+                                                                                            subnet.alpha)
         ctx.save_for_backward(weight, scores, tern, alpha)
         return alpha.to(weight.dtype) * tern.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scores, tern, alpha = ctx.saved_tensors
-        return straight_through_grads(grad, weight, scores, tern, alpha, ctx.needs_input_grad[:2]) + (None,)
+        return straight_through_grads(grad, weight, scores, tern, alpha, ctx.needs_input_grad[:2]) + (None, None)
 
 
 def straight_through_grads(grad_weff, weight, scores, tern, alpha, needs=(True, True)):
@@ -78,10 +81,13 @@ def straight_through_grads(grad_weff, weight, scores, tern, alpha, needs=(True, 
     return grad_w, grad_s
 
 
-def subnet_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
+def subnet_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float,
+                  subnet: Optional["Subnet"] = None) -> torch.Tensor:
     """Effective weight α·M·sign(w), same shape and dtype as ``weight``; differentiable to ``scores`` (MPT rule).
 
     ``weight`` and ``scores`` must have the same shape; ``prune_rate`` in [0, 1) is the fraction removed.
+    ``subnet``: a precomputed `Subnet` whose ``ternary`` has the shape of ``weight`` (the torch backend's
+    layout), used instead of recomputing the mask.
     """
     if not isinstance(weight, torch.Tensor) or not isinstance(scores, torch.Tensor):
         raise TypeError(f"weight and scores must be tensors, got {type(weight).__name__} and {type(scores).__name__}")
@@ -92,4 +98,59 @@ def subnet_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float)
     if not weight.is_floating_point() or not scores.is_floating_point():
         raise TypeError(f"weight and scores must be floating point, got {weight.dtype} and {scores.dtype}")
     check_prune_rate(prune_rate)
-    return _SubnetWeight.apply(weight, scores, prune_rate)
+    if subnet is not None and tuple(subnet.ternary.shape) != tuple(weight.shape):
+        raise ValueError(f"subnet.ternary shape {tuple(subnet.ternary.shape)} must equal weight shape "
+                         f"{tuple(weight.shape)}")
+    return _SubnetWeight.apply(weight, scores, prune_rate, subnet)
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """A layer's subnetwork, computed once and reused while the scores are unchanged.
+
+    ``ternary``: int8 M⊙sign(w) in {-1, 0, 1}, in the layout the producing backend's ``make_subnet`` documents
+    (the torch backend: the shape of ``weight``). ``alpha``: 0-dim float32 tensor on the weight's device,
+    Σ|w|·M / ΣM. A backend given a ``Subnet`` uses it instead of recomputing; gradients to the scores are the
+    same either way (the straight-through rule needs only ``ternary`` and ``alpha``).
+    """
+
+    ternary: torch.Tensor
+    alpha: torch.Tensor
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+    """Backend-private forms of the ternary weight derived from it on first use (the torch backend keeps its
+    prepacked int8 oneDNN weights here), so a cached subnet carries them from call to call."""
+
+
+class SubnetCache:
+    """Caches one layer's `Subnet` (used by the nn modules): recomputed only when the weight's or the scores'
+    ``_version`` or ``data_ptr``, the prune rate, the device or the backend change.
+
+    ``get(weight, scores, prune_rate, backend)`` returns the cached or a freshly made `Subnet`, or None when the
+    backend module has no ``make_subnet`` (the op then computes the subnet itself). ``backend`` is a resolved
+    backend name ("torch", "triton", "reference"); the reference backend always gets None (it stays the oracle).
+    """
+
+    def __init__(self):
+        self._key = None
+        self._subnet: Optional[Subnet] = None
+
+    def clear(self) -> None:
+        """Forget the cached subnet."""
+        self._key, self._subnet = None, None
+
+    def get(self, weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, backend: str) -> Optional[Subnet]:
+        from .backends import backend_module
+
+        if backend == "reference":
+            return None
+        make = getattr(backend_module(backend), "make_subnet", None)
+        if make is None:
+            return None
+        try:
+            key = (weight._version, weight.data_ptr(), scores._version, scores.data_ptr(), tuple(weight.shape),
+                   float(prune_rate), weight.device, backend)
+        except RuntimeError:  # inference-mode tensors carry no version counter: never cache them
+            return make(weight, scores, prune_rate)
+        if key != self._key:
+            self._subnet, self._key = make(weight, scores, prune_rate), key
+        return self._subnet

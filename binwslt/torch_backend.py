@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ._affine import channel_view, update_running_stats
-from . import _cpu_ext
+from . import _cpu_ext, cpu
 from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
-from .subnet import straight_through_grads, ternary_subnet
+from .spikes import is_spikes, mark_spikes
+from .subnet import Subnet, straight_through_grads, ternary_subnet
 from .surrogate import surrogate_grad_
 
 
@@ -158,19 +159,51 @@ def lif(x_seq: torch.Tensor, neuron: LIFConfig) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ fused layers
+def make_subnet(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float) -> Subnet:
+    """The layer's `Subnet` for this backend: ``ternary`` int8 with the shape of ``weight`` (M⊙sign(w)),
+    ``alpha`` 0-dim float32 on the weight's device. The fused ops reuse it (and the int8 weights prepacked from
+    it, kept in ``Subnet.derived``) instead of recomputing."""
+    tern, alpha = ternary_subnet(weight, scores, prune_rate)
+    return Subnet(tern, alpha)
+
+
+_ONEDNN_KW = dict(output_scale=1.0, output_zero_point=0, output_dtype=torch.float32)
+
+
+def _int8_forward(frames: torch.Tensor) -> bool:
+    """True when this layer's forward GEMM runs as an exact int8 oneDNN op (CPU spikes, `binwslt.cpu`)."""
+    return frames.device.type == "cpu" and frames.dtype == torch.float32 and cpu.matmul_mode() == "int8"
+
+
 class _ConvMap:
     """conv2d and its two gradients, for frames ``[F, C_in, H, W]``."""
 
     def __init__(self, stride, padding):
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding = list(stride), list(padding)
 
     def __call__(self, frames, w):
         return F.conv2d(frames, w, stride=self.stride, padding=self.padding)
 
+    def spikes_int8(self, frames, subnet):
+        """conv(frames, ternary) as an int8 oneDNN convolution with an fp32 output (exact; channels-last)."""
+        tern = subnet.ternary
+        key = ("conv", tuple(self.stride), tuple(self.padding))
+        if key not in subnet.derived:
+            subnet.derived[key] = torch.ops.onednn.qconv_prepack(
+                tern, torch.ones(tern.shape[0]), 1.0, 0, self.stride, self.padding, [1, 1], 1, None)
+        ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
+        x8 = frames.to(torch.uint8, memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv2d_pointwise(x8, 1.0, 0, subnet.derived[key], ones, zeros, None, self.stride,
+                                                  self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+
     def grad_input(self, input_shape, w, grad):
+        if grad.is_contiguous(memory_format=torch.channels_last):
+            w = w.contiguous(memory_format=torch.channels_last)
         return conv2d_input(input_shape, w, grad, stride=self.stride, padding=self.padding)
 
     def grad_weight(self, frames, weight_shape, grad):
+        if grad.is_contiguous(memory_format=torch.channels_last):
+            frames = frames.contiguous(memory_format=torch.channels_last)
         return conv2d_weight(frames, weight_shape, grad, stride=self.stride, padding=self.padding)
 
 
@@ -180,15 +213,20 @@ class _LinearMap:
     def __call__(self, frames, w):
         return F.linear(frames, w)
 
+    def spikes_int8(self, frames, subnet):
+        """frames @ ternaryᵀ as an int8 oneDNN linear with an fp32 output (exact)."""
+        tern = subnet.ternary
+        if "linear" not in subnet.derived:
+            subnet.derived["linear"] = torch.ops.onednn.qlinear_prepack(tern, None)
+        ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
+        return torch.ops.onednn.qlinear_pointwise(frames.to(torch.uint8), 1.0, 0, subnet.derived["linear"], ones,
+                                                  zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
     def grad_input(self, input_shape, w, grad):
         return grad @ w
 
     def grad_weight(self, frames, weight_shape, grad):
         return grad.t() @ frames
-
-
-def _is_spike_tensor(x: torch.Tensor) -> bool:
-    return bool(((x == 0) | (x == 1)).all())
 
 
 def _per_channel(alpha, scale, shift, bn):
@@ -211,18 +249,37 @@ def _current_sequence(y, a, b, residual, T, direct):
     return seq if residual is None else seq + residual
 
 
+def _low_precision_grads(dtype, grad_precision) -> Optional[torch.dtype]:
+    """bf16 for the backward GEMMs in the one-term ``grad_precision="bf16"`` mode (fp32/fp64 layers), else None.
+
+    ``"split"`` runs them in the layer's dtype: PyTorch's CPU bf16 convolutions round their output to bf16, so a
+    high + low split of g would still lose the low bits there; fp32 (channels-last) keeps the reference's
+    accuracy.
+    """
+    if grad_precision not in ("split", "bf16"):
+        raise ValueError(f"grad_precision must be 'split' or 'bf16', got {grad_precision!r}")
+    return torch.bfloat16 if grad_precision == "bf16" and dtype in (torch.float32, torch.float64) else None
+
+
 class _BinWLIF(torch.autograd.Function):
     """Fused binary-subnet conv/linear + epilogue + LIF; see the module docstring for what it saves."""
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var,
-                linear_map, prune_rate, neuron, timesteps, batch_norm, momentum, eps):
-        tern, alpha = ternary_subnet(weight, scores, prune_rate)
-        alpha = alpha.to(x.dtype)
+                linear_map, prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
+                grad_precision):
+        cached = subnet is not None
+        if not cached:
+            subnet = make_subnet(weight, scores, prune_rate)
+        tern = subnet.ternary
+        alpha = subnet.alpha.to(x.dtype)
         direct = timesteps is not None
         T = timesteps if direct else x.shape[0]
         frames = x if direct else x.flatten(0, 1)
-        y = linear_map(frames, tern.to(x.dtype))  # [F, C, ...], exact integers when frames are spikes
+        if spiking_input and _int8_forward(frames):
+            y = linear_map.spikes_int8(frames, subnet)  # [F, C, ...] fp32, exact integers
+        else:
+            y = linear_map(frames, tern.to(x.dtype))  # [F, C, ...], exact integers when frames are spikes
         mean = rstd = None
         if batch_norm:
             var_y, mean_y = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=0)
@@ -234,23 +291,25 @@ class _BinWLIF(torch.autograd.Function):
         current = _current_sequence(y, a, b, residual, T, direct)
         spikes = _lif_spikes(current, neuron)
 
-        spiking_input = not direct and _is_spike_tensor(frames)
         if spiking_input:
             saved_x = pack_bits(frames)
             y_saved = y.to(torch.int16 if weight[0].numel() <= 32767 else torch.int32)
         else:
             saved_x, y_saved = frames, y
-        mask_bits = pack_bits(tern != 0)  # the ternary weight is sign(weight) on these bits: 1 bit per weight
-        ctx.save_for_backward(saved_x, y_saved, mask_bits, alpha, weight, scores, scale, shift, residual, mean,
+        # a cached subnet is held by its cache anyway; else the ternary weight is sign(weight) on 1 bit per weight
+        saved_tern = tern if cached else pack_bits(tern != 0)
+        ctx.save_for_backward(saved_x, y_saved, saved_tern, alpha, weight, scores, scale, shift, residual, mean,
                               rstd)
         ctx.spiking_input, ctx.frames_shape, ctx.dtype = spiking_input, tuple(frames.shape), x.dtype
-        ctx.linear_map, ctx.neuron, ctx.direct = linear_map, neuron, direct
+        ctx.linear_map, ctx.neuron, ctx.direct, ctx.cached = linear_map, neuron, direct, cached
+        ctx.grad_dtype = _low_precision_grads(x.dtype, grad_precision)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        saved_x, y, mask_bits, alpha, weight, scores, scale, shift, residual, mean, rstd = ctx.saved_tensors
-        tern = torch.sign(weight.detach()).to(torch.int8) * unpack_bits(mask_bits, weight.shape)
+        saved_x, y, saved_tern, alpha, weight, scores, scale, shift, residual, mean, rstd = ctx.saved_tensors
+        tern = saved_tern if ctx.cached else \
+            torch.sign(weight.detach()).to(torch.int8) * unpack_bits(saved_tern, weight.shape)
         dtype, direct, T = ctx.dtype, ctx.direct, grad_spikes.shape[0]
         y = y.to(dtype)
         bn = None if mean is None else (mean, rstd)
@@ -278,30 +337,48 @@ class _BinWLIF(torch.autograd.Function):
         grad_scale = grad_scale if ctx.needs_input_grad[3] else None
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
-        frames = unpack_bits(saved_x, ctx.frames_shape).to(dtype) if ctx.spiking_input else saved_x
+        low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once, the other operand exact
+        frames = unpack_bits(saved_x, ctx.frames_shape).to(low or dtype) if ctx.spiking_input else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
+            if low is None:
+                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
+            else:
+                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low)).to(dtype)
+                grad_x = grad_x * alpha
             if not direct:
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
+            if low is not None and ctx.spiking_input:
+                grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur.to(low))
+            else:
+                grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
             grad_weight, grad_scores = straight_through_grads(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map, prune_rate, neuron,
+           timesteps, batch_norm, momentum, eps, subnet, grad_precision):
+    spiking_input = timesteps is None and is_spikes(x)  # by dtype or mark, never by reading values
+    out = _BinWLIF.apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map,
+                         prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
+                         grad_precision)
+    return mark_spikes(out)
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps):
-    """Fused binary conv + LIF, see `binwslt.functional.binw_conv2d_lif`. Spikes ``[T, N, C_out, H', W']``."""
-    return _BinWLIF.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
-                          _ConvMap(stride, padding), prune_rate, neuron, timesteps, batch_norm, momentum, eps)
+                    batch_norm, running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
+    """Fused binary conv + LIF, see `binwslt.functional.binw_conv2d_lif`. Spikes ``[T, N, C_out, H', W']``
+    (marked as spikes; channels-last frames where the int8 path ran)."""
+    return _apply(x, weight, scores, scale, shift, residual, running_mean, running_var, _ConvMap(stride, padding),
+                  prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, grad_precision)
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps):
-    """Fused binary linear + LIF, see `binwslt.functional.binw_linear_lif`. Spikes ``[T, N, out]``."""
-    return _BinWLIF.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
-                          _LinearMap(), prune_rate, neuron, timesteps, batch_norm, momentum, eps)
+                    running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
+    """Fused binary linear + LIF, see `binwslt.functional.binw_linear_lif`. Spikes ``[T, N, out]`` (marked)."""
+    return _apply(x, weight, scores, scale, shift, residual, running_mean, running_var, _LinearMap(), prune_rate,
+                  neuron, timesteps, batch_norm, momentum, eps, subnet, grad_precision)

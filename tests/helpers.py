@@ -5,6 +5,7 @@ import sys
 import torch
 
 from binwslt import functional as Fn
+from binwslt.spikes import is_spikes, mark_spikes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.memory import saved_bytes  # noqa: E402,F401  (the one saved-for-backward counter)
@@ -12,12 +13,18 @@ from benchmarks.memory import saved_bytes  # noqa: E402,F401  (the one saved-for
 
 def spikes(*shape, p=0.4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=g) < p).float()
+    return mark_spikes((torch.rand(shape, generator=g) < p).float())
 
 
 def randn(*shape, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g) * scale
+
+
+def _leaf_like(v):
+    """A fresh leaf copy of ``v`` that keeps its spike mark (binwslt.spikes)."""
+    leaf = v.detach().clone().requires_grad_(True)
+    return mark_spikes(leaf) if is_spikes(v) else leaf
 
 
 def run_layer(op, backend, x, weight, scores, prune_rate, grad_seed=123, **kw):
@@ -26,7 +33,7 @@ def run_layer(op, backend, x, weight, scores, prune_rate, grad_seed=123, **kw):
     for name in ("scale", "shift", "residual"):
         if kw.get(name) is not None:
             leaves[name] = kw[name]
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    leaves = {k: _leaf_like(v) for k, v in leaves.items()}
     for name in ("scale", "shift", "residual"):
         if name in leaves:
             kw[name] = leaves[name]

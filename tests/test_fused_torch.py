@@ -137,3 +137,41 @@ def test_saved_state_is_compact():
     # int16 pre-activation + input bits + int8 ternary weight + per-channel statistics
     assert saved["torch"] <= 2 * out_elems + x.numel() // 8 + weight.numel() + 1024
     assert saved["torch"] * 8 <= saved["reference"]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "auto"])
+def test_forward_gemm_modes_match_reference(monkeypatch, mode):
+    """BINWSLT_CPU_MATMUL=fp32 forces the fp32 path (CPUs without int8 dot products); auto takes int8 where the
+    CPU has it: both give the reference's spikes and gradients, conv and linear."""
+    from binwslt import cpu
+
+    monkeypatch.setenv(cpu.ENV_VAR, mode)
+    assert cpu.matmul_mode() == ("fp32" if mode == "fp32" else cpu.cpu_info()["matmul"])
+    x, weight, scores, geo = _conv_inputs(CONV_CASES[2], seed=4)
+    C_out = weight.shape[0]
+    _compare("binw_conv2d_lif", x, weight, scores, 0.4, neuron=LIFConfig(decay=0.9, threshold=0.5),
+             batch_norm=True, running_mean=torch.zeros(C_out), running_var=torch.ones(C_out), **geo)
+    x = spikes(3, 5, 40, seed=2)
+    weight, scores = randn(7, 40, seed=3), randn(7, 40, seed=4)
+    _compare("binw_linear_lif", x, weight, scores, 0.3, neuron=LIFConfig(decay=0.9, threshold=0.5),
+             scale=randn(7, seed=5, scale=0.1) + 0.7)
+
+
+def test_forward_gemm_mode_is_checked(monkeypatch):
+    from binwslt import cpu
+
+    monkeypatch.setenv(cpu.ENV_VAR, "fp8")
+    with pytest.raises(ValueError, match="BINWSLT_CPU_MATMUL"):
+        cpu.matmul_mode()
+
+
+def test_grad_precision_bf16_is_one_rounded_term():
+    """grad_precision="bf16": same spikes, gradients within bf16's rounding of g (not the split's 1e-4)."""
+    x, weight, scores, geo = _conv_inputs(CONV_CASES[0], seed=2)
+    kw = dict(neuron=LIFConfig(decay=0.9, threshold=0.5), scale=randn(5, seed=3, scale=0.1) + 0.8, **geo)
+    got = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, grad_precision="bf16", **dict(kw))
+    want = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **dict(kw))
+    assert torch.equal(got[0], want[0])
+    assert_close_grads(got[1], want[1], rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="grad_precision"):
+        Fn.binw_conv2d_lif(x, weight, scores, 0.4, grad_precision="fp8", **geo)

@@ -88,3 +88,46 @@ def test_ternary_round_trip_in_two_bits():
     mask_bits, sign_bits = pack_ternary(tern)
     assert mask_bits.numel() + sign_bits.numel() == 2 * ((tern.numel() + 7) // 8)
     assert torch.equal(unpack_ternary(mask_bits, sign_bits, tern.shape), tern)
+
+
+def test_subnet_cache_recomputes_only_when_inputs_change():
+    from binwslt import torch_backend
+    from binwslt.subnet import Subnet, SubnetCache
+
+    weight, scores = torch.randn(6, 5), torch.randn(6, 5)
+    cache = SubnetCache()
+    first = cache.get(weight, scores, 0.4, "torch")
+    assert isinstance(first, Subnet) and first.ternary.dtype == torch.int8 and first.alpha.dim() == 0
+    assert cache.get(weight, scores, 0.4, "torch") is first
+    fresh = torch_backend.make_subnet(weight, scores, 0.4)
+    assert torch.equal(first.ternary, fresh.ternary) and torch.equal(first.alpha, fresh.alpha)
+    assert cache.get(weight, scores, 0.5, "torch") is not first  # prune rate
+    second = cache.get(weight, scores, 0.4, "torch")
+    with torch.no_grad():
+        scores.mul_(-1.0).add_(torch.randn(6, 5))  # in place: _version moves
+    third = cache.get(weight, scores, 0.4, "torch")
+    assert third is not second
+    assert torch.equal(third.ternary, torch_backend.make_subnet(weight, scores, 0.4).ternary)
+    assert cache.get(weight, scores.clone(), 0.4, "torch") is not third  # another tensor: data_ptr moves
+    assert cache.get(weight, scores, 0.4, "reference") is None  # the oracle always recomputes
+
+
+def test_cached_subnet_gives_the_same_outputs_and_score_gradients():
+    from binwslt import nn as bnn
+
+    torch.manual_seed(0)
+    layer = bnn.BinWConv2dLIF(3, 4, 3, padding=1, prune_rate=0.4, backend="torch")
+    x = (torch.rand(2, 2, 3, 6, 6) < 0.4).to(torch.uint8)
+    grads = []
+    for _ in range(2):  # the second call reuses the cached subnet
+        out = layer(x)
+        layer.scores.grad = None
+        out.sum().backward()
+        grads.append((out, layer.scores.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    layer.backend = "reference"
+    ref = layer(x)
+    layer.scores.grad = None
+    ref.sum().backward()
+    assert torch.equal(ref, grads[0][0])
+    torch.testing.assert_close(layer.scores.grad, grads[0][1], rtol=1e-4, atol=1e-5)
