@@ -422,9 +422,12 @@ def _header(target, dataset, scale, command) -> List[str]:
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}).", ""]
 
 
+_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits"}
+
+
 def _table_markdown(target, rows, verdict, dataset, gaps) -> List[str]:
     pd = rows[0]["paper_dataset"] if rows else ""
-    names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "digits"}
+    names = _DATASET_NAMES
     lines = []
     if dataset != pd:
         lines += [f"The paper's numbers are on {names.get(pd, pd)}, these runs on {names.get(dataset, dataset)}: "
@@ -481,7 +484,7 @@ def _plot_table(rows, path, title) -> str:
         px = [(x, mine[m]["paper_acc"]) for x, m in zip(xs, model_names) if m in mine and mine[m]["paper_acc"]]
         if px:
             ax.scatter([x for x, _ in px], [y for _, y in px], marker="_", s=300, color="black", zorder=3,
-                       label="paper" if j == 0 else None)
+                       label=f"paper ({_DATASET_NAMES.get(rows[0]['paper_dataset'], '')})" if j == 0 else None)
     ax.set_xticks(range(len(model_names)))
     ax.set_xticklabels(model_names)
     ax.set_ylabel("Test accuracy (%)")
