@@ -7,7 +7,7 @@ T in {1, 3, 5}, every neuron variant, direct encoding, analog input and training
 """
 import pytest
 import torch
-from helpers import assert_close_grads, compare_triton_to_reference, randn, run_layer, saved_bytes, spikes
+from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -280,25 +280,27 @@ def test_conv_lif_training_steps_keep_masks_equal():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("channels,stride", [((64, 64), 1), ((128, 256), 2), ((3, 64), 1)])
 def test_conv_lif_gpu_layer_sizes(channels, stride, bn):
-    """VGG-sized layers (T=4, N=16, 32x32 or 16x16) on a GPU against the torch backend."""
+    """VGG-sized layers (T=4, N=16, 32x32 direct or 16x16) on the GPU against the reference on the CPU (fp32, no
+    TF32). General inputs: at most 1e-3 of the neurons may flip (FMA contraction), those are masked out of both
+    backwards and every gradient is compared. rtol 1e-3, atol 1e-4 x the gradient's max: fp32 sums over 9*C_in
+    taps and the T*N*H*W positions of a score gradient, added in another order (and the fp32-level split
+    backward), drift ~1e-5 of the terms' scale, which elements that cancel to ~0 inherit."""
     C_in, C_out = channels
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     T, N, H = 4, 16, 32 if C_in == 3 else 16
     direct = C_in == 3
     if direct:
-        x = torch.randn((N, C_in, H, H), generator=g, device="cuda")
+        x = torch.randn((N, C_in, H, H), generator=g)
     else:
-        x = (torch.rand((T, N, C_in, H, H), generator=g, device="cuda") < 0.2).float()
-    weight = torch.randn((C_out, C_in, 3, 3), generator=g, device="cuda") * (2.0 / (9 * C_in)) ** 0.5
-    scores = torch.randn((C_out, C_in, 3, 3), generator=g, device="cuda")
+        x = (torch.rand((T, N, C_in, H, H), generator=g) < 0.2).float()
+    weight = torch.randn((C_out, C_in, 3, 3), generator=g) * (2.0 / (9 * C_in)) ** 0.5
+    scores = torch.randn((C_out, C_in, 3, 3), generator=g)
     kw = dict(neuron=LIFConfig(), batch_norm=bn, stride=stride, padding=1, timesteps=T if direct else None,
-              scale=torch.full((C_out,), 0.5, device="cuda"), shift=torch.full((C_out,), 0.5, device="cuda"))
-    s_ref, g_ref, _ = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, **dict(kw))
-    s_tri, g_tri, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, **dict(kw))
-    assert (s_tri != s_ref).float().mean().item() <= 1e-3
-    if torch.equal(s_tri, s_ref):
-        assert_close_grads(g_tri, g_ref, rtol=1e-3, atol=1e-4)
+              scale=torch.full((C_out,), 0.5), shift=torch.full((C_out,), 0.5))
+    if bn:
+        kw.update(running_mean=torch.zeros(C_out), running_var=torch.ones(C_out))
+    _compare(x, weight, scores, 0.4, kw, exact=False, grad_rtol=1e-3, grad_atol=1e-4, atol_relative=True)

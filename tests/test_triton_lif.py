@@ -102,7 +102,7 @@ def test_lif_helpers_reject_unknown_surrogate():
         surrogate_code("relu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("surrogate,reset", list(itertools.product(["atan", "sigmoid", "triangle"], RESETS)))
 def test_lif_gpu_large(surrogate, reset):
     """Real GPU, realistic size: spike mismatch <= 1e-3 (FMA contraction may move an ulp), gradients close."""

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close_grads, compare_triton_to_reference, randn, run_layer, saved_bytes, spikes
+from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -163,22 +163,23 @@ def test_linear_lif_no_grad_path_and_fp16():
     assert got16.dtype == torch.float16 and torch.equal(got16.float(), want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("bn", [False, True])
 def test_linear_lif_gpu_model_size(bn):
-    """CONV-4's fc 8192 -> 256 at T=4, N=128 on a GPU against the torch backend."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    """CONV-4's fc 8192 -> 256 at T=4, N=128 on the GPU against the reference on the CPU (fp32, no TF32).
+    General inputs: at most 1e-3 of the neurons may flip (FMA contraction), those are masked out of both backwards
+    and every gradient is compared. rtol 1e-3, atol 1e-4 x the gradient's max: 8192-term fp32 sums (and the
+    T*N-term score gradients) added in another order drift ~1e-5 of the terms' scale, which elements that cancel
+    to ~0 inherit."""
+    g = torch.Generator().manual_seed(0)
     T, N, K, C = 4, 128, 8192, 256
-    x = (torch.rand((T, N, K), generator=g, device="cuda") < 0.2).float()
-    weight = torch.randn((C, K), generator=g, device="cuda") * (2.0 / K) ** 0.5
-    scores = torch.randn((C, K), generator=g, device="cuda")
-    kw = dict(neuron=LIFConfig(), batch_norm=bn, scale=torch.ones(C, device="cuda") * 0.5,
-              shift=torch.full((C,), 0.5, device="cuda"))
-    s_ref, g_ref, _ = run_layer("binw_linear_lif", "torch", x, weight, scores, 0.4, **dict(kw))
-    s_tri, g_tri, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.4, **dict(kw))
-    assert (s_tri != s_ref).float().mean().item() <= 1e-3
-    if torch.equal(s_tri, s_ref):
-        assert_close_grads(g_tri, g_ref, rtol=1e-3, atol=1e-4)
+    x = (torch.rand((T, N, K), generator=g) < 0.2).float()
+    weight = torch.randn((C, K), generator=g) * (2.0 / K) ** 0.5
+    scores = torch.randn((C, K), generator=g)
+    kw = dict(neuron=LIFConfig(), batch_norm=bn, scale=torch.ones(C) * 0.5, shift=torch.full((C,), 0.5))
+    if bn:
+        kw.update(running_mean=torch.zeros(C), running_var=torch.ones(C))
+    _compare(x, weight, scores, 0.4, kw, exact=False, grad_rtol=1e-3, grad_atol=1e-4, atol_relative=True)
 
 
 def test_linear_lif_training_steps_same_masks():

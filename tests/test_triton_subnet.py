@@ -67,7 +67,7 @@ def test_ternary_subnet_rejects_bad_input():
         triton_subnet.ternary_subnet(weight, scores, 1.5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_ternary_subnet_gpu_large():
     g = torch.Generator(device="cuda").manual_seed(0)
     weight = torch.randn((512, 512, 3, 3), generator=g, device="cuda")
