@@ -20,8 +20,11 @@ RUN_COMMANDS = ("find", "train", "finetune")
 # argparse dest -> RunConfig field, for the options every run command shares
 RUN_FIELDS = ("model", "kind", "dataset", "data_dir", "download", "prune_rate", "timesteps", "decay", "threshold",
               "soft_reset", "surrogate", "width", "epochs", "batch_size", "optimizer", "lr", "schedule", "momentum",
-              "weight_decay", "seed", "backend", "device", "out", "resume", "progress", "ticket", "max_steps",
-              "eval_batches", "eval_batch_size", "stop_after", "threads")
+              "weight_decay", "seed", "backend", "device", "out", "resume", "overwrite", "progress", "ticket",
+              "max_steps", "eval_batches", "eval_batch_size", "stop_after", "threads")
+# options finetune takes from its --ticket instead (given explicitly, they would be ignored: refused)
+TICKET_FIELDS = ("model", "kind", "prune_rate", "timesteps", "decay", "threshold", "soft_reset", "surrogate",
+                 "width")
 
 
 class CLIError(Exception):
@@ -99,10 +102,14 @@ def _add_run_parser(sub, command: str, help_text: str, kind_help: str) -> argpar
     g.add_argument("--weight-decay", dest="weight_decay", type=_unit_float, help="default 0")
     g.add_argument("--seed", type=_non_negative_int, help="default 0")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help=f"output folder (default runs/{command}-MODEL-KIND-DATASET)")
+    g.add_argument("--out", help=f"output folder (default: a new runs/{command}-MODEL-KIND-DATASET-NNN, "
+                                 "linked as runs/latest)")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its checkpoint (its settings are reused)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out (without it a non-empty --out is refused)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (they are drawn only on a terminal anyway)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads per process")
     g.add_argument("--max-steps", dest="max_steps", type=_positive_int, help="cap optimizer steps per epoch")
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "binwslt (default) or bnn-binact")
     _add_run_parser(sub, "train", "train a dense baseline (ann or snn)", "snn (default) or ann")
     _add_run_parser(sub, "finetune", "fine-tune a ticket's weights through sign, keeping its mask",
-                    "ignored: the ticket's kind is used")
+                    "not for finetune: the ticket's kind is used")
 
     p = sub.add_parser("eval", help="evaluate tickets/models on a dataset; --activations draws Fig. 1 maps")
     p.add_argument("paths", nargs="+", help="ticket/model .safetensors files or run folders")
@@ -145,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", dest="in_channels", type=_positive_int, help="without PATH and --dataset")
     p.add_argument("--image-size", dest="image_size", type=_positive_int, help="without PATH and --dataset")
     _add_data_options(p)
-    p.add_argument("--batch", type=_positive_int, default=64, help="images averaged over (default 64)")
+    p.add_argument("--batch", type=_positive_int, default=256,
+                   help="images averaged over (default 256: the first test batch find and eval measure on)")
+    p.add_argument("--random-input", dest="random_input", action="store_true",
+                   help="measure on N(0, 1) noise instead of test images (default: PATH's run dataset or digits, "
+                        "or --dataset; without PATH and --dataset the input is noise)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--out", default="runs/energy", help="output folder (default runs/energy)")
 
@@ -209,17 +220,40 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_backend_device(backend: Optional[str], device: Optional[str]) -> None:
+    """``--backend triton`` runs CUDA tensors only: say so before any work on a machine without a GPU."""
+    if backend != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        raise CLIError("--backend triton needs CUDA tensors (a GPU)" + (", but --device cpu was given"
+                       if device == "cpu" else ", and CUDA is not available here") +
+                       ": use --backend torch (or auto) on a CPU")
+
+
 def _run_command(args: argparse.Namespace) -> dict:
-    from binwslt import train
+    from binwslt import rundir, train
 
     explicit = _explicit(args, RUN_FIELDS)
     command = args.command
     if command == "train":
         explicit.setdefault("kind", "snn")
+    if command == "finetune":
+        ignored = [f for f in TICKET_FIELDS if f in explicit]
+        if ignored:
+            names = ", ".join("--" + f.replace("_", "-") for f in ignored)
+            raise CLIError(f"{names}: finetune takes the model, its neuron and prune rate from --ticket; "
+                           "drop these options")
+    _check_backend_device(explicit.get("backend"), explicit.get("device"))
     out = explicit.get("out")
     if explicit.get("resume"):
         if out is None:
-            raise CLIError("--resume needs --out DIR (the folder of the interrupted run)")
+            raise CLIError("--resume needs --out DIR (the folder of the interrupted run; runs/latest is the last "
+                           "run started without --out)")
+        if explicit.get("overwrite"):
+            raise CLIError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        rundir.check_out(out)
         stored = train.load_checkpoint(os.path.join(out, train.CHECKPOINT_NAME))["config"]
         if stored.get("command") != command:
             raise CLIError(f"--resume: {out} holds a {stored.get('command')!r} run, not {command!r}")
@@ -231,12 +265,16 @@ def _run_command(args: argparse.Namespace) -> dict:
         fields = dict(stored)
         fields.update(explicit)
         fields["out"] = out
+        cfg = train.RunConfig(**dict(fields, command=command))
     else:
         fields = dict(explicit)
-        fields.setdefault("out", os.path.join(
-            "runs", f"{command}-{fields.get('model', 'conv4')}-{fields.get('kind', 'binwslt')}-"
-                    f"{fields.get('dataset', 'digits')}"))
-    cfg = train.RunConfig(**dict(fields, command=command))
+        cfg = train.RunConfig(**dict(fields, command=command, out=out or "runs"))
+        cfg.resolved()  # every option checked before a folder is made
+        if out is None:
+            cfg.out = rundir.unique_run_folder("runs", f"{command}-{cfg.model}-{cfg.kind}-{cfg.dataset}")
+            _say(f"run folder {cfg.out} (runs/latest)")
+        else:
+            rundir.check_out(out)
     result = train.run(cfg)
     _say(_summary(result.metrics))
     _say(f"  wrote          {os.path.join(cfg.out, train.METRICS_NAME)}")
@@ -245,7 +283,7 @@ def _run_command(args: argparse.Namespace) -> dict:
 
 def _load_any(path: str, backend: Optional[str]):
     """A model from a ticket/model .safetensors file or a run folder holding one."""
-    from binwslt import ticket, train
+    from binwslt import train
 
     if os.path.isdir(path):
         for name in (train.TICKET_NAME, train.DENSE_MODEL_NAME):
@@ -256,7 +294,7 @@ def _load_any(path: str, backend: Optional[str]):
             raise CLIError(f"{path} holds neither {train.TICKET_NAME} nor {train.DENSE_MODEL_NAME}")
     if not os.path.isfile(path):
         raise CLIError(f"{path} does not exist")
-    return ticket.load(path, backend=backend), path
+    return train.open_ticket(path, backend=backend), path
 
 
 def _check_fits(model, dataset, path):
@@ -274,7 +312,11 @@ def _eval_command(args: argparse.Namespace) -> dict:
     from binwslt import energy, ticket, train
     from binwslt.data import load_dataset
 
+    from binwslt import rundir
+
     start = time.time()
+    rundir.check_out(args.out)
+    _check_backend_device(args.backend, None)
     dataset = load_dataset(args.dataset or "digits", args.data_dir or "./data", download=bool(args.download))
     loader = dataset.loader("test", args.eval_batch_size, shuffle=False)
     entries, loaded = [], {}
@@ -315,24 +357,52 @@ def _eval_command(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def _run_dataset(path: str) -> Optional[str]:
+    """The dataset a run folder's metrics.json names (None for a file, or a folder without one)."""
+    import json
+
+    from binwslt import train
+
+    metrics_path = os.path.join(path, train.METRICS_NAME)
+    if not os.path.isdir(path) or not os.path.isfile(metrics_path):
+        return None
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            name = json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in DATASETS else None
+
+
 def _energy_command(args: argparse.Namespace) -> dict:
     import torch
 
-    from binwslt import energy, ticket
+    from binwslt import energy, rundir, ticket
     from binwslt.config import LIFConfig
     from binwslt.data import load_dataset
 
     start = time.time()
+    rundir.check_out(args.out)
+    _check_backend_device(args.backend, None)
     torch.manual_seed(args.seed)
-    dataset = load_dataset(args.dataset, args.data_dir or "./data", download=bool(args.download)) \
-        if args.dataset else None
     if args.path:
+        if any(v is not None for v in (args.model, args.kind, args.prune_rate, args.timesteps, args.decay,
+                                       args.threshold, args.soft_reset, args.surrogate, args.width,
+                                       args.num_classes, args.in_channels, args.image_size)):
+            raise CLIError("with PATH the model comes from the file: drop the model options (--model, --kind, "
+                           "--prune-rate, ...)")
         model, path = _load_any(args.path, args.backend)
         ticket_bytes = os.path.getsize(path)
+        # the run's own dataset, else digits (the default dataset) when the model fits it
+        dataset_name = args.dataset or _run_dataset(args.path) or "digits"
     else:
         neuron = LIFConfig(decay=0.99 if args.decay is None else args.decay,
                            threshold=1.0 if args.threshold is None else args.threshold,
                            v_reset=None if args.soft_reset else 0.0, surrogate=args.surrogate or "atan")
+        dataset_name = args.dataset
+        shape_given = dataset_name is not None
+        dataset = load_dataset(dataset_name, args.data_dir or "./data", download=bool(args.download)) \
+            if shape_given else None
         model = models.build(
             args.model or "conv4", args.kind or "binwslt",
             num_classes=args.num_classes or (dataset.num_classes if dataset else 10),
@@ -342,15 +412,22 @@ def _energy_command(args: argparse.Namespace) -> dict:
             neuron=neuron, backend=args.backend or "auto", width=1.0 if args.width is None else args.width)
         path, ticket_bytes = None, None
     c = model.config
-    if dataset is not None:
+    dataset = None
+    if dataset_name is not None and not args.random_input:
+        dataset = load_dataset(dataset_name, args.data_dir or "./data", download=bool(args.download))
         _check_fits(model, dataset, path or "the built model")
         x = next(iter(dataset.loader("test", args.batch, shuffle=False)))[0]
+        measured = f"the first {x.shape[0]} test images of {dataset.name}"
     else:
         x = torch.randn(args.batch, c["in_channels"], c["image_size"], c["image_size"])
+        measured = (f"{args.batch} random N(0, 1) images of {c['in_channels']}x{c['image_size']}x{c['image_size']}"
+                    + ("" if args.random_input else " (no --dataset given)"))
     report = energy.estimate(model, x)
+    _say(f"measured on {measured} (firing rates, and so SOPs, depend on the input)")
     _say(report.table())
     metrics = {"command": "energy", "model": c["name"], "kind": c["kind"], "path": path,
                "dataset": dataset.name if dataset else None, "input": "test images" if dataset else "randn",
+               "measured_on": measured, "images": int(x.shape[0]),
                "test_accuracy": None, "prune_rate": c["prune_rate"], "sparsity": models.sparsity(model),
                "ticket_bytes": ticket_bytes, "dense_fp32_bytes": ticket.dense_fp32_bytes(model),
                "ops_g": report.ops_g, "energy_mj": report.energy_mj, "ops_g_pruned": report.ops_g_pruned,
@@ -383,9 +460,12 @@ SWEEP_FIELDS = ("model", "dataset", "data_dir", "download", "prune_rate", "times
 
 
 def _sweep_command(args: argparse.Namespace) -> dict:
+    from binwslt import rundir
     from binwslt.sweep import PARAMS, run_sweep
 
     start = time.time()
+    rundir.check_out(args.out)
+    _check_backend_device(args.backend, args.device)
     values = _parse_values(args.values, args.param)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     base = _explicit(args, SWEEP_FIELDS)
@@ -427,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "reproduce": lambda a: __import__("binwslt.reproduce", fromlist=["command"]).command(a)}
     try:
         handlers[args.command](args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, TypeError, OSError) as exc:  # OSError: a file or folder that cannot be used
         if os.environ.get("BINWSLT_DEBUG") == "1":
             raise
         print(f"binwslt {args.command}: error: {exc}", file=sys.stderr)

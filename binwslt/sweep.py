@@ -128,13 +128,15 @@ def run_or_resume(config_fields: dict) -> dict:
         return reused
     if os.path.isfile(os.path.join(cfg.out, train.CHECKPOINT_NAME)):
         cfg.resume = True
+    else:
+        cfg.overwrite = True  # a cell's folder belongs to its sweep: what an earlier definition left is replaced
     try:
         return train.run(cfg).metrics
     except ValueError as exc:
         if not cfg.resume or "different settings" not in str(exc):
             raise
         # A checkpoint from other settings (a sweep redefined in the same folder): start this run afresh.
-        cfg.resume = False
+        cfg.resume, cfg.overwrite = False, True
         return train.run(cfg).metrics
 
 

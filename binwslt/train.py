@@ -18,6 +18,8 @@ optimizer, scheduler and RNG states are restored. Under ``torchrun`` the loops r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -34,6 +36,7 @@ from torch import nn
 from binwslt import models
 from binwslt.config import LIFConfig
 from binwslt.data import DATASETS, load_dataset
+from binwslt.rundir import RunFolderError, RunLock, check_out, clean_temp_files, run_files
 
 COMMANDS = ("find", "train", "finetune")
 OPTIMIZERS = ("adam", "sgd")
@@ -43,6 +46,10 @@ METRICS_NAME = "metrics.json"
 TICKET_NAME = "ticket.safetensors"
 DENSE_MODEL_NAME = "model.safetensors"
 CHECKPOINT_FORMAT = "binwslt-checkpoint"
+# a checkpoint file is this header, the SHA-256 of the payload in hex, a newline, then the torch.save payload
+CHECKPOINT_MAGIC = b"binwslt-checkpoint sha256 "
+# the files a run writes in its folder (removed first by overwrite=True)
+RUN_OUTPUTS = (CHECKPOINT_NAME, METRICS_NAME, TICKET_NAME, DENSE_MODEL_NAME)
 # default learning rates per (command, optimizer): the paper's Adam 0.1 for finding scores; the usual rates for
 # training dense weights (Adam at 0.1 diverges on weights) and for fine-tuning latent weights.
 DEFAULT_LR = {("find", "adam"): 0.1, ("find", "sgd"): 0.1, ("train", "adam"): 1e-3, ("train", "sgd"): 0.1,
@@ -50,7 +57,7 @@ DEFAULT_LR = {("find", "adam"): 0.1, ("find", "sgd"): 0.1, ("train", "adam"): 1e
 DEFAULT_EPOCHS = {"digits": 10, "cifar10": 200, "cifar100": 200}
 DEFAULT_BATCH = {"digits": 64, "cifar10": 128, "cifar100": 128}
 # fields that may differ between an interrupted run and its resumption
-RESUME_FREE_FIELDS = ("resume", "progress", "stop_after", "data_dir", "download", "device", "threads")
+RESUME_FREE_FIELDS = ("resume", "overwrite", "progress", "stop_after", "data_dir", "download", "device", "threads")
 
 
 def command_for_kind(kind: str) -> str:
@@ -74,6 +81,10 @@ class RunConfig:
     figures come from the first test batch. ``stop_after`` ends the run after that many completed epochs as if
     interrupted (the checkpoint lets ``resume`` continue). ``threads`` sets ``torch.set_num_threads`` (on a
     shared, oversubscribed CPU one thread per process is often much faster than two).
+
+    ``out`` is locked while the run uses it (another process gets an error naming this one's pid). A run without
+    ``resume`` refuses a folder that already holds files unless ``overwrite`` (which removes the previous run's
+    outputs first). ``progress`` bars are drawn only when stderr is a terminal; every epoch also prints one line.
     """
 
     command: str = "find"
@@ -101,6 +112,7 @@ class RunConfig:
     device: str = "auto"
     out: str = "runs/find"
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     ticket: Optional[str] = None
     max_steps: Optional[int] = None
@@ -161,6 +173,9 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu or cuda; got {cfg.device!r}")
         if not isinstance(cfg.out, str) or not cfg.out:
             raise ValueError(f"out must be a folder path, got {cfg.out!r}")
+        if cfg.resume and cfg.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in out, overwrite "
+                             "replaces it")
         self_neuron = cfg.neuron()  # validates decay, threshold, surrogate
         del self_neuron
         return cfg
@@ -263,15 +278,42 @@ def atomic_write_bytes(path: str, write) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically with ``torch.save``."""
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically with ``torch.save``,
+    behind a header with the payload's SHA-256 that :func:`load_checkpoint` verifies."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+
+    def write(f):
+        f.write(header)
+        f.write(payload)
+
+    atomic_write_bytes(path, write)
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: no arbitrary code is run)."""
+    """Read a checkpoint written by :func:`save_checkpoint`, after verifying its checksum.
+
+    FileNotFoundError when there is none; ValueError naming the file when it is empty, truncated, corrupt or not
+    a binwslt checkpoint. ``weights_only``: no arbitrary code is run.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume (run without --resume first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb") as f:
+        data = f.read()
+    head = len(CHECKPOINT_MAGIC) + 65
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < head or data[head - 1:head] != b"\n":
+        what = "is empty" if not data else "has no binwslt checksum header (not a binwslt checkpoint, or corrupt)"
+        raise ValueError(f"checkpoint {path} {what}: it cannot be resumed")
+    expected, payload = data[len(CHECKPOINT_MAGIC):head - 1].decode("ascii", "replace"), data[head:]
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise ValueError(f"checkpoint {path} is corrupt (its SHA-256 does not match the one it was written with): "
+                         "it cannot be resumed")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a payload that hashes right but torch cannot read (written by a foreign tool)
+        raise ValueError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a binwslt checkpoint")
     return state
@@ -309,12 +351,33 @@ def resolve_ticket_path(path: str) -> str:
     return path
 
 
+def _from_ticket(path: str, read, **kwargs):
+    """``read(path, **kwargs)`` (``binwslt.ticket.load`` or ``.read_config``); a damaged file fails anywhere in
+    parsing, so every error but a missing file becomes one ValueError naming the file."""
+    try:
+        return read(path, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, ValueError) and str(path) in str(exc):
+            raise
+        raise ValueError(f"{path} is not a readable binwslt ticket/model ({type(exc).__name__}: {exc})") from None
+
+
+def open_ticket(path: str, backend: Optional[str] = None) -> nn.Module:
+    """``binwslt.ticket.load(path, backend=backend)``, with any damage to the file reported as one ValueError
+    naming it (FileNotFoundError when it is missing)."""
+    from binwslt import ticket
+
+    return _from_ticket(path, ticket.load, backend=backend)
+
+
 def build_model(cfg: RunConfig, dataset) -> nn.Module:
     """The model a run trains: built from ``cfg`` (find/train) or loaded from ``cfg.ticket`` (finetune)."""
     if cfg.command == "finetune":
         from binwslt import ticket
 
-        model = ticket.load(resolve_ticket_path(cfg.ticket), backend=cfg.backend)
+        model = open_ticket(resolve_ticket_path(cfg.ticket), backend=cfg.backend)
         mc = model.config
         if (mc["in_channels"], mc["image_size"], mc["num_classes"]) != \
                 (dataset.in_channels, dataset.image_size, dataset.num_classes):
@@ -390,25 +453,86 @@ def _volatile_free(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESUME_FREE_FIELDS}
 
 
+# RunConfig fields finetune takes from its ticket, and where the ticket's model config keeps them
+TICKET_FIELDS = {"model": ("name",), "kind": ("kind",), "prune_rate": ("prune_rate",), "timesteps": ("timesteps",),
+                 "decay": ("neuron", "decay"), "threshold": ("neuron", "threshold"),
+                 "surrogate": ("neuron", "surrogate"), "width": ("width",)}
+
+
+def _with_ticket_fields(cfg: RunConfig) -> RunConfig:
+    """finetune: the model fields from the ticket (so metrics.json records what ran). ValueError when ``cfg``
+    sets one of them to something other than the default and the ticket's value (it would be ignored)."""
+    from binwslt import ticket
+
+    stored = _from_ticket(resolve_ticket_path(cfg.ticket), ticket.read_config)
+    if not isinstance(stored, dict):
+        raise ValueError(f"{cfg.ticket} holds no model config: not a binwslt ticket")
+    defaults = RunConfig()
+    values = {}
+    for name, keys in TICKET_FIELDS.items():
+        value = stored
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            values[name] = value
+    values["soft_reset"] = stored.get("neuron", {}).get("v_reset", 0.0) is None
+    ignored = {name: (getattr(cfg, name), value) for name, value in values.items()
+               if getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != value}
+    if ignored:
+        raise ValueError(f"finetune takes the model from its ticket {cfg.ticket}; these settings would be ignored "
+                         f"(field: given, ticket's): {ignored}")
+    return dataclasses.replace(cfg, **values)
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Run ``cfg.command`` end to end; see the module docstring. Returns :class:`RunResult`.
 
     Rank 0 writes OUT/checkpoint.pt every epoch, the ticket/model file and OUT/metrics.json at the end.
     """
     cfg = cfg.resolved()
+    if cfg.command == "finetune":
+        cfg = _with_ticket_fields(cfg)
+    check_out(cfg.out)  # before any work: a file, or an unwritable folder, fails now and not after an epoch
     start = time.time()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     probe_device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
     dist_info = _init_distributed(probe_device)
+    lock = None
     try:
+        if dist_info.main:
+            lock = _claim_out(cfg)
+        _barrier(dist_info)
         return _run(cfg, dist_info, start)
     finally:
+        if lock is not None:
+            lock.release()
         if dist_info.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _claim_out(cfg: RunConfig) -> RunLock:
+    """Lock ``cfg.out``, remove interrupted writes' temp files, and refuse (or, with overwrite, clear) a folder
+    that already holds a run when not resuming. Returns the held lock."""
+    lock = RunLock(cfg.out)
+    try:
+        clean_temp_files(cfg.out)
+        existing = run_files(cfg.out)
+        if existing and not cfg.resume:
+            if not cfg.overwrite:
+                shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+                raise RunFolderError(f"--out {cfg.out} already holds files ({shown}): add --resume to continue "
+                                     "that run, --overwrite to replace it, or choose another --out")
+            for name in RUN_OUTPUTS:
+                if os.path.isfile(os.path.join(cfg.out, name)):
+                    os.unlink(os.path.join(cfg.out, name))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
@@ -436,7 +560,9 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
     if cfg.resume:
         state = load_checkpoint(checkpoint_path)
         stored = state["config"]
-        diffs = {k: (stored.get(k), v) for k, v in _volatile_free(cfg.to_dict()).items() if stored.get(k) != v}
+        # a moved run folder is the same run: "out" may differ
+        diffs = {k: (stored.get(k), v) for k, v in _volatile_free(cfg.to_dict()).items()
+                 if k != "out" and stored.get(k) != v}
         if diffs:
             raise ValueError(f"--resume: {checkpoint_path} was written by a run with different settings "
                              f"(field: checkpoint value, requested value): {diffs}")
@@ -456,7 +582,8 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
     train_loader = dataset.loader("train", per_rank_batch, shuffle=True, seed=cfg.seed, rank=dist_info.rank,
                                   world_size=dist_info.world_size, drop_last=False)
     test_loader = dataset.loader("test", cfg.eval_batch_size, shuffle=False)
-    show = cfg.progress and dist_info.main
+    # bars only on a terminal (a log file gets the plain per-epoch lines below)
+    show = cfg.progress and dist_info.main and sys.stderr.isatty()
     kind = model.config["kind"]  # finetune: the ticket's kind, whatever cfg.kind says
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(first_epoch, last_epoch):
@@ -469,6 +596,11 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
         for step, (x, y) in enumerate(train_loader):
             if step >= steps:
                 break
+            if y.numel() == 0:  # an empty batch would only touch BatchNorm's running statistics: skip it
+                if dist_info.world_size > 1:  # skipping on one process alone would leave the others waiting
+                    raise ValueError(f"process {dist_info.rank} got an empty training batch: use fewer "
+                                     "processes or a larger batch_size")
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
@@ -486,6 +618,8 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
         if scheduler is not None:
             scheduler.step()
         loss_sum, correct, count = _all_sum([loss_sum, correct, count], dist_info, device)
+        if count == 0:
+            raise ValueError(f"epoch {epoch + 1} had no training samples ({cfg.dataset} train split)")
         test_loss, test_acc = evaluate(model, test_loader, device, cfg.eval_batches)
         best = max(best, test_acc)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_accuracy": correct / count,

@@ -11,6 +11,8 @@ from binwslt import cli
 
 TINY = ["--width", "0.125", "-T", "2", "--epochs", "1", "--batch-size", "16", "--max-steps", "2",
         "--eval-batch-size", "32", "--eval-batches", "1", "--backend", "torch", "--no-progress"]
+# TINY without the model options (finetune takes those from its ticket)
+TINY_RUN = TINY[4:]
 REQUIRED = ("test_accuracy", "prune_rate", "sparsity", "ticket_bytes", "ops_g", "energy_mj", "seconds")
 
 
@@ -44,9 +46,11 @@ def test_train_and_finetune(found, tmp_path):
     assert cli.main(["train", "--kind", "ann", *TINY, "--out", str(tmp_path / "ann")]) == 0
     ann = _metrics(tmp_path / "ann")
     assert ann["kind"] == "ann" and ann["sparsity"] == 0.0 and ann["command"] == "train"
-    assert cli.main(["finetune", "--ticket", found, *TINY, "--out", str(tmp_path / "ft")]) == 0
+    assert cli.main(["finetune", "--ticket", found, *TINY_RUN, "--out", str(tmp_path / "ft")]) == 0
     ft = _metrics(tmp_path / "ft")
     assert ft["command"] == "finetune" and ft["kind"] == "binwslt" and ft["config"]["ticket"] == found
+    # metrics.json records the ticket's model, not the defaults finetune never used
+    assert ft["config"]["width"] == 0.125 and ft["config"]["timesteps"] == 2 and ft["timesteps"] == 2
 
 
 def test_eval_with_activation_maps(found, tmp_path):
