@@ -8,13 +8,14 @@ convolution is computed once and drives the neuron at every step). Outputs are s
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .backends import backend_module, resolve_backend
 from .config import LIFConfig
-from .spikes import mark_spikes
+from .spikes import mark_spikes, spike_output_dtype
 from .subnet import Subnet, check_prune_rate, subnet_weight  # noqa: F401  (subnet_weight is part of this API)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +35,39 @@ def _as_float(x, name: str) -> torch.Tensor:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float, bool or uint8, got dtype {x.dtype}")
     return x
+
+
+def _check_not_empty(x: torch.Tensor, T: Optional[int], name: str = "x"):
+    """T = 0 or an empty batch (N = 0) or feature dimension: one ValueError on every backend, before any work
+    (an empty batch would otherwise put NaN into BatchNorm's running statistics)."""
+    if T is None and x.shape[0] == 0:
+        raise ValueError(f"{name} has no timesteps (T = 0, shape {tuple(x.shape)}): T must be >= 1")
+    if x.numel() == 0:
+        what = "an empty batch (N = 0)" if x.shape[0 if T is not None else 1] == 0 else "a zero-size dimension"
+        raise ValueError(f"{name} has {what}, shape {tuple(x.shape)}: pass at least one sample (an empty batch is "
+                         "skipped by the caller, never run)")
+
+
+def _check_weight_dtype(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 weight or scores: upcast to float32 (exact, so the mask and α are unchanged) on every backend;
+    gradients flow back in the tensor's own dtype."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _backend(backend: str, x: torch.Tensor):
+    """The backend module for ``backend`` and x's device; ValueError for ``"triton"`` on non-CUDA tensors."""
+    name = resolve_backend(backend, x.device)
+    if name == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, x is on {x.device}: use backend='torch' (or "
+                         "'auto') on a CPU, or move the model and input to a GPU")
+    return backend_module(name)
+
+
+def _spike_output(out: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """A fused layer's spikes in the one output dtype (`binwslt.spikes.spike_output_dtype`); the cast of 0/1 is
+    exact and the result stays marked as spikes."""
+    dtype = spike_output_dtype(x_dtype)
+    return out if out.dtype == dtype else mark_spikes(out.to(dtype))
 
 
 def _check_neuron(neuron) -> LIFConfig:
@@ -158,10 +192,9 @@ def lif(x_seq: torch.Tensor, neuron: LIFConfig = LIFConfig(), backend: str = "au
     x_seq = _as_float(x_seq, "x_seq")
     if x_seq.dim() < 2:
         raise ValueError(f"x_seq must be time-major [T, N, ...] with rank >= 2, got shape {tuple(x_seq.shape)}")
-    if x_seq.shape[0] < 1:
-        raise ValueError(f"x_seq must have at least one timestep, got shape {tuple(x_seq.shape)}")
+    _check_not_empty(x_seq, None, "x_seq")
     neuron = _check_neuron(neuron)
-    return backend_module(resolve_backend(backend, x_seq.device)).lif(x_seq, neuron)
+    return _backend(backend, x_seq).lif(x_seq, neuron)
 
 
 def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, *,
@@ -198,7 +231,9 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     """
     x = _as_float(x, "x")
     T = _check_timesteps(timesteps, x.dim(), 5)
+    _check_not_empty(x, T)
     prune_rate = _check_weights(weight, scores, prune_rate, 4, x.device)
+    weight, scores = _check_weight_dtype(weight), _check_weight_dtype(scores)
     stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
@@ -217,11 +252,11 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
     options = _backend_options(subnet, grad_precision, x.device, weight.shape)
-    impl = backend_module(resolve_backend(backend, x.device))
-    return impl.binw_conv2d_lif(x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale,
-                                shift=shift, residual=residual, neuron=neuron, timesteps=T, batch_norm=batch_norm,
-                                running_mean=running_mean, running_var=running_var, momentum=float(momentum),
-                                eps=float(eps), **options)
+    impl = _backend(backend, x)
+    return _spike_output(impl.binw_conv2d_lif(
+        x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
+        neuron=neuron, timesteps=T, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
+        momentum=float(momentum), eps=float(eps), **options), x.dtype)
 
 
 def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, *,
@@ -244,7 +279,9 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     """
     x = _as_float(x, "x")
     T = _check_timesteps(timesteps, x.dim(), 3)
+    _check_not_empty(x, T)
     prune_rate = _check_weights(weight, scores, prune_rate, 2, x.device)
+    weight, scores = _check_weight_dtype(weight), _check_weight_dtype(scores)
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects in={in_features} "
@@ -254,7 +291,8 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     running_mean, running_var, momentum, eps)
     neuron = _check_neuron(neuron)
     options = _backend_options(subnet, grad_precision, x.device, weight.shape)
-    impl = backend_module(resolve_backend(backend, x.device))
-    return impl.binw_linear_lif(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual,
-                                neuron=neuron, timesteps=T, batch_norm=batch_norm, running_mean=running_mean,
-                                running_var=running_var, momentum=float(momentum), eps=float(eps), **options)
+    impl = _backend(backend, x)
+    return _spike_output(impl.binw_linear_lif(
+        x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron, timesteps=T,
+        batch_norm=batch_norm, running_mean=running_mean, running_var=running_var, momentum=float(momentum),
+        eps=float(eps), **options), x.dtype)
