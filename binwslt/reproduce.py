@@ -90,18 +90,16 @@ class Cell:
     def fields(self, dataset: str, runs_dir: str, extra: dict) -> dict:
         """The RunConfig fields of this cell (``extra``: scale and machine fields shared by every cell)."""
         out = os.path.join(runs_dir, self.key)
-        if self.command == "finetune":
-            # the ticket carries model, kind, prune rate and neuron; finetune takes only what it trains
-            f = dict(extra, command="finetune", kind="binwslt", dataset=dataset, seed=self.seed, out=out,
-                     ticket=os.path.join(runs_dir, self.needs))
-            f.pop("width", None)
-            return f
         f = dict(extra, command=self.command, model=self.model, kind=self.kind, dataset=dataset, seed=self.seed,
                  out=out)
         if self.kind in ("bnn-binact", "binwslt"):
             f["prune_rate"] = self.prune_rate
         if self.kind in ("snn", "binwslt"):
             f["timesteps"], f["decay"] = self.timesteps, self.decay
+        if self.command == "finetune":
+            # the model fields are the ticket's own (finetune takes them from the ticket; equal values are what it
+            # records, so a finished fine-tuning run is recognised as the same cell)
+            f["ticket"] = os.path.join(runs_dir, self.needs)
         return f
 
 

@@ -81,7 +81,8 @@ def test_cell_fields_name_the_setting():
     assert ann.key == "vgg9-ann-s0" and "prune_rate" not in ann.fields("digits", "r", {})
     ft = reproduce.finetune_cell(cell).fields("cifar10", "/o/runs", {"epochs": 3, "width": 0.5})
     assert ft["command"] == "finetune" and ft["ticket"] == "/o/runs/vgg9-binwslt-rp0.6-T1-lam0.99-s2"
-    assert "model" not in ft and "width" not in ft and ft["out"].endswith("-s2-ft")
+    assert ft["out"].endswith("-s2-ft") and (ft["model"], ft["prune_rate"], ft["timesteps"], ft["width"]) == \
+        ("vgg9", 0.6, 1, 0.5)  # the ticket's own model fields
 
 
 def test_table1_local_aggregates_seeds_against_the_paper(tmp_path, monkeypatch):
@@ -290,3 +291,17 @@ def test_killed_grid_resumes_the_interrupted_run(tmp_path, monkeypatch):
     assert len(resumed) == 1 and resumed[0].resume and len(calls) == 3
     metrics = json.load(open(os.path.join(runs, killed.key, "metrics.json")))
     assert metrics["finished"] and [h["epoch"] for h in metrics["history"]] == [1, 2]
+
+
+def test_fig3_real_finetune_runs_are_recognised_when_finished(tmp_path):
+    """Real tiny runs: fine-tuning starts from its find run's ticket, and a second call skips every cell (the
+    fine-tuning cells included: their recorded settings are the ticket's, which the cells ask for)."""
+    kwargs = dict(dataset="digits", models=["conv4"], scale="quick", out=tmp_path, engine="local", progress=False,
+                  run_args={"backend": "torch", "threads": 1})
+    first = reproduce.reproduce("fig3", **kwargs)
+    assert {o.status for o in first.outcomes.values()} == {"done"} and len(first.outcomes) == 6
+    ft = json.load(open(tmp_path / "runs" / "conv4-binwslt-rp0.8-T4-lam0.99-s0-ft" / "metrics.json"))
+    assert ft["command"] == "finetune" and ft["prune_rate"] == 0.8 and ft["finished"]
+    again = reproduce.reproduce("fig3", **kwargs)
+    assert {o.status for o in again.outcomes.values()} == {"skipped"}
+    assert [r["acc_mean"] for r in again.rows] == [r["acc_mean"] for r in first.rows]
