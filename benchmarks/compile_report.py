@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/compile_report.py [--arch 80 90] [--filter SUBSTR] [--jobs N] [--json PATH]
+                                        [--keep-cubins DIR] [--ci]
 
 Every module ``kernels/<name>.py`` that defines a ``@triton.jit`` function must export
 ``COMPILE_SPECS``, a list of dicts, one per config its launcher can use on a GPU:
@@ -25,17 +26,28 @@ Kernel entry points are named ``*_kernel``; a ``*_kernel`` function that no spec
 
 Each spec is compiled for each arch (sm_80, sm_90 by default) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and the cubin is read with
-``cuobjdump --dump-resource-usage`` and ``ptxas -v`` (both shipped in the triton wheel). One row per
-spec x arch: registers, spill store/load bytes, stack frame bytes, shared memory (Triton's dynamic
-allocation + static). The exit status is 1 when a module fails to import, a spec is malformed, a
-compile fails, a config spills (ptxas spill stores or loads > 0) or needs more shared memory than the
-arch offers; else 0.
+``cuobjdump --dump-resource-usage``, ``cuobjdump -sass`` and ``ptxas -v`` (all shipped in the triton wheel).
+One row per spec x arch: registers, spill store/load bytes, stack frame bytes, shared memory (Triton's
+dynamic allocation + static), the CTAs per SM those allow (``ctas_per_sm``), and read from the SASS: the
+tensor-core MMA instructions by opcode (``mma``: IGMMA/HGMMA/GMMA on sm_90, IMMA/HMMA on sm_80), ``FFMA``
+count, byte stores to shared memory (``STS.U8``: an operand transposed byte by byte) and the deepest
+``DEPBAR.LE SBx, N`` wait (``depbar``: N = cp.async groups left in flight; 0 means each step waits for its
+own loads, no prefetch). ``gemm`` is true when the kernel's Triton IR has a ``tt.dot``.
+
+The exit status is 1 when a module fails to import, a spec is malformed, a compile fails, a config spills
+(ptxas spill stores or loads > 0) or needs more shared memory than the arch offers, a ``gemm`` kernel has no
+tensor-core MMA instruction on an arch, or the vectorised int8 forward (a ``*_fwd_kernel`` spec with IS_SPIKE
+and every EVEN flag) still stores bytes to shared memory (``STS.U8``, see ``is_int8_forward``); else 0. ``--json PATH`` writes the rows as a list of objects
+with at least the keys kernel, config, arch (80/90), gemm, regs, spill_bytes, smem_bytes, mma, ffma, sts_u8,
+cubin (the file name ``--keep-cubins DIR`` stores the cubin under).
 
 TRITON_INTERPRET must be unset for compiling: if it is set, the script re-executes itself without it.
 """
 
 import argparse
+import collections
 import concurrent.futures
+import hashlib
 import importlib
 import json
 import os
@@ -51,6 +63,10 @@ DEFAULT_ARCHS = (80, 90)
 # Max dynamic shared memory per block (opt-in), bytes.
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SPEC_KEYS = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}  # required; "divisible_by_16" optional
+# Per-SM limits for the occupancy estimate: registers, threads, CTAs, shared memory (bytes; 1 KiB reserved per CTA).
+SM_LIMITS = {80: dict(regs=65536, threads=2048, ctas=32, smem=167936),
+             90: dict(regs=65536, threads=2048, ctas=32, smem=233472)}
+MMA_OPCODES = ("HGMMA", "IGMMA", "QGMMA", "GMMA", "HMMA", "IMMA", "BMMA", "DMMA")
 
 
 def _ensure_not_interpreting():
@@ -196,6 +212,77 @@ def _ptx_target(ptx):
     return match.group(1)
 
 
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);")
+
+
+def sass_opcodes(sass):
+    """The instruction opcodes (with modifiers, predicate guard dropped) of ``cuobjdump -sass`` output, in order,
+    each with its operand text: a list of ``(opcode, operands)``."""
+    out = []
+    for match in _SASS_LINE.finditer(sass):
+        tokens = match.group(1).split(None, 1)
+        if tokens and tokens[0].startswith("@"):
+            tokens = tokens[1].split(None, 1) if len(tokens) > 1 else []
+        if tokens:
+            out.append((tokens[0], tokens[1] if len(tokens) > 1 else ""))
+    return out
+
+
+def sass_counts(sass):
+    """Counts the report gates on, from SASS text: ``{"mma": {opcode: n}, "ffma": n, "sts_u8": n, "depbar": N or
+    None, "instructions": n}``. ``mma`` keys are full opcodes (e.g. ``HGMMA.64x64x16.F32.BF16``) whose root is a
+    tensor-core MMA; ``depbar`` is the largest N of ``DEPBAR.LE SBx, N``."""
+    mma = collections.Counter()
+    ffma = sts_u8 = 0
+    depbar = None
+    ops = sass_opcodes(sass)
+    for opcode, operands in ops:
+        root = opcode.split(".", 1)[0]
+        if root in MMA_OPCODES:
+            mma[opcode] += 1
+        elif root == "FFMA":
+            ffma += 1
+        elif opcode.startswith("STS.U8"):
+            sts_u8 += 1
+        elif opcode.startswith("DEPBAR"):
+            match = re.search(r"SB\d+\s*,\s*(0x[0-9a-fA-F]+|\d+)", operands)
+            if match:
+                depbar = max(depbar or 0, int(match.group(1), 0))
+    return {"mma": dict(sorted(mma.items())), "ffma": ffma, "sts_u8": sts_u8, "depbar": depbar,
+            "instructions": len(ops)}
+
+
+def ctas_per_sm(arch, regs, smem, num_warps):
+    """CTAs of this kernel one SM holds at once, limited by registers (allocated per warp in units of 256), threads,
+    the CTA limit and shared memory (None for an arch without a table entry)."""
+    lim = SM_LIMITS.get(arch)
+    if lim is None:
+        return None
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (per_warp * num_warps)
+    by_threads = lim["threads"] // (32 * num_warps)
+    by_smem = lim["smem"] // (smem + 1024) if smem else lim["ctas"]
+    return max(0, min(by_regs, by_threads, lim["ctas"], by_smem))
+
+
+def cubin_name(spec_name, arch):
+    """A short file-system-safe cubin name for a spec: kernel function, hash of the full spec name, arch."""
+    digest = hashlib.sha1(spec_name.encode()).hexdigest()[:12]
+    return f"{spec_name.split('[', 1)[0]}-{digest}-sm{arch}.cubin"
+
+
+def is_int8_forward(spec):
+    """True for a forward kernel's vectorised int8 (spike) path, the one that must not byte-transpose an operand:
+    IS_SPIKE with every EVEN flag set (channel counts that are tile multiples). The masked paths (channel counts
+    that are not, e.g. 16 or 48 input channels against BLOCK_K=32) load bytes one by one and so store them to
+    shared memory one by one too (their STS.U8 count is reported, not gated): that is the unvectorised load, not
+    a transpose (both operands are K-major in memory as in shared memory)."""
+    fn = getattr(spec["fn"], "__name__", "") or spec["fn"].fn.__name__
+    consts = spec["constexprs"]
+    evens = [v for k, v in consts.items() if k.startswith("EVEN")]
+    return fn.endswith("_fwd_kernel") and bool(consts.get("IS_SPIKE")) and all(evens)
+
+
 def divisibility_attrs(spec):
     """ASTSource attrs marking the spec's 16-divisible arguments (default: every pointer argument)."""
     args = list(spec["fn"].arg_names)
@@ -205,8 +292,9 @@ def divisibility_attrs(spec):
     return {(args.index(a),): [["tt.divisibility", 16]] for a in hinted}
 
 
-def compile_one(spec, arch):
-    """Compile one spec for sm_<arch>; return a result row (dict) with resource usage or the error.
+def compile_one(spec, arch, keep_dir=None):
+    """Compile one spec for sm_<arch>; return a result row (dict) with resource usage and SASS counts, or the
+    error. ``keep_dir``: also store the cubin there (as ``row["cubin"]``).
 
     Registers, stack and local bytes come from the cubin Triton built (cuobjdump); spill stores/loads
     from ``ptxas -v`` on the same PTX (a stack frame alone, e.g. for a call, is not a spill); shared
@@ -216,8 +304,11 @@ def compile_one(spec, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = {"name": spec["name"], "arch": f"sm_{arch}", "num_warps": spec["num_warps"],
-           "num_stages": spec["num_stages"], "ok": False}
+    fn_name = getattr(spec["fn"], "__name__", "") or spec["fn"].fn.__name__
+    config = spec["name"][len(fn_name):].strip("[]") if spec["name"].startswith(fn_name) else spec["name"]
+    row = {"name": spec["name"], "kernel": fn_name, "config": config, "arch": arch,
+           "num_warps": spec["num_warps"], "num_stages": spec["num_stages"], "ok": False,
+           "cubin": cubin_name(spec["name"], arch)}
     try:
         source = ASTSource(spec["fn"], dict(spec["signature"]), dict(spec["constexprs"]), divisibility_attrs(spec))
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -227,6 +318,8 @@ def compile_one(spec, arch):
             cubin.write_bytes(compiled.asm["cubin"])
             dump = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
                                   capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", str(cubin)],
+                                  capture_output=True, text=True, check=True).stdout
             ptx = pathlib.Path(tmp, "kernel.ptx")
             ptx.write_text(compiled.asm["ptx"])
             ptxas = subprocess.run([_ptxas_for(arch), "-v", f"--gpu-name={_ptx_target(compiled.asm['ptx'])}",
@@ -234,37 +327,60 @@ def compile_one(spec, arch):
                                    capture_output=True, text=True, check=True)
         usage = parse_resource_usage(dump)
         spills = parse_ptxas_spills(ptxas.stdout + ptxas.stderr)
+        counts = sass_counts(sass)
+        if keep_dir is not None:
+            target = pathlib.Path(keep_dir, row["cubin"])
+            partial = target.with_suffix(".cubin.part")
+            partial.write_bytes(compiled.asm["cubin"])
+            os.replace(partial, target)
     except Exception as exc:
         message = str(exc).strip().splitlines()
         row["error"] = f"{type(exc).__name__}: {message[-1] if message else ''}"
         return row
     shared = int(compiled.metadata.shared) + usage["SHARED"]
-    row.update(registers=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"], shared=shared, **spills)
+    gemm = bool(re.search(r"\btt\.dot\b", compiled.asm.get("ttir", "")))
+    row.update(registers=usage["REG"], regs=usage["REG"], stack=usage["STACK"], local=usage["LOCAL"],
+               shared=shared, smem_bytes=shared, spill_bytes=spills["spill_stores"] + spills["spill_loads"],
+               ctas_per_sm=ctas_per_sm(arch, usage["REG"], shared, spec["num_warps"]), gemm=gemm, **spills,
+               **counts)
     limit = MAX_SHARED_BYTES.get(arch)
     if spills["spill_stores"] or spills["spill_loads"]:
         row["error"] = "spills"
     elif limit is not None and shared > limit:
         row["error"] = f"shared memory {shared} > {limit}"
+    elif gemm and not counts["mma"]:
+        row["error"] = "tl.dot without a tensor-core MMA instruction"
+    elif is_int8_forward(spec) and counts["sts_u8"]:
+        row["error"] = f"int8 forward byte-transposes an operand ({counts['sts_u8']} STS.U8)"
     else:
         row["ok"] = True
     return row
 
 
 def _compile_task(task):
-    module_name, index, arch = task
+    module_name, index, arch, keep_dir = task
     package = _kernel_package()
     module = importlib.import_module(f"{package}.{module_name}")
-    return compile_one(module.COMPILE_SPECS[index], arch)
+    return compile_one(module.COMPILE_SPECS[index], arch, keep_dir)
+
+
+HEADER = (f"{'arch':<6} {'nw':>2} {'ns':>2} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>7} {'cta':>3} "
+          f"{'mma':>4} {'ffma':>5} {'stsu8':>5} {'dep':>3}  status  kernel  mma-opcodes")
 
 
 def format_row(row):
     if "registers" in row:
+        depbar = "-" if row["depbar"] is None else row["depbar"]
         res = (f"{row['registers']:>4} {row['spill_stores']:>5}/{row['spill_loads']:<5} {row['stack']:>5} "
-               f"{row['shared']:>7}")
+               f"{row['shared']:>7} {row['ctas_per_sm']:>3} {sum(row['mma'].values()):>4} {row['ffma']:>5} "
+               f"{row['sts_u8']:>5} {depbar:>3}")
+        ops = " ".join(f"{k}x{v}" for k, v in row["mma"].items())
     else:
-        res = f"{'-':>4} {'-':>5}/{'-':<5} {'-':>5} {'-':>7}"
+        res = f"{'-':>4} {'-':>5}/{'-':<5} {'-':>5} {'-':>7} {'-':>3} {'-':>4} {'-':>5} {'-':>5} {'-':>3}"
+        ops = ""
     status = "ok" if row["ok"] else f"FAIL ({row.get('error', '?')})"
-    return f"{row['arch']:<6} {row['num_warps']:>2} {row['num_stages']:>2} {res}  {status}  {row['name']}"
+    line = f"sm_{row['arch']:<3} {row['num_warps']:>2} {row['num_stages']:>2} {res}  {status}  {row['name']}"
+    return f"{line}  {ops}" if ops else line
 
 
 def ci_subset(specs):
@@ -290,7 +406,8 @@ def main(argv=None):
     parser.add_argument("--module", nargs="+", default=None, help="only these kernels/<module>.py")
     parser.add_argument("--filter", default=None, help="only specs whose name contains this substring")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file (a list of objects)")
+    parser.add_argument("--keep-cubins", default=None, metavar="DIR", help="store every compiled cubin in DIR")
     parser.add_argument("--ci", action="store_true",
                         help="every kernel x launch configuration, with the first and last of its specialisations")
     args = parser.parse_args(argv)
@@ -300,9 +417,12 @@ def main(argv=None):
         specs = [s for s in specs if args.filter in s[2]["name"]]
     if args.ci:
         specs = ci_subset(specs)
-    tasks = [(module_name, index, arch) for module_name, index, _ in specs for arch in args.arch]
+    keep = args.keep_cubins
+    if keep is not None:
+        pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
+    tasks = [(module_name, index, arch, keep) for module_name, index, _ in specs for arch in args.arch]
 
-    print(f"{'arch':<6} {'nw':>2} {'ns':>2} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>7}  status  kernel")
+    print(HEADER)
     rows = []
     if args.jobs > 1 and len(tasks) > 1:
         with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -312,7 +432,7 @@ def main(argv=None):
     else:
         for _, _, spec in specs:
             for arch in args.arch:
-                row = compile_one(spec, arch)
+                row = compile_one(spec, arch, keep)
                 rows.append(row)
                 print(format_row(row), flush=True)
 
@@ -322,7 +442,10 @@ def main(argv=None):
     print(f"\n{len(rows)} compiles ({len(specs)} specs x {len(args.arch)} archs): "
           f"{len(rows) - len(failed)} ok, {len(failed)} failed; {len(problems)} spec/module problems")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "problems": problems}, indent=1))
+        target = pathlib.Path(args.json)
+        partial = target.with_name(target.name + ".part")
+        partial.write_text(json.dumps(rows, indent=1))
+        os.replace(partial, target)
     return 1 if failed or problems or not rows else 0
 
 

@@ -32,7 +32,8 @@ from binwslt.config import LIFConfig
 
 from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
-from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config
+from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config, \
+    stats_fit_int32
 from .lif import check_spike_counts, neuron_params
 from .subnet import ternary_subnet as kernel_ternary_subnet
 
@@ -152,7 +153,7 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     device = x.device
     p = neuron_params(neuron)
     tern, alpha = _subnet(weight, scores, prune_rate)
-    tern_cl = tern.permute(2, 3, 1, 0).contiguous()  # [KH, KW, C_in, C_out]
+    tern_cl = tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]: K-major
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
     out_dtype = _io_dtype(x.dtype)
     out_cl = torch.empty(geo.cl_out_shape, dtype=out_dtype, device=device)
@@ -183,7 +184,8 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
         stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
         binary_conv_lif_fwd_kernel[grid](
             x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out_cl, y, dummy_i32, stats,
-            FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True, **common)
+            FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
+            STATS_I32=stats_fit_int32(geo.C_in * geo.KH * geo.KW, cfg["BLOCK_M"]), **common)
         # Integer sums (spike input) are exact; reduce in float64: mean/var of alpha*y over (T, N, OH, OW).
         frames = geo.T_y * geo.M
         sums = stats.sum(dim=1).to(torch.float64)
@@ -226,7 +228,7 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     tern, alpha = _subnet(weight, scores, prune_rate)
-    tern_cl = tern.permute(2, 3, 1, 0).contiguous()
+    tern_cl = tern.permute(2, 3, 0, 1).contiguous()
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=x.device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)

@@ -2,7 +2,8 @@
 
 Every tensor a kernel touches is channels-last and contiguous (the launcher in ``conv_lif.py`` makes it so):
 - input ``x`` ``[T, N, H, W, C_in]`` (int8 spikes, or fp16/fp32 analog); a direct-encoded image is ``[N, H, W, C_in]``.
-- ternary weight: int8 ``[KH, KW, C_in, C_out]``.
+- ternary weight: int8 ``[KH, KW, C_out, C_in]`` (K-major: the reduction axis C_in contiguous, as the int8 tensor-core
+  MMA reads it; the grad-input GEMM reads the same tensor).
 - output spikes, residual, pre-activation ``y``: ``[T, N*OH*OW, C_out]`` (``y``: ``T_y = 1`` when direct; int16/int32
   exact integers for spike input, fp32 for analog input; stored only when autograd or BatchNorm needs it).
 Why channels-last: the GEMM's reduction axis (C_in) and the output tile's column axis (C_out) are then the
@@ -21,6 +22,7 @@ import os
 import triton
 import triton.language as tl
 
+from .gemm import split_dot_exact_b
 from .lif import lif_step
 
 
@@ -33,7 +35,8 @@ def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW
     pixels ``offs_m`` (over N*OH*OW), cols = output channels ``offs_n``. EVEN_K: C_in % BLOCK_K == 0; EVEN_N:
     C_out % BLOCK_N == 0 (no channel masks, rows known 16-aligned, so loads vectorise).
 
-    Returns ``[BLOCK_M, BLOCK_N]`` int32 (exact, spike input: int8 x int8 dots) or fp32 (analog input).
+    Returns ``[BLOCK_M, BLOCK_N]`` int32 (exact, spike input: int8 x int8 dots) or fp32 (analog input: fp16 dots
+    for fp16 input, exact products; fp32 input split into three bf16 terms, fp32 accuracy).
     """
     ohw = OH * OW
     n = offs_m // ohw
@@ -59,7 +62,9 @@ def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW
         iw = ow * SW - PW + kw
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_ptrs = x_ptr + (((frame * H + ih) * W + iw) * C_in)[:, None] + c[None, :]
-        w_ptrs = w_ptr + ((tap * C_in + c) * C_out)[:, None] + offs_n[None, :]
+        # K-major weight [KH, KW, C_out, C_in]: the tile's reduction axis is the contiguous one, as the int8
+        # tensor-core MMA reads both operands, so nothing is transposed through shared memory.
+        w_ptrs = w_ptr + ((tap * C_out + offs_n) * C_in)[None, :] + c[:, None]
         if EVEN_K:
             # rows start at multiples of C_in (a multiple of BLOCK_K >= 16) of a 16-aligned tensor
             x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[:, None], other=0)
@@ -74,7 +79,7 @@ def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW
         elif DOT_FP16:
             acc += tl.dot(x_tile, w_tile.to(tl.float16), out_dtype=tl.float32)
         else:
-            acc += tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
+            acc = split_dot_exact_b(x_tile, w_tile, acc, True)  # fp32 input: three bf16 terms (kernels/gemm.py)
     return acc
 
 
@@ -102,18 +107,24 @@ def tile_ptrs(ptr, off, EVEN_N: tl.constexpr):
 
 @triton.jit
 def store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y: tl.constexpr, STATS: tl.constexpr,
-                      IS_SPIKE: tl.constexpr, EVEN_N: tl.constexpr):
+                      IS_SPIKE: tl.constexpr, EVEN_N: tl.constexpr, STATS_I32: tl.constexpr):
     """Store the pre-activation tile (for backward / pass 2) and add its per-channel sum and sum of squares
     (exact int64 for spikes). Rows past M hold zeros (masked loads), so they add nothing."""
     if STORE_Y:
         tl.store(tile_ptrs(y_ptr, off, EVEN_N), y.to(y_ptr.dtype.element_ty), mask=mask)
     if STATS:
-        if IS_SPIKE:
+        if IS_SPIKE and STATS_I32:
+            # Column sums in int32, widened once per tile (widening the whole tile first cost ~56 registers);
+            # the launcher sets STATS_I32 only when BLOCK_M * fan_in^2 < 2^31 (stats_fit_int32).
+            sum_y += tl.sum(y, 0).to(tl.int64)
+            sum_yy += tl.sum(y * y, 0).to(tl.int64)
+        elif IS_SPIKE:
             y_wide = y.to(tl.int64)
+            sum_y += tl.sum(y_wide, 0)
+            sum_yy += tl.sum(y_wide * y_wide, 0)
         else:
-            y_wide = y
-        sum_y += tl.sum(y_wide, 0)
-        sum_yy += tl.sum(y_wide * y_wide, 0)
+            sum_y += tl.sum(y, 0)
+            sum_yy += tl.sum(y * y, 0)
     return sum_y, sum_yy
 
 
@@ -141,7 +152,7 @@ def binary_conv_lif_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr,
         FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, COUNT: tl.constexpr, STATS: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_I32: tl.constexpr = False):
     """Fused conv + LIF over all T steps; each program owns a ``[BLOCK_M pixels, BLOCK_N channels]`` tile.
 
     FIRE: run the LIF scan in registers and store spikes (the float current never reaches memory).
@@ -172,7 +183,8 @@ def binary_conv_lif_fwd_kernel(
                       KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
         if STORE_Y or STATS:
             off, mask = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
-            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N)
+            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N,
+                                               STATS_I32)
         if FIRE:
             for t in range(T):
                 off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
@@ -184,7 +196,8 @@ def binary_conv_lif_fwd_kernel(
             y = conv_tile(x_ptr, w_ptr, t * N, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
                           KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
             off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
-            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N)
+            sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N,
+                                               STATS_I32)
             if FIRE:
                 spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
                                      HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
@@ -261,7 +274,7 @@ def forward_config(is_spike, c_in, c_out, m, interpret=None):
     even_k, even_n = c_in % block_k == 0, c_out % block_n == 0
     if even_k and even_n and is_spike:
         block_m = 64 if m <= 65536 else 128
-        num_warps, num_stages = (8 if block_m == 128 else 4), 2
+        num_warps, num_stages = (8 if block_m == 128 else 4), 3  # K-major operands: a 3-deep cp.async pipeline
     elif even_k and even_n:
         block_m, block_n, num_warps, num_stages = 64, min(block_n, 32), 8, 2
     else:
@@ -271,6 +284,12 @@ def forward_config(is_spike, c_in, c_out, m, interpret=None):
         block_m = INTERPRET_ROWS
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
             "num_warps": num_warps, "num_stages": num_stages}
+
+
+def stats_fit_int32(fan_in, block_m):
+    """Whether a tile's column sums of y and y^2 fit int32 (``|y| <= fan_in``): the BatchNorm pass-1 kernel then
+    sums in int32 and widens once per tile (STATS_I32), else it widens every element to int64 first."""
+    return block_m * fan_in * fan_in < 2 ** 31
 
 
 def scan_config(c_out, m, interpret=None):
@@ -351,9 +370,11 @@ _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "
           "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
           "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
           "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
-# mode -> (FIRE, STORE_Y, STATS): training without BN, inference, BatchNorm pass 1, the benchmark baseline
-_MODES = {"train": (True, True, False), "infer": (True, False, False), "bn-stats": (False, True, True),
-          "gemm-only": (False, True, False)}
+# mode -> (FIRE, STORE_Y, STATS, STATS_I32): training without BN, inference, BatchNorm pass 1 (int32 tile sums, or
+# int64 for fan-ins too large for them), the benchmark baseline
+_MODES = {"train": (True, True, False, False), "infer": (True, False, False, False),
+          "bn-stats": (False, True, True, True), "bn-stats-i64": (False, True, True, False),
+          "gemm-only": (False, True, False, False)}
 
 
 def _compile_specs():
@@ -366,7 +387,7 @@ def _compile_specs():
                                    ("fp32", "fp16", "bf16")])
         for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
-            fire, store_y, stats = _MODES[mode]
+            fire, store_y, stats, stats_i32 = _MODES[mode]
             types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                      "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type, "count_ptr": "*i32",
                      "stat_ptr": stat_type, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
@@ -374,7 +395,7 @@ def _compile_specs():
                           "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "COUNT": True, "STATS": stats,
                           "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
                           "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                          "BLOCK_K": cfg["BLOCK_K"]}
+                          "BLOCK_K": cfg["BLOCK_K"], "STATS_I32": stats_i32}
             specs.append(make_spec(
                 f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},hard={hard},decay_input={decay_input},"
                 f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},even={cfg['EVEN_K']:d}"
