@@ -118,7 +118,7 @@ def test_save_errors(tmp_path):
     with pytest.raises(TypeError, match="path"):
         ticket.save(model, 3)
     bare = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(ValueError, match="no binary-subnet layers and no `config`"):
         ticket.save(bare, tmp_path / "a")
     assert not os.listdir(tmp_path)
 
@@ -170,6 +170,7 @@ def test_load_errors(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     tensors["features.0.mask"] = torch.full_like(tensors["features.0.mask"], 255)
+    meta["sha256"] = ticket._digest(tensors, meta)  # a deliberate edit: the checks behind the checksum
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ValueError, match="mask prunes 0 weights"):
@@ -202,6 +203,7 @@ def test_corrupt_gain_is_an_error(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     tensors["features.3.alpha"] = torch.tensor([float("nan")])
+    meta["sha256"] = ticket._digest(tensors, meta)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ValueError, match="features.3.*alpha=nan"):
@@ -220,3 +222,183 @@ def test_rebuilt_gain_is_the_same_on_the_triton_subnet_kernel(tmp_path):
         stored = ternary_subnet(a.weight, a.scores, a.prune_rate)
         tern, alpha = kernel_ternary_subnet(b.weight, b.scores, b.prune_rate)
         assert torch.equal(tern, stored[0]) and torch.equal(alpha.reshape(()), stored[1])
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_meta=None, resign=True):
+    """Copy the ticket ``src`` to ``dst`` with edits; ``resign`` recomputes the header's SHA-256 (a deliberate
+    edit), so the checks behind the checksum are what is tested."""
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    if resign:
+        meta["sha256"] = ticket._digest(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _flip_first_sign(tensors):
+    tensors["features.0.sign"][0] ^= 1
+
+
+def test_checksum_catches_flipped_bits_and_changed_dtypes(tmp_path):
+    good = tmp_path / "good.safetensors"
+    ticket.save(_tiny("conv4", "binwslt"), good)
+    flipped = _rewrite(good, tmp_path / "flipped.safetensors", _flip_first_sign, resign=False)
+    with pytest.raises(ticket.TicketError, match="SHA-256 .* does not match"):
+        ticket.load(flipped)
+    raw = bytearray(good.read_bytes())  # the header's dtype of a BN tensor F32 -> I32, bytes unchanged
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    key = next(k for k in header if k.endswith("running_var"))
+    header[key]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    assert len(text) == header_len
+    retyped = tmp_path / "retyped.safetensors"
+    retyped.write_bytes(bytes(raw[:8]) + text + bytes(raw[8 + header_len:]))
+    with pytest.raises(ticket.TicketError, match="SHA-256"):
+        ticket.load(retyped)
+
+
+def test_metadata_that_does_not_fit_fails_before_allocating(tmp_path, monkeypatch):
+    good = tmp_path / "good.safetensors"
+    ticket.save(_tiny("conv4", "binwslt"), good)
+
+    def huge(meta):
+        config = json.loads(meta["config"])
+        config["image_size"] = 512  # the real Conv-4 head would be 256 x 2M floats
+        meta["config"] = json.dumps(config)
+
+    bad = _rewrite(good, tmp_path / "bad.safetensors", edit_meta=huge)
+    built_on = []
+    real_build = models.build_from_config
+
+    def spy(config):
+        model = real_build(config)
+        built_on.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(models, "build_from_config", spy)
+    # torch.device("meta") knows the factories by identity (cached when first used): conftest's NaN-filling
+    # torch.empty wrapper is not one of them, so put torch's own back for this test
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    torch.utils._device._device_constructors.cache_clear()
+    with pytest.raises(ticket.TicketError, match="layer 'head.0' has shape .* in the ticket but"):
+        ticket.load(bad)
+    assert built_on == ["meta"]
+
+    def wrong_shape(meta):
+        layers = json.loads(meta["binary_layers"])
+        layers["features.0"]["shape"] = [4096, 4096, 64, 64]
+        meta["binary_layers"] = json.dumps(layers)
+
+    bad2 = _rewrite(good, tmp_path / "bad2.safetensors", edit_meta=wrong_shape)
+    with pytest.raises(ticket.TicketError, match="layer 'features.0': tensor 'sign'"):
+        ticket.load(bad2)
+
+
+def test_nan_is_refused_at_save_naming_the_layer(tmp_path):
+    model = _tiny("conv4", "binwslt")
+    with torch.no_grad():
+        model.features[3].scores[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'features.3': scores holds 1 NaN/Inf"):
+        ticket.save(model, tmp_path / "t.safetensors")
+    model = _tiny("conv4", "binwslt")
+    with torch.no_grad():
+        model.head[0].bn.running_var[1] = float("inf")
+    with pytest.raises(ValueError, match="layer 'head.0.bn': running_var"):
+        ticket.save(model, tmp_path / "t.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+def test_corrupt_and_foreign_files_give_one_line_in_the_cli(tmp_path, capsys):
+    from binwslt import cli
+
+    good = tmp_path / "good.safetensors"
+    ticket.save(_tiny("conv4", "binwslt"), good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    flipped = _rewrite(good, tmp_path / "flipped.safetensors", _flip_first_sign, resign=False)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    for path in (truncated, flipped, foreign):
+        with pytest.raises(ticket.TicketError) as info:
+            ticket.load(path)
+        assert "\n" not in str(info.value)
+        assert cli.main(["energy", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err
+
+
+def test_version_1_tickets_still_load(tmp_path):
+    torch.manual_seed(3)
+    model = _as_if_trained(_tiny("conv4", "binwslt"))
+    good = tmp_path / "good.safetensors"
+    ticket.save(model, good)
+
+    def as_version_1(meta):  # what binwslt wrote before the checksum and the per-layer kind/neuron
+        meta["version"] = "1"
+        del meta["sha256"], meta["model_class"]
+        meta["binary_layers"] = json.dumps({k: {"shape": v["shape"], "prune_rate": v["prune_rate"]}
+                                            for k, v in json.loads(meta["binary_layers"]).items()})
+
+    old = _rewrite(good, tmp_path / "old.safetensors", edit_meta=as_version_1, resign=False)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ticket.load(old)(x), model(x))
+
+
+def _converted_spikingjelly(seed):
+    pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based import functional as sjf
+    from spikingjelly.activation_based import layer, neuron, surrogate
+
+    from binwslt.nn import convert
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, bias=False), layer.BatchNorm2d(4),
+        neuron.LIFNode(tau=2.0, decay_input=False, v_threshold=0.3, surrogate_function=surrogate.ATan()),
+        layer.MaxPool2d(2), layer.Flatten(),
+        layer.Linear(4 * 4 * 4, 5, bias=False),
+        neuron.LIFNode(tau=2.0, decay_input=False, v_threshold=0.3, surrogate_function=surrogate.ATan()))
+    sjf.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[5].weight.mul_(8.0)  # no BatchNorm before it: larger weights keep it firing
+    return convert(net, 0.5, backend="torch")
+
+
+def test_any_converted_model_round_trips_and_mismatches_are_named(tmp_path):
+    model = _converted_spikingjelly(0)
+    with torch.no_grad():
+        model[0].bn.running_mean.uniform_(-0.2, 0.2)
+        model[0].scores.normal_()
+    model.eval()
+    path = tmp_path / "sj.safetensors"
+    ticket.save(model, path)
+    assert ticket.read_config(path) is None
+    with pytest.raises(ticket.TicketError, match="pass it as ticket.load\\(path, model=...\\)"):
+        ticket.load(path)
+    fresh = _converted_spikingjelly(1)  # same structure, other random weights and scores
+    loaded = ticket.load(path, model=fresh)
+    assert loaded is fresh and not fresh.training
+    x = torch.rand(3, 2, 1, 8, 8) * 3
+    with torch.no_grad():
+        want = model(x)
+        assert 0 < float(want.mean()) < 1 and torch.equal(fresh(x), want)
+    for name in ("0", "5"):
+        a, b = model.get_submodule(name), fresh.get_submodule(name)
+        assert torch.equal(a.effective_weight(), b.effective_weight())
+    other = _converted_spikingjelly(2)
+    other[5].prune_rate = 0.25
+    with pytest.raises(ticket.TicketError, match="layer '5' has prune_rate 0.5 in the ticket but 0.25"):
+        ticket.load(path, model=other)
+    other = _converted_spikingjelly(2)
+    other[0].neuron = type(other[0].neuron)(decay=0.25)
+    with pytest.raises(ticket.TicketError, match="layer '0' has neuron"):
+        ticket.load(path, model=other)
+    with pytest.raises(ticket.TicketError, match="ticket layer '0' .* is not a binary-subnet layer"):
+        ticket.load(path, model=torch.nn.Sequential(torch.nn.Identity()))
