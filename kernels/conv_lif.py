@@ -34,6 +34,7 @@ from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kerne
     conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config, \
     stats_fit_int32
+from .gemm import SPLIT_BY_PRECISION
 from .lif import check_spike_counts, neuron_params
 from .subnet import ternary_subnet as kernel_ternary_subnet
 
@@ -336,7 +337,7 @@ def _grad_input(state, g_frames, geo, device):
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
     conv_grad_input_kernel[grid](
         g_frames, tern_t, state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
-        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, **_launch_kwargs(cfg))
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state["split"], **_launch_kwargs(cfg))
     dx = from_channels_last(dx_cl).to(state["out_dtype"])
     if geo.direct:
         return dx
@@ -366,6 +367,7 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
         gs if gs is not None else dummy, gw if gw is not None else dummy,
         P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
         geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
+        SPLIT=state["split"],
         **_launch_kwargs(cfg))
     grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
     grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
@@ -381,7 +383,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
-                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts):
+                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = conv_lif_forward(
             x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
@@ -401,6 +403,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             ctx.save_for_backward(*tensors)
             state.update(out_dtype=x.dtype, res_bits=res_bits, has_res=residual is not None,
                          res_dtype=residual.dtype if residual is not None else None)
+            state["split"] = SPLIT_BY_PRECISION[grad_precision]
             ctx.state = state
         return spikes
 
@@ -419,18 +422,19 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                      alpha=alpha, a=a, b=b, bn=None if mean is None else (mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
-        return grads + (None,) * 11
+        return grads + (None,) * 12
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None):
+                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split"):
     """Fused binary-subnet conv2d + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: spikes ``[T, N, C_in, H, W]`` (float; 0/1, or analog values) or an analog image ``[N, C_in, H, W]`` with
     ``timesteps=T``; weight/scores ``[C_out, C_in, KH, KW]`` float; stride/padding pairs of ints; scale/shift
     ``[C_out]`` float or None; residual ``[T, N, C_out, OH, OW]`` or None; neuron a LIFConfig; batch_norm uses
     batch statistics over (T, N, OH, OW) (running stats updated in place). ``spike_counts`` (extra, optional): an
-    integer ``[C_out]`` tensor the per-channel output spike counts are added to.
+    integer ``[C_out]`` tensor the per-channel output spike counts are added to. ``grad_precision``: "split"
+    (backward GEMMs with the fp32 gradient as three bf16 terms) or "bf16" (one term), kernels/gemm.py.
     Returns spikes ``[T, N, C_out, OH, OW]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
     """
     if not isinstance(neuron, LIFConfig):
@@ -438,4 +442,4 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     check_spike_counts(spike_counts, weight.shape[0])
     return BinWConv2dLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
                                        prune_rate, tuple(stride), tuple(padding), neuron, timesteps, batch_norm,
-                                       momentum, eps, spike_counts)
+                                       momentum, eps, spike_counts, grad_precision)

@@ -32,8 +32,8 @@ import triton.language as tl
 
 EMULATE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
-# Shared with the launchers: grad_precision keyword -> SPLIT constexpr.
-GRAD_PRECISIONS = {"split": True, "bf16": False}
+# The launchers' map from the grad_precision keyword (binwslt.functional.GRAD_PRECISIONS, validated there) to SPLIT.
+SPLIT_BY_PRECISION = {"split": True, "bf16": False}
 
 
 @triton.jit

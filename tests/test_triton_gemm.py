@@ -118,3 +118,23 @@ def test_conv_grad_weight_kernel_split_vs_float64(analog):
         results.append(_relative(gs[0], want))
     assert results[0] < 1e-6
     assert 1e-4 < results[1] < 1e-2
+
+
+def test_conv_lif_grad_precision_bf16_is_the_one_term_opt_in():
+    """Through binwslt.functional: the default split matches the reference at rtol 1e-4 (the conv tests), the
+    "bf16" opt-in gives gradients within bf16 accuracy of it and measurably different (so the keyword reaches the
+    kernels); the spikes do not depend on it (backward only)."""
+    from helpers import run_layer, spikes
+
+    x = spikes(2, 1, 16, 6, 6, seed=11)
+    weight, scores = randn(32, 16, 3, 3, seed=12, scale=0.3), randn(32, 16, 3, 3, seed=13)
+    kw = dict(stride=(1, 1), padding=(1, 1), timesteps=None, batch_norm=False, scale=randn(32, seed=14) + 1.0)
+    s_ref, g_ref, _ = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.5, **dict(kw))
+    s_split, g_split, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.5, **dict(kw))
+    s_bf16, g_bf16, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.5, grad_precision="bf16",
+                                  **dict(kw))
+    assert torch.equal(s_split, s_bf16) and torch.equal(s_split, s_ref)
+    for name in ("x", "scores"):
+        want = g_ref[name].double()
+        assert _relative(g_split[name], want) < 1e-5
+        assert 1e-4 < _relative(g_bf16[name], want) < 3e-2
