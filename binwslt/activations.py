@@ -61,6 +61,15 @@ def capture_representation(model: nn.Module, x: torch.Tensor, layer: Optional[nn
     return rep.reshape(rep.shape[0], -1).cpu()
 
 
+def colorbar_label(kind: Optional[str]) -> str:
+    """What an activation map's colour encodes for a model of ``kind`` (None: unknown, a plain activation)."""
+    if kind in ("snn", "binwslt"):
+        return "firing rate (spikes per timestep)"
+    if kind == "bnn-binact":
+        return "binary activation (-1 / +1)"
+    return "activation (after ReLU)" if kind == "ann" else "activation"
+
+
 def plot_activation_maps(models: Dict[str, nn.Module], x: torch.Tensor, path, *, neurons: int = 128,
                          samples: int = 16) -> Dict[str, torch.Tensor]:
     """Draw the Fig. 1 style activation maps of ``models`` on ``x`` into the PNG ``path``; return the maps.
@@ -100,7 +109,9 @@ def plot_activation_maps(models: Dict[str, nn.Module], x: torch.Tensor, path, *,
         ax.set_xlabel(f"neuron (first {rep.shape[1]})", fontsize=8)
         ax.set_ylabel("image", fontsize=8)
         ax.tick_params(labelsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label(colorbar_label(config.get("kind") if isinstance(config, dict) else None), fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

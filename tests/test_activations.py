@@ -59,3 +59,18 @@ def test_errors(tmp_path):
         capture_representation(_tiny("ann"), x.long())
     with pytest.raises(ValueError, match="neither a `classifier` nor any linear"):
         capture_representation(torch.nn.Sequential(torch.nn.ReLU()), x)
+
+
+def test_every_colour_bar_is_labelled(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    bars = []
+    real = Figure.colorbar
+
+    def recording(self, *args, **kwargs):
+        bars.append(real(self, *args, **kwargs))
+        return bars[-1]
+    monkeypatch.setattr(Figure, "colorbar", recording)
+    ms = {"ANN": _tiny("ann"), "BNN-BinAct": _tiny("bnn-binact"), "BinW-SLT": _tiny("binwslt")}
+    plot_activation_maps(ms, torch.rand(4, 1, 8, 8), tmp_path / "act.png", neurons=8, samples=4)
+    labels = [bar.ax.get_ylabel() for bar in bars]
+    assert labels == ["activation (after ReLU)", "binary activation (-1 / +1)", "firing rate (spikes per timestep)"]
