@@ -62,3 +62,10 @@ def compare_triton_to_reference(op, x, weight, scores, prune_rate, kw, *, exact,
     assert result.ok, "; ".join(result.failures)
     assert set(result.grads) == set(want[1]), f"compared {sorted(result.grads)} of {sorted(want[1])}"
     return want[0].detach()
+
+
+def one_line_error(capsys, command):
+    """The stderr a CLI command printed, checked to be one ``binwslt COMMAND: error: ...`` line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"binwslt {command}: error: ") and err.count("\n") == 1, err
+    return err

@@ -4,18 +4,15 @@ import os
 import shutil
 
 import pytest
+from helpers import one_line_error
 
-from binwslt import cli, models, ticket, train
+from binwslt import cli, train
 
 TINY = ["--width", "0.125", "-T", "2", "--epochs", "1", "--batch-size", "16", "--max-steps", "1",
         "--eval-batch-size", "32", "--eval-batches", "1", "--backend", "torch", "--no-progress"]
 COMMANDS = ("find", "train", "finetune", "eval", "energy", "sweep")
 
 
-def _one_line(capsys, command):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith(f"binwslt {command}: error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def test_corrupt_tickets_give_one_line_in_eval_energy_finetune(run_dir, tmp_path
                      ["energy", str(path), "--out", str(tmp_path / "n")],
                      ["finetune", "--ticket", str(path), *TINY[4:], "--out", str(tmp_path / f"ft-{kind}")]):
             assert cli.main(argv) == 2, (kind, argv[0])
-            err = _one_line(capsys, argv[0])
+            err = one_line_error(capsys, argv[0])
             assert str(path) in err, (kind, err)
 
 
@@ -74,7 +71,7 @@ def test_corrupt_checkpoint_on_resume(run_dir, tmp_path, capsys, command):
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
     assert cli.main([command, "--resume", "--out", str(out)]) == 2
-    err = _one_line(capsys, command)
+    err = one_line_error(capsys, command)
     assert str(path) in err and "corrupt" in err
 
 
@@ -85,7 +82,7 @@ def test_corrupt_checkpoint_in_a_sweep_cell(tmp_path, capsys):
     (cell / "checkpoint.pt").write_bytes(b"\0" * 64)
     assert cli.main(["sweep", "--param", "prune-rate", "--values", "0.4", "--kinds", "ann", *TINY,
                      "--out", str(out)]) == 2
-    err = _one_line(capsys, "sweep")
+    err = one_line_error(capsys, "sweep")
     assert str(cell / "checkpoint.pt") in err
 
 
@@ -94,7 +91,7 @@ def test_finetune_refuses_options_it_would_ignore(run_dir, tmp_path, capsys):
                    ["--decay", "0.5"]):
         assert cli.main(["finetune", "--ticket", str(run_dir), *option, *TINY[4:],
                          "--out", str(tmp_path / "ft")]) == 2
-        err = _one_line(capsys, "finetune")
+        err = one_line_error(capsys, "finetune")
         assert "finetune takes the model" in err and option[0] in err
     assert not os.path.exists(tmp_path / "ft")
     with pytest.raises(ValueError, match="would be ignored"):
@@ -119,7 +116,7 @@ def test_triton_without_a_gpu_says_it_needs_cuda(run_dir, tmp_path, monkeypatch,
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "o")]
     assert cli.main(argv) == 2
-    assert "needs CUDA tensors" in _one_line(capsys, argv[0])
+    assert "needs CUDA tensors" in one_line_error(capsys, argv[0])
 
 
 def test_energy_of_a_run_measures_its_test_images_and_says_so(run_dir, tmp_path, capsys):
@@ -139,7 +136,7 @@ def test_energy_of_a_run_measures_its_test_images_and_says_so(run_dir, tmp_path,
 
 def test_energy_with_path_refuses_model_options(run_dir, tmp_path, capsys):
     assert cli.main(["energy", str(run_dir), "--model", "vgg11", "--out", str(tmp_path / "e")]) == 2
-    assert "drop the model options" in _one_line(capsys, "energy")
+    assert "drop the model options" in one_line_error(capsys, "energy")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -151,4 +148,4 @@ def test_out_that_is_a_file_is_refused_by_every_command(run_dir, tmp_path, capsy
             "energy": ["energy", str(run_dir)],
             "sweep": ["sweep", "--param", "timesteps", "--values", "2", "--kinds", "ann", *TINY]}[command]
     assert cli.main([*argv, "--out", str(bad)]) == 2
-    assert "is a file" in _one_line(capsys, command)
+    assert "is a file" in one_line_error(capsys, command)

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import one_line_error
 
 from binwslt import cli, rundir, train
 from binwslt.train import RunConfig
@@ -21,10 +22,6 @@ def _quick(out, **kw):
     return RunConfig(**base)
 
 
-def _one_line_error(capsys, command):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith(f"binwslt {command}: error: ") and err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def test_a_locked_folder_is_refused_naming_the_holder(tmp_path, capsys):
         with pytest.raises(rundir.RunFolderError, match=f"in use by process {holder.pid}"):
             rundir.RunLock(str(folder))
         assert cli.main(["find", *TINY, "--no-progress", "--out", str(folder)]) == 2
-        err = _one_line_error(capsys, "find")
+        err = one_line_error(capsys, "find")
         assert f"in use by process {holder.pid}" in err
         assert sorted(os.listdir(folder)) == [rundir.LOCK_NAME]  # nothing was written into the busy folder
     finally:
@@ -71,7 +68,7 @@ def test_a_non_empty_folder_needs_resume_or_overwrite(finished, tmp_path, capsys
         train.run(_quick(finished, seed=3))
     before = os.path.getmtime(finished / "metrics.json")
     assert cli.main(["find", *TINY, "--no-progress", "--seed", "3", "--out", str(finished)]) == 2
-    assert "--overwrite to replace it" in _one_line_error(capsys, "find")
+    assert "--overwrite to replace it" in one_line_error(capsys, "find")
     assert os.path.getmtime(finished / "metrics.json") == before  # the previous run is untouched
     other = tmp_path / "other"
     other.mkdir()
@@ -105,7 +102,7 @@ def test_out_is_checked_before_any_work(tmp_path, monkeypatch, capsys, case):
     monkeypatch.setattr(train_module, "load_dataset", no_data)
     for command in (["find", *TINY], ["train", "--kind", "ann", *TINY]):
         assert cli.main([*command, "--out", str(out)]) == 2
-        err = _one_line_error(capsys, command[0])
+        err = one_line_error(capsys, command[0])
         assert ("is a file" if case == "file" else "lies under the file") in err
     with pytest.raises(rundir.RunFolderError):
         train.run(_quick(out))
@@ -142,7 +139,7 @@ def test_corrupt_checkpoint_on_resume_is_one_line(finished, tmp_path, capsys, da
     with pytest.raises(ValueError, match="checkpoint"):
         train.load_checkpoint(str(path))
     assert cli.main(["find", "--resume", "--out", str(out)]) == 2
-    err = _one_line_error(capsys, "find")
+    err = one_line_error(capsys, "find")
     assert str(path) in err and ("corrupt" in err or "empty" in err or "checksum" in err)
 
 
