@@ -21,6 +21,7 @@ setup(
         "matplotlib",
         "safetensors",
         "scikit-learn",
+        "nir",  # binwslt.export / `binwslt export --nir`
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ray>=2.9"],  # ray: the reproduce grid's Ray test

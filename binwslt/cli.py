@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     from binwslt import reproduce  # binwslt reproduce: the options and the handler live in binwslt/reproduce.py
     reproduce.add_parser(sub)
+    from binwslt import export  # binwslt export: the options and the handler live in binwslt/export.py
+    export.add_parser(sub)
     return parser
 
 
@@ -504,7 +506,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"find": _run_command, "train": _run_command, "finetune": _run_command, "eval": _eval_command,
                 "energy": _energy_command, "sweep": _sweep_command,
-                "reproduce": lambda a: __import__("binwslt.reproduce", fromlist=["command"]).command(a)}
+                "reproduce": lambda a: __import__("binwslt.reproduce", fromlist=["command"]).command(a),
+                "export": lambda a: __import__("binwslt.export", fromlist=["export_command"]).export_command(a)}
     try:
         handlers[args.command](args)
     except (CLIError, ValueError, TypeError, OSError) as exc:  # OSError: a file or folder that cannot be used

@@ -148,8 +148,9 @@ class BasicBlock(nn.Module):
 class _Factory:
     """Builds the units of one kind; keeps the shared settings in one place."""
 
-    def __init__(self, kind, prune_rate, timesteps, neuron, backend):
+    def __init__(self, kind, prune_rate, timesteps, neuron, backend, pool="max"):
         self.kind = kind
+        self.pool_kind = pool
         self.prune_rate = prune_rate
         self.timesteps = timesteps
         self.neuron = neuron
@@ -193,7 +194,8 @@ class _Factory:
         return nn.Linear(fin, classes, bias=True)
 
     def pool(self) -> nn.Module:
-        return MultiStep(nn.MaxPool2d(2)) if self.spiking else nn.MaxPool2d(2)
+        pool = nn.MaxPool2d(2) if self.pool_kind == "max" else nn.AvgPool2d(2)
+        return MultiStep(pool) if self.spiking else pool
 
     def shortcut(self, cin: int, cout: int, stride: int) -> nn.Module:
         if self.kind in BINARY_KINDS:
@@ -251,12 +253,14 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 def build(name: str, kind: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
           prune_rate: float = 0.4, timesteps: int = 4, neuron: Union[LIFConfig, dict, None] = None,
-          backend: str = "auto", width: float = 1.0) -> Network:
+          backend: str = "auto", width: float = 1.0, pool: str = "max") -> Network:
     """Build ``name`` ("conv4", "vgg9", "vgg11", "resnet19") of ``kind`` ("ann", "snn", "bnn-binact", "binwslt").
 
     ``prune_rate`` (fraction of weights removed, binary kinds only), ``timesteps`` T and ``neuron`` (the LIF,
     spiking kinds only) and ``backend`` ("auto", "torch", "reference", "triton"; spiking kinds) configure the
-    layers; ``width`` scales every channel count and hidden fc width (1.0 is the paper's model). The returned
+    layers; ``width`` scales every channel count and hidden fc width (1.0 is the paper's model); ``pool="avg"``
+    replaces the paper's 2x2 max pooling by average pooling (NIR, ``binwslt.export``, has no max pooling; the
+    config records ``pool`` only when it is not "max", so older configs stay as they were). The returned
     model records its arguments in ``model.config`` (a JSON-serialisable dict; ``prune_rate`` is 0.0 for the
     dense kinds), from which :func:`build_from_config` rebuilds it.
     """
@@ -278,13 +282,17 @@ def build(name: str, kind: str, num_classes: int = 10, in_channels: int = 3, ima
         neuron = LIFConfig(**neuron)
     elif not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig or a dict of its fields, got {type(neuron).__name__}")
+    if pool not in ("max", "avg"):
+        raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
     if backend not in ("auto", "torch", "reference", "triton"):
         raise ValueError(f"backend must be one of auto, torch, reference, triton; got {backend!r}")
     prune_rate = float(prune_rate) if kind in BINARY_KINDS else 0.0
     config = {"name": name, "kind": kind, "num_classes": num_classes, "in_channels": in_channels,
               "image_size": image_size, "prune_rate": prune_rate, "timesteps": timesteps,
               "neuron": neuron.to_dict(), "backend": backend, "width": float(width)}
-    make = _Factory(kind, prune_rate, timesteps, neuron, backend)
+    if pool != "max":
+        config["pool"] = pool
+    make = _Factory(kind, prune_rate, timesteps, neuron, backend, pool)
     if name == "resnet19":
         return _build_resnet19(make, num_classes, in_channels, width, config)
     return _build_vgg(make, VGG_PLANS[name], num_classes, in_channels, image_size, width, config)
@@ -295,7 +303,7 @@ def build_from_config(config: dict) -> Network:
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     known = ("name", "kind", "num_classes", "in_channels", "image_size", "prune_rate", "timesteps", "neuron",
-             "backend", "width")
+             "backend", "width", "pool")
     unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(f"config has unknown keys {unknown}; expected a subset of {list(known)}")

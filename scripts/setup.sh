@@ -33,7 +33,7 @@ fi
 if [ "$what" = test ]; then
   echo "setup: installing binwslt (editable) with its test tools and the test peers"
   "${pip[@]}" install -q -c "$constraints" -e ".[test]"
-  "${pip[@]}" install -q -c "$constraints" --no-deps spikingjelly snntorch
+  "${pip[@]}" install -q -c "$constraints" --no-deps spikingjelly snntorch nirtorch  # nirtorch: SpikingJelly's NIR import (tests)
   "${pip[@]}" install -q -c "$constraints" loguru nir ray
 else
   echo "setup: installing binwslt (editable)"
