@@ -150,25 +150,25 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
 
 
+def _folded_weight(module, path: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A fused layer's effective weight with its BatchNorm scale folded into each output channel, and the shift."""
+    try:
+        scale, shift = _folded(module)
+    except ValueError as exc:
+        raise ValueError(f"layer {path!r}: {exc}") from None
+    weight = module.effective_weight().detach().float()
+    if scale is not None:
+        weight = weight * scale.detach().float().view((-1,) + (1,) * (weight.dim() - 1))
+    return weight, shift
+
+
 def _visit(chain: _Chain, module: nn.Module, path: str) -> None:
     if isinstance(module, BinWConv2dLIF):
-        try:
-            scale, shift = _folded(module)
-        except ValueError as exc:
-            raise ValueError(f"layer {path!r}: {exc}") from None
-        weight = module.effective_weight().detach().float()
-        if scale is not None:
-            weight = weight * scale.detach().float().view(-1, 1, 1, 1)
+        weight, shift = _folded_weight(module, path)
         chain.conv(path, weight, shift, module.stride, module.padding)
         chain.neuron(path, module.neuron)
     elif isinstance(module, BinWLinearLIF):
-        try:
-            scale, shift = _folded(module)
-        except ValueError as exc:
-            raise ValueError(f"layer {path!r}: {exc}") from None
-        weight = module.effective_weight().detach().float()
-        if scale is not None:
-            weight = weight * scale.detach().float().view(-1, 1)
+        weight, shift = _folded_weight(module, path)
         chain.affine(path, weight, shift)
         chain.neuron(path, module.neuron)
     elif isinstance(module, BinWConv2d):
