@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .batchnorm import update_running_stats  # noqa: F401  (defined once there; the torch backend imports it here)
+
 
 def channel_view(v: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Reshape a per-channel vector ``[C]`` to broadcast against ``like`` along ``channel_dim``."""
@@ -16,13 +18,3 @@ def batch_stats(y: torch.Tensor, channel_dim: int):
     dims = [d for d in range(y.dim()) if d != channel_dim]
     var, mean = torch.var_mean(y, dim=dims, correction=0)
     return mean, var
-
-
-def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    """In-place exponential update of BatchNorm running statistics (unbiased variance, as F.batch_norm does)."""
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (count / max(count - 1, 1))
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

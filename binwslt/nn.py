@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+from .batchnorm import eval_affine
 from .backends import resolve_backend
 from .config import LIFConfig
 from .subnet import SubnetCache, check_prune_rate, subnet_mask, subnet_weight
@@ -136,12 +137,7 @@ class _FusedLIFLayer(_SubnetParams):
                 momentum = 1.0 / float(bn.num_batches_tracked) if self.training and bn.track_running_stats else 0.0
             return dict(scale=bn.weight, shift=bn.bias, batch_norm=True, running_mean=bn.running_mean,
                         running_var=bn.running_var, momentum=momentum, eps=bn.eps)
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = eval_affine(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         return dict(scale=scale, shift=shift)
 
 
