@@ -4,8 +4,8 @@ Usage:
     python benchmarks/compile_report.py [--arch 80 90] [--filter SUBSTR] [--jobs N] [--json PATH]
                                         [--keep-cubins DIR] [--ci]
 
-Every module ``kernels/<name>.py`` that defines a ``@triton.jit`` function must export
-``COMPILE_SPECS``, a list of dicts, one per config its launcher can use on a GPU:
+The specs come from ``kernels/specs.py``: ``compile_specs()`` returns ``(module, spec)`` pairs, built on demand
+from the launchers' tile policy (``kernels/tiles.py``), one dict per config a launcher can use on a GPU:
 
     {"name": str,                 # unique, human readable, e.g. "lif_forward_kernel[fp16,hard=True]"
      "fn": <triton.jit function>,
@@ -21,7 +21,7 @@ Triton's JIT specialises every pointer that is 16-byte aligned and every int arg
 are) and no int argument divisible by 16; list the int arguments (e.g. K) that real layer sizes make
 divisible to compile the variant a real model launches.
 
-Kernel entry points are named ``*_kernel``; a ``*_kernel`` function that no spec covers is an error
+Kernel entry points are named ``*_kernel``; a ``*_kernel`` function of a kernels/ module that no spec covers is an error
 (helpers such as ``lif_step`` are only compiled inside the kernels that call them).
 
 Each spec is compiled for each arch (sm_80, sm_90 by default) with
@@ -95,7 +95,7 @@ def kernel_module_names():
 
 
 def _validate_spec(spec, module_name):
-    """Return a list of problems with one COMPILE_SPECS entry (empty if fine)."""
+    """Return a list of problems with one spec of kernels/specs.py (empty if fine)."""
     import triton
 
     problems = []
@@ -127,39 +127,40 @@ def _validate_spec(spec, module_name):
 
 
 def collect_specs(module_filter=None):
-    """Import every kernel module and gather its COMPILE_SPECS.
+    """Gather the specs of kernels/specs.py and check them against every kernel module.
 
-    Returns (specs, problems): specs is a list of (module_name, index, spec); problems a list of strings.
+    Returns (specs, problems): specs is a list of (module_name, index, spec), index into
+    ``specs.compile_specs()``; problems a list of strings (a kernel module that fails to import, a malformed
+    spec, a ``*_kernel`` of a module that no spec covers, duplicate names).
     """
     import triton
 
     package = _kernel_package()
-    specs, problems = [], []
+    problems = []
+    try:
+        all_specs = importlib.import_module(f"{package}.specs").compile_specs()
+    except Exception as exc:  # a broken spec module must show up in the report, not abort it
+        return [], [f"specs: building the compile specs failed: {type(exc).__name__}: {exc}"]
+    specs, covered = [], set()
+    for index, (module_name, spec) in enumerate(all_specs):
+        spec_problems = _validate_spec(spec, module_name)
+        problems.extend(spec_problems)
+        if not spec_problems:
+            covered.add((spec["fn"].__module__, spec["fn"].__name__))
+            if not module_filter or module_name in module_filter:
+                specs.append((module_name, index, spec))
     for name in kernel_module_names():
         if module_filter and name not in module_filter:
             continue
         try:
             module = importlib.import_module(f"{package}.{name}")
-        except Exception as exc:  # a broken module must show up in the report, not abort it
+        except Exception as exc:
             problems.append(f"{name}: import failed: {type(exc).__name__}: {exc}")
             continue
-        jit_fns = {k: v for k, v in vars(module).items()
-                   if isinstance(v, triton.runtime.JITFunction) and v.__module__ == module.__name__}
-        module_specs = getattr(module, "COMPILE_SPECS", None)
-        if module_specs is None:
-            if jit_fns:
-                problems.append(f"{name}: defines @triton.jit functions but no COMPILE_SPECS")
-            continue
-        covered = set()
-        for i, spec in enumerate(module_specs):
-            spec_problems = _validate_spec(spec, name)
-            problems.extend(spec_problems)
-            if not spec_problems:
-                specs.append((name, i, spec))
-                covered.add(spec["fn"].__name__)
-        for fn_name in sorted(jit_fns):
-            if fn_name.endswith("_kernel") and fn_name not in covered:
-                problems.append(f"{name}: kernel {fn_name} has no COMPILE_SPECS entry")
+        for fn_name, fn in sorted(vars(module).items()):
+            if isinstance(fn, triton.runtime.JITFunction) and fn.__module__ == module.__name__ \
+                    and fn_name.endswith("_kernel") and (module.__name__, fn_name) not in covered:
+                problems.append(f"{name}: kernel {fn_name} has no entry in kernels/specs.py")
     names = [s["name"] for _, _, s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -358,10 +359,9 @@ def compile_one(spec, arch, keep_dir=None):
 
 
 def _compile_task(task):
-    module_name, index, arch, keep_dir = task
+    _, index, arch, keep_dir = task
     package = _kernel_package()
-    module = importlib.import_module(f"{package}.{module_name}")
-    return compile_one(module.COMPILE_SPECS[index], arch, keep_dir)
+    return compile_one(importlib.import_module(f"{package}.specs").compile_specs()[index][1], arch, keep_dir)
 
 
 HEADER = (f"{'arch':<6} {'nw':>2} {'ns':>2} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>7} {'cta':>3} "

@@ -129,7 +129,7 @@ def backward_coefficients(alpha: Tensor, scale: Optional[Tensor], bn: Optional[B
     """Gradients of the per-channel epilogue from two reductions of g = dL/dI over the ``count`` values per channel.
 
     sum_g = Σ g, sum_gy = Σ g·y (``[C]``); alpha 0-dim/``[1]``; scale ``[C]`` or None. Without BatchNorm:
-    dL/dscale = α·Σ g·y, dL/dshift = Σ g. With it (x̂ = (α·y - mean)·rstd): dL/dγ = Σ g·x̂, dL/dβ = Σ g and
+    dL/dscale = α·Σ g·y, dL/dshift = Σ g. With it (x̂ = (α·y - mean)·rstd): dL/dγ = Σ g·x̂, dL/dβ = Σ g,
     dL/d(α·y) = rstd·γ·(g - mean(g) - x̂·mean(g·x̂)) = c1·g + c2·y + c3.
     """
     if bn is None:

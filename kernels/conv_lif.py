@@ -26,20 +26,19 @@ import functools
 import torch
 import triton
 
-from binwslt._affine import update_running_stats
+from binwslt.batchnorm import BatchStats
 from binwslt.bits import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 from binwslt.config import LIFConfig
 
-from .conv_lif_bwd import FOLD_BLOCK, bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
-    conv_lif_bwd_scan_kernel, grad_input_config, grad_weight_config
-from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel, forward_config, scan_config, \
-    stats_fit_int32
+from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
+    conv_lif_bwd_scan_kernel
+from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
+from .launch import INT32_LIMIT, bn_forward, epilogue_backward, grad_multiplier, plain_affine, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .lif import check_spike_counts, neuron_params
 from .subnet import ternary_subnet as kernel_ternary_subnet
-
-_INT32_LIMIT = 2 ** 31 - 1
-
+from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, scan_config, \
+    stats_fit_int32
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _is_spike_tensor(x: torch.Tensor) -> bool:
@@ -60,14 +59,8 @@ def _out_size(size, k, stride, pad):
 def _check_int32(*tensors_or_sizes):
     for item in tensors_or_sizes:
         numel = item.numel() if isinstance(item, torch.Tensor) else int(item)
-        if numel > _INT32_LIMIT:
+        if numel > INT32_LIMIT:
             raise ValueError(f"tensor of {numel} elements exceeds the int32 indexing of the Triton conv kernels")
-
-
-def _channel_vec(v, channels, fill, device):
-    if v is None:
-        return torch.full((channels,), fill, dtype=torch.float32, device=device)
-    return v.detach().to(torch.float32).contiguous()
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -110,6 +103,7 @@ class _Geometry:
             raise ValueError(f"output size {self.OH}x{self.OW} is empty for input {self.H}x{self.W}, kernel "
                              f"{self.KH}x{self.KW}, stride {tuple(stride)}, padding {tuple(padding)}")
         self.M = self.N * self.OH * self.OW
+        self.fan_in = self.C_in * self.KH * self.KW
         self.T_y = 1 if self.direct else self.T
         self.cl_out_shape = (self.T, self.N, self.OH, self.OW, self.C_out)
 
@@ -124,19 +118,9 @@ def _prepare_input(x, geo):
     return x_cl, is_spike, x_cl.dtype == torch.float16
 
 
-def _y_dtype(is_spike, geo):
-    if not is_spike:
-        return torch.float32
-    return torch.int16 if geo.C_in * geo.KH * geo.KW <= 32767 else torch.int32
-
-
 def _io_dtype(dtype):
     """Dtype the kernels read/write for a caller tensor of ``dtype`` (fp64 runs as fp32 in the kernels)."""
     return torch.float32 if dtype == torch.float64 else dtype
-
-
-def _launch_kwargs(cfg):
-    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN")) or k in ("num_warps", "num_stages")}
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -164,18 +148,19 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     store_y = need_y or batch_norm
-    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=device) if store_y else None
+    y = None
+    if store_y:
+        y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=device)
     dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     common = dict(T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH,
                   OW=geo.OW, SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
                   decay=p["decay"], threshold=p["threshold"], v_reset=p["v_reset"],
                   KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct,
-                  HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **_launch_kwargs(cfg))
+                  HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(cfg))
     bn_state = None
     if not batch_norm:
-        a = _channel_vec(scale, geo.C_out, 1.0, device)
-        b = _channel_vec(shift, geo.C_out, 0.0, device)
+        a, b = plain_affine(scale, shift, geo.C_out, device)
         binary_conv_lif_fwd_kernel[grid](
             x_cl, tern_cl, alpha, a, b, res_cl if res_cl is not None else dummy_f32, out_cl,
             y if y is not None else dummy_i32, count if count is not None else dummy_i32, dummy_i32,
@@ -186,21 +171,10 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
         binary_conv_lif_fwd_kernel[grid](
             x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out_cl, y, dummy_i32, stats,
             FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
-            STATS_I32=stats_fit_int32(geo.C_in * geo.KH * geo.KW, cfg["BLOCK_M"]), **common)
-        # Integer sums (spike input) are exact; reduce in float64: mean/var of alpha*y over (T, N, OH, OW).
-        frames = geo.T_y * geo.M
-        sums = stats.sum(dim=1).to(torch.float64)
-        mean_y = sums[0] / frames
-        var_y = (sums[1] / frames - mean_y * mean_y).clamp_min(0.0)
-        alpha64 = alpha.to(torch.float64)
-        mean = (alpha64 * mean_y).to(torch.float32)
-        var = (alpha64 * alpha64 * var_y).to(torch.float32)
-        update_running_stats(running_mean, running_var, mean, var, geo.T * geo.M, momentum)
-        rstd = torch.rsqrt(var + eps)
-        a = rstd if scale is None else rstd * scale.detach().to(torch.float32)
-        b = -mean * a if shift is None else shift.detach().to(torch.float32) - mean * a
-        a, b = a.contiguous(), b.contiguous()
-        bn_state = (mean, rstd)
+            STATS_I32=stats_fit_int32(geo.fan_in, cfg["BLOCK_M"]), **common)
+        # mean/var of alpha*y over (T, N, OH, OW) from the exact per-tile sums (binwslt.batchnorm).
+        a, b, bn_state = bn_forward(stats, geo.T_y * geo.M, geo.T * geo.M, alpha, scale, shift, running_mean,
+                                    running_var, momentum, eps)
         scfg = scan_config(geo.C_out, geo.M)
         sgrid = (triton.cdiv(geo.M, scfg["BLOCK_M"]), triton.cdiv(geo.C_out, scfg["BLOCK_N"]))
         conv_lif_scan_kernel[sgrid](
@@ -208,7 +182,7 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
             count if count is not None else dummy_i32, geo.T, geo.M, geo.C_out,
             p["decay"], p["threshold"], p["v_reset"],
             DIRECT=geo.direct, HAS_RES=res_cl is not None, COUNT=count is not None,
-            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **_launch_kwargs(scfg))
+            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
     if spike_counts is not None:
         with torch.no_grad():
             spike_counts.add_(count.to(spike_counts.dtype))
@@ -231,7 +205,7 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
     tern, alpha = _subnet(weight, scores, prune_rate)
     tern_cl = tern.permute(2, 3, 0, 1).contiguous()
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
-    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=_y_dtype(is_spike, geo), device=x.device)
+    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x.device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     dummy = torch.empty(1, dtype=torch.int32, device=x.device)
@@ -241,7 +215,7 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
         T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
         SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW, decay=0.0, threshold=1.0, v_reset=0.0,
         KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, FIRE=False, HAS_RES=False,
-        STORE_Y=True, COUNT=False, STATS=False, HARD_RESET=True, DECAY_INPUT=False, **_launch_kwargs(cfg))
+        STORE_Y=True, COUNT=False, STATS=False, HARD_RESET=True, DECAY_INPUT=False, **launch_kwargs(cfg))
     return y
 
 
@@ -271,10 +245,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     y, alpha, a, b = state["y"], state["alpha"], state["a"], state["b"]
     bn = state["bn"]
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
-    if bn is None and scale is not None:
-        mult = scale.detach().to(torch.float32).contiguous()
-    else:
-        mult = torch.ones(geo.C_out, dtype=torch.float32, device=device)
+    mult = grad_multiplier(scale, bn, geo.C_out, device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
     res_cl = state["res_cl"]
@@ -290,33 +261,16 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
         geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"], p["alpha"],
         DIRECT=geo.direct, HAS_RES=res_cl is not None, GRAD_RES=gres_cl is not None,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
-        SURROGATE=p["SURROGATE"], **_launch_kwargs(cfg))
+        SURROGATE=p["SURROGATE"], **launch_kwargs(cfg))
     grad_res = from_channels_last(gres_cl).to(state["res_dtype"]) if gres_cl is not None else None
-    sums = part.sum(dim=1)  # [2, C_out]: sum dL/dI, sum dL/dI * y over (T, N, OH, OW) (T pre-summed if direct)
-    sum_g, sum_gy = sums[0], sums[1]
     g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
-    grad_scale = grad_shift = None
-    if bn is None:
-        if need_scale:
-            grad_scale = alpha * sum_gy
-        if need_shift:
-            grad_shift = sum_g
-    else:
-        mean, rstd = bn
-        count = geo.T_y * geo.M
-        dgamma = rstd * (alpha * sum_gy - mean * sum_g)  # sum dL/dI * xhat
-        if need_scale:
-            grad_scale = dgamma
-        if need_shift:
-            grad_shift = sum_g
-        gain = rstd if scale is None else rstd * scale.detach().to(torch.float32)
-        c1 = gain.contiguous()
-        c2 = (-gain * dgamma / count * alpha * rstd).contiguous()
-        c3 = (-gain * sum_g / count + gain * dgamma / count * mean * rstd).contiguous()
-        if need_x or need_w or need_s:
-            numel = g_frames.numel()
-            bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](g_frames, y, c1, c2, c3, numel, geo.C_out,
-                                                                  BLOCK=FOLD_BLOCK, num_warps=4)
+    coeffs = epilogue_backward(part, alpha, scale, bn, geo.T_y * geo.M)
+    grad_scale = coeffs.grad_scale if need_scale else None
+    grad_shift = coeffs.grad_shift if need_shift else None
+    if coeffs.c1 is not None and (need_x or need_w or need_s):
+        numel = g_frames.numel()
+        bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](g_frames, y, coeffs.c1, coeffs.c2, coeffs.c3, numel,
+                                                              geo.C_out, BLOCK=FOLD_BLOCK, num_warps=4)
     grad_x = None
     if need_x:
         grad_x = _grad_input(state, g_frames, geo, device)
@@ -337,7 +291,7 @@ def _grad_input(state, g_frames, geo, device):
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
     conv_grad_input_kernel[grid](
         g_frames, tern_t, state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
-        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state["split"], **_launch_kwargs(cfg))
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state["split"], **launch_kwargs(cfg))
     dx = from_channels_last(dx_cl).to(state["out_dtype"])
     if geo.direct:
         return dx
@@ -367,8 +321,7 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
         gs if gs is not None else dummy, gw if gw is not None else dummy,
         P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
         geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
-        SPLIT=state["split"],
-        **_launch_kwargs(cfg))
+        SPLIT=state["split"], **launch_kwargs(cfg))
     grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
     grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
     return grad_w, grad_s
@@ -399,7 +352,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(tern), state.pop("alpha"),
                        state.pop("a"), state.pop("b"), weight, scores, scale, saved_res]
             bn = state.pop("bn")
-            tensors += list(bn) if bn is not None else [None, None]
+            tensors += [bn.mean, bn.rstd] if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
             state.update(out_dtype=x.dtype, res_bits=res_bits, has_res=residual is not None,
                          res_dtype=residual.dtype if residual is not None else None)
@@ -420,7 +373,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             else:
                 res_cl = to_channels_last(saved_res.detach(), _io_dtype(info["res_dtype"]))
         state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
-                     alpha=alpha, a=a, b=b, bn=None if mean is None else (mean, rstd), res_cl=res_cl)
+                     alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
         return grads + (None,) * 12
 

@@ -17,15 +17,12 @@ Pipeline (launched by ``conv_lif.py``); every tensor channels-last and contiguou
    split over the pixel axis into partial results the host adds (the epilogue is linear, so applying it to
    each partial is exact math).
 """
-import itertools
-
 import triton
 import triton.language as tl
 
-from .conv_lif_fwd import INTERPRET_ROWS, distinct, interpreting, make_spec, one_at_a_time, scan_config, \
-    tile_offsets, tile_ptrs, variants, with_divisible_twins
+from .conv_lif_fwd import tile_offsets, tile_ptrs
 from .gemm import split_dot_both, split_dot_exact_a, split_dot_exact_b
-from .lif import SURROGATE_CODES, lif_grad_step, lif_step
+from .lif import lif_grad_step, lif_step
 
 
 @triton.jit
@@ -243,114 +240,3 @@ def conv_grad_weight_kernel(
         tl.store(gw_ptr + out_off, tl.where(tern != 0, acc * alpha, 0.0), mask=ok)
 
 
-# ------------------------------------------------------------------------------------------------ configs
-# The backward scan uses the forward scan's tiling (``scan_config``). The GEMMs run on fp32 operands (ieee), so
-# their tiles are narrower than the int8 forward's; channel counts that are not tile multiples get small,
-# unpipelined tiles (masked accesses do not vectorise). Every config is in COMPILE_SPECS.
-
-def _channel_tile(c, widest):
-    return widest if c % widest == 0 else (32 if c % 32 == 0 and widest > 32 else 16)
-
-
-def grad_input_config(c_in, c_out, p, interpret=None):
-    """Launch config of the grad-input implicit GEMM (rows: input pixels, cols: C_in, K over C_out x taps)."""
-    block_k = 16
-    block_n = _channel_tile(c_in, 64)
-    even_k, even_n = c_out % block_k == 0, c_in % block_n == 0
-    if even_k and even_n:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "EVEN_N": True,
-               "num_warps": 4, "num_stages": 2}
-    else:
-        block_n = 16 if c_in <= 16 else 32
-        cfg = {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k,
-               "EVEN_N": c_in % block_n == 0, "num_warps": 4, "num_stages": 1}
-    if interpreting(interpret):
-        cfg["BLOCK_M"] = INTERPRET_ROWS
-    return cfg
-
-
-def grad_weight_config(c_in, c_out, p, interpret=None):
-    """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels)."""
-    block_m = _channel_tile(c_in, 64)
-    block_n = _channel_tile(c_out, 64)
-    even_m, even_n = c_in % block_m == 0, c_out % block_n == 0
-    if even_m and even_n:
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
-               "num_warps": 4, "num_stages": 2}
-    else:
-        block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
-               "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
-    if interpreting(interpret):
-        cfg["BLOCK_K"] = INTERPRET_ROWS  # the pixel axis is this GEMM's K
-    return cfg
-
-
-FOLD_BLOCK = 1024
-_SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
-_PIXELS = (1024, 10 ** 6)
-
-
-def _tile_name(cfg):
-    even = "".join(str(int(v)) for k, v in cfg.items() if k.startswith("EVEN"))
-    dims = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
-    return f"{dims},even={even},w{cfg['num_warps']},s{cfg['num_stages']}"
-
-
-def _tile_constexprs(cfg):
-    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN"))}
-
-
-def _compile_specs():
-    specs = []
-    scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr", "gres_ptr",
-                 "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
-    scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _PIXELS))
-    scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16")])
-    for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
-        types = {"y_ptr": "*" + y_name, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
-        for name in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
-            types[name] = "*fp32"
-        for name in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
-            types[name] = "*" + io_type
-        constexprs = {"DIRECT": direct, "HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard,
-                      "DECAY_INPUT": decay_input, "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate],
-                      **_tile_constexprs(cfg)}
-        specs.append(make_spec(
-            f"conv_lif_bwd_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},detach={detach},"
-            f"{surrogate},decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
-            conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg))
-    for y_name in ("i16", "i32", "fp32"):
-        types = {"g_ptr": "*fp32", "y_ptr": "*" + y_name, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32"}
-        specs.append(make_spec(f"bn_grad_fold_kernel[{y_name}]", bn_grad_fold_kernel, types,
-                               ["g_ptr", "y_ptr", "c1_ptr", "c2_ptr", "c3_ptr", "numel", "C_out"],
-                               {"BLOCK": FOLD_BLOCK}, {"num_warps": 4, "num_stages": 1}))
-    gi_args = ["g_ptr", "wt_ptr", "alpha_ptr", "dx_ptr", "P", "C_in", "C_out", "H", "W", "OH", "OW",
-               "SH", "SW", "PH", "PW"]
-    gi_cfgs = distinct(grad_input_config(ci, co, p, interpret=False)
-                       for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gi_flags = one_at_a_time([("fp32", "fp16", "bf16"), ((3, 3), (1, 1)), (True, False)])
-    for cfg, (dx_name, (kh, kw), split) in variants(gi_cfgs, gi_flags):
-        types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
-        constexprs = {"KH": kh, "KW": kw, "SPLIT": split, **_tile_constexprs(cfg)}
-        specs.append(make_spec(f"conv_grad_input_kernel[{dx_name},{kh}x{kw},split={split},{_tile_name(cfg)}]",
-                               conv_grad_input_kernel, types, gi_args, constexprs, cfg))
-    gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
-               "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
-    gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
-                       for ci, co, p in itertools.product(_SIZES, _SIZES, _PIXELS))
-    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
-                              (True, False)])
-    for cfg, (x_name, (kh, kw), (grad_s, grad_w), split) in variants(gw_cfgs, gw_flags):
-        types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32",
-                 "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
-        constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, "SPLIT": split,
-                      **_tile_constexprs(cfg)}
-        specs.append(make_spec(
-            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},split={split},"
-            f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
-    return with_divisible_twins(specs)
-
-
-COMPILE_SPECS = _compile_specs()

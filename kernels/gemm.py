@@ -142,8 +142,3 @@ def bf16_round_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, t1.to(tl.float32), mask=ok)
     tl.store(out_ptr + numel + offs, t2.to(tl.float32), mask=ok)
     tl.store(out_ptr + 2 * numel + offs, t3.to(tl.float32), mask=ok)
-
-
-COMPILE_SPECS = [{"name": "bf16_round_kernel[fp32]", "fn": bf16_round_kernel,
-                  "signature": {"x_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"},
-                  "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1}]

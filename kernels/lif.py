@@ -16,11 +16,11 @@ Reverse step, given g_S = dL/dS[t] and g_V = dL/dV[t] (carried from step t+1):
     dL/dI[t] = c * g_U,   dL/dV[t-1] = decay * g_U
 """
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import LIF_BLOCK, LIF_NUM_WARPS
 
 # Surrogate codes used as the SURROGATE constexpr.
 SURROGATE_ATAN = 0
@@ -28,9 +28,6 @@ SURROGATE_SIGMOID = 1
 SURROGATE_TRIANGLE = 2
 SURROGATE_CODES = {"atan": SURROGATE_ATAN, "sigmoid": SURROGATE_SIGMOID, "triangle": SURROGATE_TRIANGLE}
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0, "triangle": 1.0}
-
-LIF_BLOCK = 1024
-LIF_NUM_WARPS = 8  # 4 elements per thread: at 8 (num_warps=4) the atan backward spills on sm_80
 
 
 def surrogate_code(name):
@@ -243,59 +240,8 @@ def lif(x_seq, neuron):
     return LIFFunction.apply(x_seq, neuron)
 
 
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (consumed by benchmarks/compile_report.py): every config a launcher
-# above can use on a GPU.
-# ----------------------------------------------------------------------------------------------
-
-_FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-
-
-def _compile_specs():
-    specs = []
-    for dtype, (hard, decay_input) in itertools.product(_FLOAT_TYPES, itertools.product((True, False), repeat=2)):
-        ptr = _FLOAT_TYPES[dtype]
-        specs.append({
-            "name": f"lif_forward_kernel[{dtype},hard={hard},decay_input={decay_input}]",
-            "fn": lif_forward_kernel,
-            "signature": {"x_ptr": ptr, "spike_ptr": ptr, "num_neurons": "i32", "num_steps": "i32",
-                          "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
-                          "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "BLOCK": "constexpr"},
-            "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "BLOCK": LIF_BLOCK},
-            "num_warps": LIF_NUM_WARPS, "num_stages": 1,
-        })
-        for detach, surrogate in itertools.product((True, False), SURROGATE_CODES):
-            specs.append({
-                "name": (f"lif_backward_kernel[{dtype},hard={hard},decay_input={decay_input},"
-                         f"detach={detach},{surrogate}]"),
-                "fn": lif_backward_kernel,
-                "signature": {"x_ptr": ptr, "grad_spike_ptr": ptr, "grad_x_ptr": "*fp32",
-                              "num_neurons": "i32", "num_steps": "i32", "decay": "fp32", "threshold": "fp32",
-                              "v_reset": "fp32", "alpha": "fp32",
-                              "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "DETACH_RESET": "constexpr",
-                              "SURROGATE": "constexpr", "BLOCK": "constexpr"},
-                "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "DETACH_RESET": detach,
-                               "SURROGATE": SURROGATE_CODES[surrogate], "BLOCK": LIF_BLOCK},
-                "num_warps": LIF_NUM_WARPS, "num_stages": 1,
-            })
-    return specs
-
-
-def _with_divisibility_variants(specs, int_args):
-    """Each spec twice: as launched with the int_args not divisible by 16, and (",div16") divisible (the usual
-    real-size launch, where Triton's specialisation vectorises the loads)."""
-    out = []
-    for spec in specs:
-        pointers = [a for a, t in spec["signature"].items() if t.startswith("*")]
-        out.append(dict(spec, divisible_by_16=pointers))
-        out.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=pointers + list(int_args)))
-    return out
-
-
-COMPILE_SPECS = _with_divisibility_variants(_compile_specs(), ("num_neurons",))
-
 __all__ = ["lif_step", "lif_grad_step", "surrogate_grad", "lif", "lif_forward", "lif_backward", "LIFFunction",
-           "neuron_params", "surrogate_code", "SURROGATE_CODES", "COMPILE_SPECS"]
+           "neuron_params", "surrogate_code", "SURROGATE_CODES", "check_spike_counts"]
 
 
 def check_spike_counts(spike_counts, channels: int) -> None:

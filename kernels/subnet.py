@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-SUBNET_BLOCK = 1024
-SUBNET_NUM_WARPS = 4
+from .tiles import SUBNET_BLOCK, SUBNET_NUM_WARPS
 
 
 @triton.jit
@@ -81,20 +80,4 @@ def ternary_subnet(weight, scores, prune_rate):
     return tern.reshape(weight.shape), alpha
 
 
-_SUBNET_SPECS = [
-    {
-        "name": f"ternary_subnet_kernel[w={wt},s={st}]",
-        "fn": ternary_subnet_kernel,
-        "signature": {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "tern_ptr": "*i8", "abs_sum_ptr": "*fp64",
-                      "kept_ptr": "*i32", "numel": "i32", "tau": "fp32", "BLOCK": "constexpr"},
-        "constexprs": {"BLOCK": SUBNET_BLOCK},
-        "num_warps": SUBNET_NUM_WARPS, "num_stages": 1,
-    }
-    for wt, st in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"))
-]
-# Compiled as launched with numel not divisible by 16 and (",div16") divisible; pointers are 16-byte aligned.
-COMPILE_SPECS = [dict(spec, name=spec["name"][:-1] + suffix,
-                      divisible_by_16=[a for a, t in spec["signature"].items() if t.startswith("*")] + extra)
-                 for spec in _SUBNET_SPECS for suffix, extra in (("]", []), (",div16]", ["numel"]))]
-
-__all__ = ["ternary_subnet", "ternary_subnet_kernel", "COMPILE_SPECS"]
+__all__ = ["ternary_subnet", "ternary_subnet_kernel"]

@@ -1,0 +1,84 @@
+"""Host helpers shared by the fused conv + LIF and linear + LIF launchers (kernels/conv_lif.py, linear_lif.py).
+
+Everything here runs on the host without reading tensor values: no ``.item()``, no ``int(tensor)``, no value
+scans, so a layer's forward and backward never synchronise with the device. The BatchNorm formulas themselves
+live in binwslt/batchnorm.py; these helpers only feed it the kernels' partial sums and turn its results into the
+contiguous fp32 per-channel vectors the kernels read.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from binwslt import batchnorm
+
+INT32_LIMIT = 2 ** 31 - 1
+
+
+def check_int32(op: str, **sizes: int) -> None:
+    """Raise ValueError naming the tensor when one of ``sizes`` (name -> element count) exceeds int32 indexing."""
+    for name, numel in sizes.items():
+        if numel > INT32_LIMIT:
+            raise ValueError(f"{name} has {numel} elements; the Triton {op} kernels index it with int32 offsets "
+                             f"(at most {INT32_LIMIT})")
+
+
+def channel_vec(v: Optional[torch.Tensor], channels: int, fill: float, device) -> torch.Tensor:
+    """Contiguous fp32 ``[channels]`` copy of ``v`` (detached), or ``fill`` everywhere when ``v`` is None."""
+    if v is None:
+        return torch.full((channels,), fill, dtype=torch.float32, device=device)
+    return v.detach().to(torch.float32).contiguous()
+
+
+def f32(v: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``v`` detached as fp32 (None stays None)."""
+    return None if v is None else v.detach().to(torch.float32)
+
+
+def y_dtype(is_spike: bool, fan_in: int) -> torch.dtype:
+    """Storage dtype of the exact pre-activation y: int16 for spikes while the fan-in bounds |y| by 32767, int32
+    beyond; fp32 for analog input."""
+    if not is_spike:
+        return torch.float32
+    return torch.int16 if fan_in <= 32767 else torch.int32
+
+
+def bn_forward(stats: torch.Tensor, frames: int, count: int, alpha: torch.Tensor, scale, shift, running_mean,
+               running_var, momentum: float, eps: float):
+    """Training BatchNorm from the forward kernel's partial sums.
+
+    stats: ``[2, programs, C]`` per-program sums of y and y² (int64 for spikes: exact); frames: values per channel
+    the sums cover (T_y·rows); count: values per channel BatchNorm counts (T·rows: a direct-encoded input counts its
+    T copies). Updates the running statistics in place. Returns ``(a, b, bn)``: the contiguous fp32 per-channel
+    affine of the current ``I = a·(α·y) + b`` and the :class:`binwslt.batchnorm.BatchStats`.
+    """
+    sums = stats.sum(dim=1)
+    mean, var = batchnorm.stats_from_sums(sums[0], sums[1], frames, alpha)
+    bn = batchnorm.train_rstd(mean, var, count, running_mean, running_var, momentum, eps)
+    gain, bias = batchnorm.current_affine(f32(scale), f32(shift), bn)
+    return gain.contiguous(), bias.contiguous(), bn
+
+
+def plain_affine(scale, shift, channels: int, device):
+    """``(a, b)`` of the current without BatchNorm: scale (1) and shift (0) as contiguous fp32 ``[channels]``."""
+    return channel_vec(scale, channels, 1.0, device), channel_vec(shift, channels, 0.0, device)
+
+
+def grad_multiplier(scale, bn, channels: int, device) -> torch.Tensor:
+    """The per-channel factor the backward scan multiplies dL/dI by (binwslt.batchnorm.grad_multiplier)."""
+    return channel_vec(batchnorm.grad_multiplier(scale, bn), channels, 1.0, device)
+
+
+def epilogue_backward(part: torch.Tensor, alpha: torch.Tensor, scale, bn, count: int):
+    """Reduce the backward scan's partial sums and apply binwslt.batchnorm.backward_coefficients.
+
+    part: ``[2, programs, C]`` per-program sums of dL/dI and dL/dI·y; count: values per channel (T_y·rows).
+    Returns :class:`binwslt.batchnorm.BackwardCoefficients` (``c1, c2, c3`` contiguous when BatchNorm is on).
+    """
+    sums = part.sum(dim=1)
+    coeffs = batchnorm.backward_coefficients(alpha, f32(scale), bn, sums[0], sums[1], count)
+    if coeffs.c1 is None:
+        return coeffs
+    return batchnorm.BackwardCoefficients(coeffs.grad_scale, coeffs.grad_shift, coeffs.c1.contiguous(),
+                                          coeffs.c2.contiguous(), coeffs.c3.contiguous())

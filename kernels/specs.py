@@ -1,0 +1,448 @@
+"""Ahead-of-time compile specs of every Triton kernel in kernels/, built on demand (read by
+benchmarks/compile_report.py; importing this module traces and compiles nothing).
+
+:func:`compile_specs` returns a list of dicts, one per configuration a launcher can use on a GPU:
+
+    {"name": str,                 # unique, human readable, e.g. "lif_forward_kernel[fp16,hard=True]"
+     "fn": <triton.jit function>,
+     "signature": {arg: type},    # EVERY argument of fn ("*fp32", "*i8", "i32", "fp32", ... or "constexpr")
+     "constexprs": {arg: value},  # a value for every argument typed "constexpr"
+     "num_warps": int, "num_stages": int,
+     "divisible_by_16": [arg, ...]}   # args the launch sees 16-divisible (pointers: 16-byte aligned)
+
+The tile configurations come from the launchers' own policy (kernels/tiles.py) enumerated over a grid of layer
+sizes, so a config a launch can pick is a config the report compiles. One function per kernel module
+(:data:`SPEC_BUILDERS`); a kernel module with a ``*_kernel`` that no spec covers is an error in the report.
+"""
+import functools
+import itertools
+
+from .lif import SURROGATE_CODES
+from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, SUBNET_BLOCK, SUBNET_NUM_WARPS, forward_config, \
+    grad_input_config, grad_weight_config, linear_forward_config, linear_gemm_config, linear_scan_config, \
+    scan_config
+
+# Layer sizes the tile policy is enumerated over: channel counts (odd and tile multiples) and pixel counts.
+_SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
+_FWD_PIXELS = (1024, 60000, 10 ** 6)
+_BWD_PIXELS = (1024, 10 ** 6)
+
+
+def distinct(configs):
+    """The configs in first-seen order without repeats."""
+    seen = []
+    for cfg in configs:
+        if cfg not in seen:
+            seen.append(cfg)
+    return seen
+
+
+def one_at_a_time(options):
+    """Flag sets for the compile report: the first value of every option, then each other value of one option
+    with the rest at their first value (each code path compiled once, not the whole cross product)."""
+    base = [values[0] for values in options]
+    sets = [tuple(base)]
+    for i, values in enumerate(options):
+        for value in values[1:]:
+            sets.append(tuple(base[:i] + [value] + base[i + 1:]))
+    return sets
+
+
+def variants(configs, flag_sets):
+    """Every tile config with the first (heaviest) flag set, plus every other flag set with each of the tiles that
+    hold the most elements per thread (the ones closest to spilling)."""
+    def per_thread(c):
+        return (c["BLOCK_M"] * c["BLOCK_N"] // c["num_warps"], c.get("BLOCK_K", 1))
+    top = max(per_thread(c) for c in configs)
+    heaviest = [c for c in configs if per_thread(c) == top]
+    return [(cfg, flag_sets[0]) for cfg in configs] + [(cfg, flags) for cfg in heaviest for flags in flag_sets[1:]]
+
+
+def make_spec(name, fn, types, args, constexprs, cfg, default="i32"):
+    """One compile spec; arguments not in ``types`` are ``default`` (i32), constexprs marked."""
+    sig = {arg: types.get(arg, default) for arg in args}
+    sig.update({arg: "constexpr" for arg in constexprs})
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": constexprs,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+# Int arguments that real layers make multiples of 16 (channels 64..512, 32x32..4x4 maps, N = 128).
+_SIZE_ARGS = ("C_in", "C_out", "M", "P", "H", "W", "OH", "OW")
+
+
+def with_divisible_twins(specs):
+    """Add, for every spec whose EVEN flags are all set (channel counts that are tile multiples), a twin compiled as
+    the JIT specialises a real layer's launch: every pointer 16-byte aligned and the size ints 16-divisible."""
+    twins = []
+    for spec in specs:
+        evens = [v for k, v in spec["constexprs"].items() if k.startswith("EVEN")]
+        if evens and all(evens):
+            sig = spec["signature"]
+            hinted = [a for a, t in sig.items() if t.startswith("*")] + [a for a in _SIZE_ARGS if a in sig]
+            twins.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=hinted))
+    return specs + twins
+
+
+_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "count_ptr",
+             "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
+             "decay", "threshold", "v_reset"]
+_CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "count_ptr", "T", "M", "C_out",
+              "decay", "threshold", "v_reset"]
+# input kind -> (x pointer, y pointer, stats pointer, DOT_FP16, DIRECT)
+_KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "*i32", "*i64", False, False),
+          "analog-fp32": ("*fp32", "*fp32", "*fp32", False, False),
+          "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
+          "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
+          "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
+# mode -> (FIRE, STORE_Y, STATS, STATS_I32): training without BN, inference, BatchNorm pass 1 (int32 tile sums, or
+# int64 for fan-ins too large for them), the benchmark baseline
+_MODES = {"train": (True, True, False, False), "infer": (True, False, False, False),
+          "bn-stats": (False, True, True, True), "bn-stats-i64": (False, True, True, False),
+          "gemm-only": (False, True, False, False)}
+
+
+def conv_forward_specs():
+    """Specs of kernels/conv_lif_fwd.py: every forward/scan tile config x the flag sets that matter."""
+    from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
+
+    specs = []
+    for is_spike in (True, False):
+        cfgs = distinct(forward_config(is_spike, ci, co, m, interpret=False)
+                        for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
+        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
+        flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
+                                   ("fp32", "fp16", "bf16")])
+        for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
+            x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
+            fire, store_y, stats, stats_i32 = _MODES[mode]
+            types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                     "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type, "count_ptr": "*i32",
+                     "stat_ptr": stat_type, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
+            constexprs = {"KH": kh, "KW": kw, "IS_SPIKE": is_spike, "DOT_FP16": fp16, "DIRECT": direct,
+                          "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "COUNT": True, "STATS": stats,
+                          "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
+                          "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                          "BLOCK_K": cfg["BLOCK_K"], "STATS_I32": stats_i32}
+            specs.append(make_spec(
+                f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},hard={hard},decay_input={decay_input},"
+                f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},even={cfg['EVEN_K']:d}"
+                f"{cfg['EVEN_N']:d},w{cfg['num_warps']}]",
+                binary_conv_lif_fwd_kernel, types, _CONV_FWD_ARGS, constexprs, cfg))
+    scan_cfgs = distinct(scan_config(co, m, interpret=False) for co, m in itertools.product(_SIZES, _FWD_PIXELS))
+    flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
+                               (False, True), ("fp32", "fp16", "bf16")])
+    for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
+        types = {"y_ptr": "*" + y_name, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                 "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "count_ptr": "*i32", "decay": "fp32",
+                 "threshold": "fp32", "v_reset": "fp32"}
+        constexprs = {"DIRECT": direct, "HAS_RES": True, "COUNT": True, "HARD_RESET": hard,
+                      "DECAY_INPUT": decay_input, "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"],
+                      "BLOCK_N": cfg["BLOCK_N"]}
+        specs.append(make_spec(
+            f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},decay_input={decay_input},"
+            f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},even={cfg['EVEN_N']:d}]",
+            conv_lif_scan_kernel, types, _CONV_SCAN_ARGS, constexprs, cfg))
+    return with_divisible_twins(specs)
+
+
+def _tile_name(cfg):
+    even = "".join(str(int(v)) for k, v in cfg.items() if k.startswith("EVEN"))
+    dims = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+    return f"{dims},even={even},w{cfg['num_warps']},s{cfg['num_stages']}"
+
+
+def _tile_constexprs(cfg):
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN"))}
+
+
+def conv_backward_specs():
+    """Specs of kernels/conv_lif_bwd.py: backward scan, BatchNorm grad fold, grad-input and grad-weight GEMMs."""
+    from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
+        conv_lif_bwd_scan_kernel
+
+    specs = []
+    scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr", "gres_ptr",
+                 "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
+    scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _BWD_PIXELS))
+    scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
+                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16")])
+    for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
+        types = {"y_ptr": "*" + y_name, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
+        for name in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
+            types[name] = "*fp32"
+        for name in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
+            types[name] = "*" + io_type
+        constexprs = {"DIRECT": direct, "HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard,
+                      "DECAY_INPUT": decay_input, "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate],
+                      **_tile_constexprs(cfg)}
+        specs.append(make_spec(
+            f"conv_lif_bwd_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},detach={detach},"
+            f"{surrogate},decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
+            conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg))
+    for y_name in ("i16", "i32", "fp32"):
+        types = {"g_ptr": "*fp32", "y_ptr": "*" + y_name, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32"}
+        specs.append(make_spec(f"bn_grad_fold_kernel[{y_name}]", bn_grad_fold_kernel, types,
+                               ["g_ptr", "y_ptr", "c1_ptr", "c2_ptr", "c3_ptr", "numel", "C_out"],
+                               {"BLOCK": FOLD_BLOCK}, {"num_warps": 4, "num_stages": 1}))
+    gi_args = ["g_ptr", "wt_ptr", "alpha_ptr", "dx_ptr", "P", "C_in", "C_out", "H", "W", "OH", "OW",
+               "SH", "SW", "PH", "PW"]
+    gi_cfgs = distinct(grad_input_config(ci, co, p, interpret=False)
+                       for ci, co, p in itertools.product(_SIZES, _SIZES, _BWD_PIXELS))
+    gi_flags = one_at_a_time([("fp32", "fp16", "bf16"), ((3, 3), (1, 1)), (True, False)])
+    for cfg, (dx_name, (kh, kw), split) in variants(gi_cfgs, gi_flags):
+        types = {"g_ptr": "*fp32", "wt_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": "*" + dx_name}
+        constexprs = {"KH": kh, "KW": kw, "SPLIT": split, **_tile_constexprs(cfg)}
+        specs.append(make_spec(f"conv_grad_input_kernel[{dx_name},{kh}x{kw},split={split},{_tile_name(cfg)}]",
+                               conv_grad_input_kernel, types, gi_args, constexprs, cfg))
+    gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
+               "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
+    gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
+                       for ci, co, p in itertools.product(_SIZES, _SIZES, _BWD_PIXELS))
+    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
+                              (True, False)])
+    for cfg, (x_name, (kh, kw), (grad_s, grad_w), split) in variants(gw_cfgs, gw_flags):
+        types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32",
+                 "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
+        constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, "SPLIT": split,
+                      **_tile_constexprs(cfg)}
+        specs.append(make_spec(
+            f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},split={split},"
+            f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
+    return with_divisible_twins(specs)
+
+
+def _linear_fwd_signature(x_type, out_type, y_type, stats_type):
+    return {"x_ptr": x_type, "tern_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+            "res_ptr": "*fp32", "out_ptr": out_type, "y_ptr": y_type, "count_ptr": "*i32", "stats_ptr": stats_type,
+            "T": "i32", "N": "i32", "K": "i32", "C": "i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
+            **{k: "constexpr" for k in ("IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "COUNT",
+                                        "STATS", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+
+
+def _hints(signature, *ints):
+    """divisible_by_16 for compile_report: every pointer (torch allocations are 16-byte aligned) plus ``ints``."""
+    return [a for a, t in signature.items() if t.startswith("*")] + list(ints)
+
+
+def _covering(data_options, neuron_options):
+    """Data-path x neuron-flag combinations to compile: every data-path combination with the default neuron (the
+    first neuron option), plus every neuron-flag combination with the heaviest data path (the last data option).
+    The neuron flags only swap a few elementwise ops; the data path decides tiles, loads and register pressure."""
+    data = list(itertools.product(*data_options))
+    neurons = list(itertools.product(*neuron_options))
+    combos = [(d, neurons[0]) for d in data] + [(data[-1], n) for n in neurons[1:]]
+    return combos
+
+
+def linear_specs():
+    """Specs of kernels/linear_lif_kernels.py (the linear forward, scans, BN fold and GEMMs)."""
+    from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_bn_grad_fold_kernel, \
+        linear_grad_input_kernel, linear_grad_weight_kernel, linear_lif_bwd_scan_kernel, linear_lif_scan_kernel
+
+    specs = []
+    # Forward. Inputs: (name, is_spike, direct, x pointer type, dot_fp16, spike output dtypes).
+    inputs = [("spike", True, False, "*i8", False, ("fp32", "fp16", "bf16")),
+              ("fp32", False, False, "*fp32", False, ("fp32", "bf16")),
+              ("fp16", False, False, "*fp16", True, ("fp16",)),
+              ("direct-fp32", False, True, "*fp32", False, ("fp32", "bf16")),
+              ("direct-fp16", False, True, "*fp16", True, ("fp16",))]
+    for name, is_spike, direct, x_type, dot_fp16, out_types in inputs:
+        cfg = linear_forward_config(is_spike, dot_fp16, interpret=False)
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        y_type = "*i16" if is_spike else "*fp32"
+        stats_type = "*i64" if is_spike else "*fp32"
+        base = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, **cfg)
+        # BatchNorm pass 1: no firing; the neuron flags are unused.
+        specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},bn-stats]", "fn": binary_linear_lif_fwd_kernel,
+                      "signature": _linear_fwd_signature(x_type, "*" + out_types[0], y_type, stats_type),
+                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
+                                         HARD_RESET=True, DECAY_INPUT=False),
+                      "num_warps": nw, "num_stages": ns})
+        for (out_t, store_y, has_res, count), (hard, decay_input) in _covering(
+                (out_types, (False, True), (False, True), (False, True)), ((True, False), (False, True))):
+            specs.append({
+                "name": (f"binary_linear_lif_fwd_kernel[{name},out={out_t},store_y={store_y},res={has_res},"
+                         f"count={count},hard={hard},decay_input={decay_input}]"),
+                "fn": binary_linear_lif_fwd_kernel,
+                "signature": _linear_fwd_signature(x_type, "*" + out_t, y_type, stats_type),
+                "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, COUNT=count, STATS=False,
+                                   HARD_RESET=hard, DECAY_INPUT=decay_input),
+                "num_warps": nw, "num_stages": ns})
+    scan = linear_scan_config(interpret=False)
+    snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
+    for (y_t, out_t, direct, has_res, count), (hard, decay_input) in _covering(
+            (("fp32", "i16"), ("fp32", "fp16", "bf16"), (True, False), (False, True), (False, True)),
+            ((True, False), (False, True))):
+        if direct and y_t == "i16":
+            continue
+        specs.append({
+            "name": (f"linear_lif_scan_kernel[y={y_t},out={out_t},direct={direct},res={has_res},count={count},"
+                     f"hard={hard},decay_input={decay_input}]"),
+            "fn": linear_lif_scan_kernel,
+            "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                          "res_ptr": "*fp32", "out_ptr": f"*{out_t}", "count_ptr": "*i32", "T": "i32", "N": "i32",
+                          "C": "i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
+                          **{k: "constexpr" for k in ("DIRECT", "HAS_RES", "COUNT", "HARD_RESET", "DECAY_INPUT",
+                                                      "BLOCK_M", "BLOCK_N")}},
+            "constexprs": dict(DIRECT=direct, HAS_RES=has_res, COUNT=count, HARD_RESET=hard, DECAY_INPUT=decay_input,
+                               **scan),
+            "num_warps": snw, "num_stages": sns})
+    for (y_t, direct, res_mode), (hard, decay_input, detach, surrogate) in _covering(
+            (("fp32", "i16"), (True, False), ("none", "res", "res+grad")),
+            ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES))):
+        if direct and y_t == "i16":
+            continue
+        specs.append({
+            "name": (f"linear_lif_bwd_scan_kernel[y={y_t},direct={direct},{res_mode},hard={hard},"
+                     f"decay_input={decay_input},detach={detach},{surrogate}]"),
+            "fn": linear_lif_bwd_scan_kernel,
+            "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                          "mult_ptr": "*fp32", "res_ptr": "*fp32", "grad_spike_ptr": "*fp32", "g_ptr": "*fp32",
+                          "grad_res_ptr": "*fp32", "part_ptr": "*fp32", "T": "i32", "N": "i32", "C": "i32",
+                          "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32",
+                          **{k: "constexpr" for k in ("DIRECT", "HAS_RES", "GRAD_RES", "HARD_RESET", "DECAY_INPUT",
+                                                      "DETACH_RESET", "SURROGATE", "BLOCK_M", "BLOCK_N")}},
+            "constexprs": dict(DIRECT=direct, HAS_RES=res_mode != "none", GRAD_RES=res_mode == "res+grad",
+                               HARD_RESET=hard, DECAY_INPUT=decay_input, DETACH_RESET=detach,
+                               SURROGATE=SURROGATE_CODES[surrogate], **scan),
+            "num_warps": snw, "num_stages": sns})
+    for y_t in ("i16", "fp32"):
+        specs.append({
+            "name": f"linear_bn_grad_fold_kernel[y={y_t}]", "fn": linear_bn_grad_fold_kernel,
+            "signature": {"g_ptr": "*fp32", "y_ptr": f"*{y_t}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
+                          "c3_ptr": "*fp32", "numel": "i32", "C": "i32", "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": FOLD_BLOCK}, "num_warps": 4, "num_stages": 1})
+    gemm = linear_gemm_config(interpret=False)
+    gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
+    for dx_t in ("fp32", "fp16", "bf16"):
+        specs.append({
+            "name": f"linear_grad_input_kernel[dx={dx_t}]", "fn": linear_grad_input_kernel,
+            "signature": {"g_ptr": "*fp32", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": f"*{dx_t}",
+                          "R": "i32", "C": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                          "BLOCK_K": "constexpr"},
+            "constexprs": dict(gemm), "num_warps": gnw, "num_stages": gns})
+    for x_t, w_t, gs, gw in itertools.product(("bits", "fp32", "fp16"), ("fp32", "fp16", "bf16"), (True, False),
+                                              (True, False)):
+        if not (gs or gw):
+            continue
+        specs.append({
+            "name": f"linear_grad_weight_kernel[x={x_t},w={w_t},scores={gs},weight={gw}]",
+            "fn": linear_grad_weight_kernel,
+            "signature": {"x_ptr": "*u8" if x_t == "bits" else f"*{x_t}", "g_ptr": "*fp32", "weight_ptr": f"*{w_t}",
+                          "scores_ptr": f"*{w_t}", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": f"*{w_t}",
+                          "gw_ptr": f"*{w_t}", "R": "i32", "C": "i32", "K": "i32",
+                          **{k: "constexpr" for k in ("X_BITS", "GRAD_SCORES", "GRAD_WEIGHT", "BLOCK_M", "BLOCK_N",
+                                                      "BLOCK_K")}},
+            "constexprs": dict(X_BITS=x_t == "bits", GRAD_SCORES=gs, GRAD_WEIGHT=gw, **gemm),
+            "num_warps": gnw, "num_stages": gns})
+    # The hidden LIF linear layers of the models have K and C multiples of 16 (8192/4096/2048/512 -> 256), so the
+    # real launches get Triton's divisibility specialisation of K and C (vectorised tile loads and stores).
+    ints = {"binary_linear_lif_fwd_kernel": ("K", "C"), "linear_lif_scan_kernel": ("C",),
+            "linear_lif_bwd_scan_kernel": ("C",), "linear_bn_grad_fold_kernel": ("C",),
+            "linear_grad_input_kernel": ("C", "K"), "linear_grad_weight_kernel": ("C", "K")}
+    for spec in specs:
+        spec["divisible_by_16"] = _hints(spec["signature"], *ints[spec["fn"].__name__])
+    return specs
+
+
+_FLOAT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def _lif_base_specs():
+    from .lif import lif_backward_kernel, lif_forward_kernel
+
+    specs = []
+    for dtype, (hard, decay_input) in itertools.product(_FLOAT_TYPES, itertools.product((True, False), repeat=2)):
+        ptr = _FLOAT_TYPES[dtype]
+        specs.append({
+            "name": f"lif_forward_kernel[{dtype},hard={hard},decay_input={decay_input}]",
+            "fn": lif_forward_kernel,
+            "signature": {"x_ptr": ptr, "spike_ptr": ptr, "num_neurons": "i32", "num_steps": "i32",
+                          "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
+                          "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "BLOCK": "constexpr"},
+            "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "BLOCK": LIF_BLOCK},
+            "num_warps": LIF_NUM_WARPS, "num_stages": 1,
+        })
+        for detach, surrogate in itertools.product((True, False), SURROGATE_CODES):
+            specs.append({
+                "name": (f"lif_backward_kernel[{dtype},hard={hard},decay_input={decay_input},"
+                         f"detach={detach},{surrogate}]"),
+                "fn": lif_backward_kernel,
+                "signature": {"x_ptr": ptr, "grad_spike_ptr": ptr, "grad_x_ptr": "*fp32",
+                              "num_neurons": "i32", "num_steps": "i32", "decay": "fp32", "threshold": "fp32",
+                              "v_reset": "fp32", "alpha": "fp32",
+                              "HARD_RESET": "constexpr", "DECAY_INPUT": "constexpr", "DETACH_RESET": "constexpr",
+                              "SURROGATE": "constexpr", "BLOCK": "constexpr"},
+                "constexprs": {"HARD_RESET": hard, "DECAY_INPUT": decay_input, "DETACH_RESET": detach,
+                               "SURROGATE": SURROGATE_CODES[surrogate], "BLOCK": LIF_BLOCK},
+                "num_warps": LIF_NUM_WARPS, "num_stages": 1,
+            })
+    return specs
+
+
+def _with_divisibility_variants(specs, int_args):
+    """Each spec twice: as launched with the int_args not divisible by 16, and (",div16") divisible (the usual
+    real-size launch, where Triton's specialisation vectorises the loads)."""
+    out = []
+    for spec in specs:
+        pointers = [a for a, t in spec["signature"].items() if t.startswith("*")]
+        out.append(dict(spec, divisible_by_16=pointers))
+        out.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=pointers + list(int_args)))
+    return out
+
+
+def lif_specs():
+    """Specs of kernels/lif.py (standalone LIF forward/backward), each with and without a 16-divisible size."""
+    return _with_divisibility_variants(_lif_base_specs(), ("num_neurons",))
+
+
+def subnet_specs():
+    """Specs of kernels/subnet.py."""
+    from .subnet import ternary_subnet_kernel
+
+    base = [
+        {
+            "name": f"ternary_subnet_kernel[w={wt},s={st}]",
+            "fn": ternary_subnet_kernel,
+            "signature": {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "tern_ptr": "*i8", "abs_sum_ptr": "*fp64",
+                          "kept_ptr": "*i32", "numel": "i32", "tau": "fp32", "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": SUBNET_BLOCK},
+            "num_warps": SUBNET_NUM_WARPS, "num_stages": 1,
+        }
+        for wt, st in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"))
+    ]
+    # Compiled as launched with numel not divisible by 16 and (",div16") divisible; pointers are 16-byte aligned.
+    return [dict(spec, name=spec["name"][:-1] + suffix,
+                 divisible_by_16=[a for a, t in spec["signature"].items() if t.startswith("*")] + extra)
+            for spec in base for suffix, extra in (("]", []), (",div16]", ["numel"]))]
+
+
+def gemm_specs():
+    """Specs of kernels/gemm.py (its test hook; the split dots compile inside the GEMM kernels that call them)."""
+    from .gemm import bf16_round_kernel
+
+    return [{"name": "bf16_round_kernel[fp32]", "fn": bf16_round_kernel,
+             "signature": {"x_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"},
+             "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1}]
+
+
+# kernel module (kernels/<name>.py) -> the function building its specs
+SPEC_BUILDERS = {"conv_lif_fwd": conv_forward_specs, "conv_lif_bwd": conv_backward_specs,
+                 "linear_lif_kernels": linear_specs, "lif": lif_specs, "subnet": subnet_specs,
+                 "gemm": gemm_specs}
+
+
+@functools.lru_cache(maxsize=None)
+def _specs_of(module_name):
+    return tuple(SPEC_BUILDERS[module_name]())
+
+
+def compile_specs(modules=None):
+    """``[(module_name, spec), ...]`` for the kernel modules named in ``modules`` (default: all), in a stable
+    order; module_name is the kernels/<name>.py whose kernel ``spec["fn"]`` is."""
+    names = list(SPEC_BUILDERS) if modules is None else [m for m in SPEC_BUILDERS if m in modules]
+    return [(name, spec) for name in names for spec in _specs_of(name)]
+
+
+__all__ = ["compile_specs", "SPEC_BUILDERS", "make_spec", "distinct", "one_at_a_time", "variants",
+           "with_divisible_twins"]

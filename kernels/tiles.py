@@ -1,0 +1,154 @@
+"""Tile policy of the Triton kernels: every launch configuration a launcher picks, decided here and only here.
+
+Each function maps a layer's sizes to a dict of ``BLOCK_*`` / ``EVEN_*`` constexprs plus ``num_warps`` and
+``num_stages``; kernels/specs.py enumerates the same functions over a grid of sizes so the compile report covers
+every configuration a GPU launch can get. Under the interpreter (TRITON_INTERPRET=1) the pixel/row tiles are taller
+(fewer programs: the interpreter's cost is per program) while the channel tiles and EVEN paths stay the GPU's.
+
+Pure Python: importing this module compiles nothing.
+"""
+import os
+
+# Fixed block sizes of the elementwise kernels.
+FOLD_BLOCK = 1024          # BatchNorm grad fold (conv and linear)
+LIF_BLOCK = 1024           # standalone LIF: neurons per program
+LIF_NUM_WARPS = 8          # 4 elements per thread: at 8 (num_warps=4) the atan backward spills on sm_80
+SUBNET_BLOCK = 1024        # ternary subnet pass
+SUBNET_NUM_WARPS = 4
+
+
+# ------------------------------------------------------------------------------------------------ conv forward
+# Heuristic tile choice (no autotuning: the fused kernel has side effects - atomics, partial-stat rows whose
+# count depends on BLOCK_M - and the choice below is what the compile report checks). tl.dot needs M, N >= 16 and
+# K >= 32 for int8 (16 for fp16/fp32) on a GPU; these tiles are valid there and under the interpreter alike.
+
+def interpreting(override=None):
+    """``override`` if given, else whether TRITON_INTERPRET=1 is set. Under the interpreter the launchers use
+    taller pixel tiles (fewer, larger programs: the interpreter's cost is per program and per loop iteration,
+    nearly independent of the tile size). Only the pixel dimension changes, so the channel tiles and EVEN paths
+    the tests exercise are the GPU's."""
+    if override is not None:
+        return bool(override)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRET_ROWS = 128
+
+
+def forward_config(is_spike, c_in, c_out, m, interpret=None):
+    """Launch config of the fused forward kernel: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, num_warps,
+    num_stages)``; the EVEN flags say the channel counts are tile multiples (no channel masks, aligned rows).
+
+    Chosen so that every config compiles for sm_80/sm_90 without spilling (benchmarks/compile_report.py). Channel
+    counts that are not tile multiples (first layers, odd test shapes) get small unpipelined tiles: their masked,
+    unvectorised accesses cost registers, and those layers are small. Analog (fp32) inputs get narrower tiles than
+    int8 spikes: an fp32 operand tile is 4x the registers."""
+    block_k = (64 if c_in % 64 == 0 else 32) if is_spike else 16
+    block_n = 64 if c_out % 64 == 0 else (32 if c_out % 32 == 0 else 16)
+    even_k, even_n = c_in % block_k == 0, c_out % block_n == 0
+    if even_k and even_n and is_spike:
+        block_m = 64 if m <= 65536 else 128
+        num_warps, num_stages = (8 if block_m == 128 else 4), 3  # K-major operands: a 3-deep cp.async pipeline
+    elif even_k and even_n:
+        block_m, block_n, num_warps, num_stages = 64, min(block_n, 32), 8, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
+        even_n = c_out % block_n == 0
+    if interpreting(interpret):
+        block_m = INTERPRET_ROWS
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+def stats_fit_int32(fan_in, block_m):
+    """Whether a tile's column sums of y and y^2 fit int32 (``|y| <= fan_in``): the BatchNorm pass-1 kernel then
+    sums in int32 and widens once per tile (STATS_I32), else it widens every element to int64 first."""
+    return block_m * fan_in * fan_in < 2 ** 31
+
+
+def scan_config(c_out, m, interpret=None):
+    """Launch config of the elementwise LIF scans over a stored pre-activation (forward BatchNorm pass 2 and the
+    backward scan): memory-bound, so small tiles that leave registers for the T loop: 4 elements per thread
+    (at 8 per thread, 32x32 on 4 warps, Triton 3.9's sm_80 build of the forward scan spilled 4 bytes)."""
+    block_n = 32 if c_out >= 32 else 16
+    return {"BLOCK_M": INTERPRET_ROWS if interpreting(interpret) else 32, "BLOCK_N": block_n,
+            "EVEN_N": c_out % block_n == 0, "num_warps": 8 if block_n == 32 else 4, "num_stages": 1}
+
+
+# ------------------------------------------------------------------------------------------------ conv backward
+# The backward scan uses the forward scan's tiling (``scan_config``). The GEMMs run on fp32 operands (ieee), so
+# their tiles are narrower than the int8 forward's; channel counts that are not tile multiples get small,
+# unpipelined tiles (masked accesses do not vectorise). Every config is in kernels/specs.py.
+
+def _channel_tile(c, widest):
+    return widest if c % widest == 0 else (32 if c % 32 == 0 and widest > 32 else 16)
+
+
+def grad_input_config(c_in, c_out, p, interpret=None):
+    """Launch config of the grad-input implicit GEMM (rows: input pixels, cols: C_in, K over C_out x taps)."""
+    block_k = 16
+    block_n = _channel_tile(c_in, 64)
+    even_k, even_n = c_out % block_k == 0, c_in % block_n == 0
+    if even_k and even_n:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "EVEN_N": True,
+               "num_warps": 4, "num_stages": 2}
+    else:
+        block_n = 16 if c_in <= 16 else 32
+        cfg = {"BLOCK_M": 32, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k,
+               "EVEN_N": c_in % block_n == 0, "num_warps": 4, "num_stages": 1}
+    if interpreting(interpret):
+        cfg["BLOCK_M"] = INTERPRET_ROWS
+    return cfg
+
+
+def grad_weight_config(c_in, c_out, p, interpret=None):
+    """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels)."""
+    block_m = _channel_tile(c_in, 64)
+    block_n = _channel_tile(c_out, 64)
+    even_m, even_n = c_in % block_m == 0, c_out % block_n == 0
+    if even_m and even_n:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
+               "num_warps": 4, "num_stages": 2}
+    else:
+        block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
+               "EVEN_N": c_out % block_n == 0, "num_warps": 4, "num_stages": 1}
+    if interpreting(interpret):
+        cfg["BLOCK_K"] = INTERPRET_ROWS  # the pixel axis is this GEMM's K
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ linear
+# GPU tiles respect tl.dot minimums (M, N >= 16; K >= 32 for int8, >= 16 otherwise); the interpreter (one config,
+# tiny tiles) keeps test grids small. Every GPU config below is in kernels/specs.py.
+# Keyed by input kind. fp16 analog at 4 warps spills on sm_90; fp32 (tf32x3) spills with BLOCK_K=64.
+_LINEAR_FWD_GPU = {"spike": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                   "fp16": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                   "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)}
+_LINEAR_FWD_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+_LINEAR_SCAN_GPU = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)  # 4 warps: the backward scan spills
+_LINEAR_SCAN_INTERP = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+_LINEAR_GEMM_GPU = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+_LINEAR_GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+def linear_forward_config(is_spike, dot_fp16, interpret=None):
+    """Tile config of binary_linear_lif_fwd_kernel: dict of BLOCK_M/N/K, num_warps, num_stages."""
+    if interpreting(interpret):
+        return dict(_LINEAR_FWD_INTERP)
+    return dict(_LINEAR_FWD_GPU["spike" if is_spike else ("fp16" if dot_fp16 else "fp32")])
+
+
+def linear_scan_config(interpret=None):
+    """Tile config of the linear elementwise scan kernels (forward pass 2 and backward scan)."""
+    return dict(_LINEAR_SCAN_INTERP) if interpreting(interpret) else dict(_LINEAR_SCAN_GPU)
+
+
+def linear_gemm_config(interpret=None):
+    """Tile config of the linear backward GEMMs (grad input, grad weight)."""
+    return dict(_LINEAR_GEMM_INTERP) if interpreting(interpret) else dict(_LINEAR_GEMM_GPU)
+
+
+def launch_kwargs(cfg):
+    """The constexpr tile arguments and launch options of a config, as keyword arguments of a kernel launch."""
+    return {k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN")) or k in ("num_warps", "num_stages")}
