@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 SURROGATE_CODES = {"atan": 0, "sigmoid": 1, "triangle": 2}
 _SOURCE = Path(__file__).parent / "csrc" / "lif_scan.cpp"
-_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _state = {}
 
@@ -149,7 +149,7 @@ def load():
         try:
             module = build_extension("binwslt_lif_scan", [_SOURCE])
         except Exception as err:  # no compiler or headers, or a build that never finished: eager is correct
-            warnings.warn(f"binwslt: the fused CPU LIF scan is not available ({err!s:.300}); using eager PyTorch "
+            warnings.warn(f"binwslt: the fused CPU LIF scan is not available ({str(err)[-400:]}); using eager PyTorch "
                           "ops. Set BINWSLT_NO_CPP_EXT=1 to skip the build.", RuntimeWarning)
     _state["module"] = module
     return module

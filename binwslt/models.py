@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from binwslt.config import LIFConfig
+from binwslt.spikes import is_spikes, mark_spikes
 from binwslt.nn import LIF, BinWConv2d, BinWConv2dLIF, BinWLinear, BinWLinearLIF
 
 NAMES = ("conv4", "vgg9", "vgg11", "resnet19")
@@ -110,7 +111,9 @@ def _multistep(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module`` applied to ``x [T, N, ...]`` with T merged into the batch; returns ``[T, N, ...]``."""
     t, n = x.shape[:2]
     y = module(x.flatten(0, 1))
-    return y.view(t, n, *y.shape[1:])
+    y = y.view(t, n, *y.shape[1:])
+    # max-pooling spikes gives spikes: keep the mark so the next fused layer takes its exact int8 path
+    return mark_spikes(y) if isinstance(module, nn.MaxPool2d) and is_spikes(x) else y
 
 
 class Shortcut(nn.Module):
@@ -236,7 +239,8 @@ class Network(nn.Module):
         if self.global_pool:
             h = h.mean(dim=(-2, -1))
         else:
-            h = h.flatten(2 if self.spiking else 1)
+            flat = h.flatten(2 if self.spiking else 1)
+            h = mark_spikes(flat) if is_spikes(h) else flat  # flattened spikes are still spikes
         logits = self.classifier(self.head(h))
         return logits.mean(0) if self.spiking else logits
 

@@ -61,28 +61,60 @@ def _scan(current, decay, threshold, v_reset, decay_input, keep_membrane):
     return spikes, membranes, fired_all
 
 
+def _dense_step_strides(step: torch.Tensor):
+    """The strides of ``step`` when its elements fill one dense block in some dimension order (contiguous,
+    channels-last, ...), else None."""
+    dims = sorted((d for d in range(step.dim()) if step.shape[d] != 1), key=lambda d: step.stride(d))
+    expected = 1
+    for d in dims:
+        if step.stride(d) != expected:
+            return None
+        expected *= step.shape[d]
+    return step.stride()
+
+
+def _steps(current):
+    """``current`` ``[T, ...]`` as a ``[T, M]`` view with unit inner stride over its dense steps (any memory
+    format; step stride 0 for a direct-encoded input), with the strides the spikes take; or None."""
+    if current.dim() < 2:
+        return None
+    strides = _dense_step_strides(current[0])
+    if strides is None:
+        return None
+    M = current[0].numel()
+    return torch.as_strided(current, (current.shape[0], M), (current.stride(0), 1)), (M,) + tuple(strides)
+
+
 def _fused_scan_ext(current):
-    """The compiled CPU scan for float32/float64 CPU tensors whose steps are contiguous, else None (eager scan)."""
+    """The compiled CPU scan for float32/float64 CPU tensors whose steps are dense (any memory format), else
+    None (eager scan)."""
     if current.device.type != "cpu" or current.dtype not in (torch.float32, torch.float64) \
-            or not current[0].is_contiguous() or current.dim() < 2:
+            or _steps(current) is None:
         return None
     return _cpu_ext.load()
+
+
+def _spike_strides(current):
+    """Strides of the spikes (and dL/dI) for ``current``: its steps' layout where they are dense, else contiguous."""
+    steps = _steps(current)
+    return steps[1] if steps is not None else torch.empty(current.shape, device="meta").stride()
 
 
 @torch.library.custom_op("binwslt::lif_forward", mutates_args=())
 def lif_forward(current: torch.Tensor, decay: float, threshold: float, v_reset: Optional[float],
                 decay_input: bool, surrogate: str, alpha: float, detach_reset: bool) -> torch.Tensor:
-    """LIF spikes ``[T, ...]`` (dtype of ``current``) for input currents ``current`` ``[T, ...]``."""
+    """LIF spikes ``[T, ...]`` (dtype of ``current``, its steps' memory format) for currents ``current``."""
     ext = _fused_scan_ext(current)
     if ext is not None:
-        flat = current.flatten(1)
-        return ext.lif_forward(flat, decay, threshold, v_reset, decay_input).view(current.shape)
+        flat, strides = _steps(current)
+        out = ext.lif_forward(flat, decay, threshold, v_reset, decay_input)
+        return torch.as_strided(out, current.shape, strides)
     return _scan(current, decay, threshold, v_reset, decay_input, keep_membrane=False)[0]
 
 
 @lif_forward.register_fake
 def _(current, decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset):
-    return torch.empty(current.shape, dtype=current.dtype, device=current.device)
+    return torch.empty_strided(current.shape, _spike_strides(current), dtype=current.dtype, device=current.device)
 
 
 @torch.library.custom_op("binwslt::lif_backward", mutates_args=())
@@ -92,10 +124,13 @@ def lif_backward(current: torch.Tensor, grad_spikes: torch.Tensor, decay: float,
     """BPTT through the LIF: dL/dI ``[T, ...]`` from the currents and dL/dS, recomputing the membrane."""
     ext = _fused_scan_ext(current)
     if ext is not None:
-        grad = ext.lif_backward(current.flatten(1), grad_spikes.reshape(grad_spikes.shape[0], -1).contiguous(),
-                                decay, threshold, v_reset, decay_input, SURROGATE_CODES[surrogate], alpha,
-                                detach_reset)
-        return grad.view(current.shape)
+        flat, strides = _steps(current)
+        if grad_spikes.stride() != strides:
+            grad_spikes = torch.empty_strided(current.shape, strides, dtype=grad_spikes.dtype).copy_(grad_spikes)
+        g_flat = torch.as_strided(grad_spikes, flat.shape, (flat.shape[1], 1))
+        grad = ext.lif_backward(flat, g_flat, decay, threshold, v_reset, decay_input, SURROGATE_CODES[surrogate],
+                                alpha, detach_reset)
+        return torch.as_strided(grad, current.shape, strides)
     _, membranes, fired = _scan(current, decay, threshold, v_reset, decay_input, keep_membrane=True)
     # dL/dV at the reset, then dS/dU for every step at once (in place over the membranes)
     reset_slope = None if v_reset is None or detach_reset else torch.neg(membranes).add_(v_reset)
@@ -103,6 +138,7 @@ def lif_backward(current: torch.Tensor, grad_spikes: torch.Tensor, decay: float,
     grad_current = torch.empty(current.shape, dtype=current.dtype, device=current.device)
     grad_v = torch.zeros_like(grad_current[0])  # dL/dV[t], carried backwards in time
     grad_s = torch.empty_like(grad_v)
+    grad_spikes = grad_spikes.contiguous()
     for t in range(current.shape[0] - 1, -1, -1):
         grad_s.copy_(grad_spikes[t])
         if v_reset is None:  # V = U - θS
@@ -123,7 +159,7 @@ def lif_backward(current: torch.Tensor, grad_spikes: torch.Tensor, decay: float,
 
 @lif_backward.register_fake
 def _(current, grad_spikes, decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset):
-    return torch.empty(current.shape, dtype=current.dtype, device=current.device)
+    return torch.empty_strided(current.shape, _spike_strides(current), dtype=current.dtype, device=current.device)
 
 
 def _lif_spikes(current, neuron):
@@ -131,7 +167,7 @@ def _lif_spikes(current, neuron):
 
 
 def _lif_grad(current, grad_spikes, neuron):
-    return torch.ops.binwslt.lif_backward(current, grad_spikes.contiguous(), *_neuron_args(neuron))
+    return torch.ops.binwslt.lif_backward(current, grad_spikes, *_neuron_args(neuron))
 
 
 def _neuron_args(neuron: LIFConfig):
@@ -146,7 +182,7 @@ def _lif_setup_context(ctx, inputs, output):
 
 def _lif_autograd_backward(ctx, grad_spikes):
     (current,) = ctx.saved_tensors
-    grad = torch.ops.binwslt.lif_backward(current, grad_spikes.contiguous(), *ctx.neuron_args)
+    grad = torch.ops.binwslt.lif_backward(current, grad_spikes, *ctx.neuron_args)
     return (grad,) + (None,) * 7
 
 

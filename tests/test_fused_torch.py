@@ -175,3 +175,25 @@ def test_grad_precision_bf16_is_one_rounded_term():
     assert_close_grads(got[1], want[1], rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="grad_precision"):
         Fn.binw_conv2d_lif(x, weight, scores, 0.4, grad_precision="fp8", **geo)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_compiled_scan_takes_channels_last_steps(direct):
+    """The compiled scan runs on any dense step layout (channels-last here), forward and BPTT, as the reference."""
+    from binwslt import _cpu_ext, reference
+
+    if _cpu_ext.load() is None:
+        pytest.skip("the CPU scan extension did not build here")
+    neuron = LIFConfig(decay=0.8, threshold=0.5, surrogate="sigmoid")
+    base = randn(3, 4, 5, 6, seed=3).to(memory_format=torch.channels_last)  # [N, C, H, W] frames
+    current = base.expand(4, *base.shape) if direct else \
+        randn(4 * 3, 4, 5, 6, seed=4).to(memory_format=torch.channels_last).view(4, 3, 4, 5, 6)
+    assert not current[0].is_contiguous() and torch_backend._fused_scan_ext(current) is not None
+    leaf = current.detach().clone().requires_grad_()
+    got = torch.ops.binwslt.lif_forward(current, *torch_backend._neuron_args(neuron))
+    want = reference.lif(leaf, neuron)
+    assert torch.equal(got, want)
+    proj = randn(*got.shape, seed=5)
+    (want * proj).sum().backward()
+    grad = torch_backend._lif_grad(current, proj, neuron)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-6)

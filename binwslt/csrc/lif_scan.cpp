@@ -3,6 +3,7 @@
 // every step rounds exactly as the reference's separate multiply and add do (bit-identical spikes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -11,7 +12,7 @@ namespace {
 constexpr int kAtan = 0, kSigmoid = 1, kTriangle = 2;
 
 template <typename scalar_t>
-inline scalar_t surrogate_slope(scalar_t x, int surrogate, scalar_t alpha) {
+__attribute__((always_inline)) inline scalar_t surrogate_slope(scalar_t x, int surrogate, scalar_t alpha) {
   if (surrogate == kAtan) {
     const scalar_t z = static_cast<scalar_t>(M_PI / 2.0) * alpha * x;
     return (alpha / scalar_t(2)) / (scalar_t(1) + z * z);
@@ -23,6 +24,40 @@ inline scalar_t surrogate_slope(scalar_t x, int surrogate, scalar_t alpha) {
   const scalar_t tri = alpha - alpha * alpha * std::abs(x);
   return tri > scalar_t(0) ? tri : scalar_t(0);
 }
+
+constexpr int64_t kBlock = 64;  // neurons scanned together: the inner loops run over them and vectorise
+
+// One block of `n` neurons over T steps. `in` points at the block's first neuron at t = 0 (step stride `st`,
+// 0 for a direct-encoded input), `out` likewise with step stride `M`. Multiversioned for the vector widths.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void forward_block(const scalar_t* in, scalar_t* out, int64_t n, int64_t T,
+                                                         int64_t st, int64_t M, scalar_t d, scalar_t th,
+                                                         scalar_t gain, bool hard, scalar_t vr, bool decay_input) {
+  scalar_t v[kBlock];
+  for (int64_t j = 0; j < n; ++j) v[j] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* x = in + t * st;
+    scalar_t* s = out + t * M;
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t dv = d * v[j];
+      const scalar_t u = decay_input ? dv + gain * x[j] : dv + x[j];
+      const bool fire = u >= th;
+      s[j] = fire ? scalar_t(1) : scalar_t(0);
+      v[j] = fire ? (hard ? vr : u - th) : u;
+    }
+  }
+}
+
+#define BINWSLT_FORWARD_RUN(scalar_t)                                                                          \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void forward_run(                              \
+      const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t T, int64_t st, int64_t M,          \
+      scalar_t d, scalar_t th, scalar_t gain, bool hard, scalar_t vr, bool decay_input) {                     \
+    for (int64_t m = begin; m < end; m += kBlock)                                                             \
+      forward_block<scalar_t>(in + m, out + m, std::min(kBlock, end - m), T, st, M, d, th, gain, hard, vr,    \
+                              decay_input);                                                                   \
+  }
+BINWSLT_FORWARD_RUN(float)
+BINWSLT_FORWARD_RUN(double)
 
 // current: [T, M] with unit inner stride and any stride over T (0 for a direct-encoded input).
 torch::Tensor lif_forward(torch::Tensor current, double decay, double threshold, c10::optional<double> v_reset,
@@ -37,22 +72,70 @@ torch::Tensor lif_forward(torch::Tensor current, double decay, double threshold,
     const scalar_t gain = static_cast<scalar_t>(1.0 - decay);
     const bool hard = v_reset.has_value();
     const scalar_t vr = static_cast<scalar_t>(hard ? *v_reset : 0.0);
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        scalar_t v = 0;
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t x = in[t * st + m];
-          const scalar_t dv = d * v;
-          const scalar_t u = decay_input ? dv + gain * x : dv + x;
-          const bool fire = u >= th;
-          out[t * M + m] = fire ? scalar_t(1) : scalar_t(0);
-          v = fire ? (hard ? vr : u - th) : u;
-        }
-      }
+    at::parallel_for(0, (M + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t begin = b0 * kBlock, end = std::min(M, b1 * kBlock);
+      forward_run(in, out, begin, end, T, st, M, d, th, gain, hard, vr, decay_input);
     });
   });
   return spikes;
 }
+
+// BPTT of one block of `n` neurons: recompute U and S forward (kept in `u`, `s`: [T][kBlock]), then go back.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void backward_block(const scalar_t* in, const scalar_t* gs, scalar_t* gi,
+                                                          int64_t n, int64_t T, int64_t st, int64_t M, scalar_t d,
+                                                          scalar_t th, scalar_t gain, bool hard, scalar_t vr,
+                                                          bool decay_input, int surrogate, scalar_t a,
+                                                          bool detach_reset, scalar_t* u, char* s) {
+  scalar_t v[kBlock], grad_v[kBlock];
+  for (int64_t j = 0; j < n; ++j) v[j] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* x = in + t * st;
+    scalar_t* ut = u + t * kBlock;
+    char* st_ = s + t * kBlock;
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t dv = d * v[j];
+      const scalar_t uu = decay_input ? dv + gain * x[j] : dv + x[j];
+      const bool fire = uu >= th;
+      ut[j] = uu;
+      st_[j] = fire;
+      v[j] = fire ? (hard ? vr : uu - th) : uu;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) grad_v[j] = 0;  // dL/dV[t], carried backwards in time
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const scalar_t* g = gs + t * M;
+    scalar_t* out = gi + t * M;
+    const scalar_t* ut = u + t * kBlock;
+    const char* sf = s + t * kBlock;
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t grad_s = g[j];
+      scalar_t grad_u;
+      if (hard) {
+        if (!detach_reset) grad_s += grad_v[j] * (vr - ut[j]);
+        grad_u = sf[j] ? scalar_t(0) : grad_v[j];
+      } else {
+        if (!detach_reset) grad_s -= th * grad_v[j];
+        grad_u = grad_v[j];
+      }
+      grad_u += grad_s * surrogate_slope<scalar_t>(ut[j] - th, surrogate, a);
+      out[j] = decay_input ? gain * grad_u : grad_u;
+      grad_v[j] = d * grad_u;
+    }
+  }
+}
+
+#define BINWSLT_BACKWARD_RUN(scalar_t)                                                                         \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void backward_run(                             \
+      const scalar_t* in, const scalar_t* gs, scalar_t* gi, int64_t begin, int64_t end, int64_t T, int64_t st,  \
+      int64_t M, scalar_t d, scalar_t th, scalar_t gain, bool hard, scalar_t vr, bool decay_input,              \
+      int surrogate, scalar_t a, bool detach_reset, scalar_t* u, char* s) {                                   \
+    for (int64_t m = begin; m < end; m += kBlock)                                                             \
+      backward_block<scalar_t>(in + m, gs + m, gi + m, std::min(kBlock, end - m), T, st, M, d, th, gain, hard, \
+                               vr, decay_input, surrogate, a, detach_reset, u, s);                            \
+  }
+BINWSLT_BACKWARD_RUN(float)
+BINWSLT_BACKWARD_RUN(double)
 
 torch::Tensor lif_backward(torch::Tensor current, torch::Tensor grad_spikes, double decay, double threshold,
                            c10::optional<double> v_reset, bool decay_input, int64_t surrogate, double alpha,
@@ -70,34 +153,13 @@ torch::Tensor lif_backward(torch::Tensor current, torch::Tensor grad_spikes, dou
     const scalar_t gain = static_cast<scalar_t>(1.0 - decay), a = static_cast<scalar_t>(alpha);
     const bool hard = v_reset.has_value();
     const scalar_t vr = static_cast<scalar_t>(hard ? *v_reset : 0.0);
-    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> u(T);
-      std::vector<char> s(T);
-      for (int64_t m = begin; m < end; ++m) {
-        scalar_t v = 0;
-        for (int64_t t = 0; t < T; ++t) {  // recompute the membrane from the current
-          const scalar_t x = in[t * st + m];
-          const scalar_t dv = d * v;
-          u[t] = decay_input ? dv + gain * x : dv + x;
-          s[t] = u[t] >= th;
-          v = s[t] ? (hard ? vr : u[t] - th) : u[t];
-        }
-        scalar_t grad_v = 0;  // dL/dV[t], carried backwards in time
-        for (int64_t t = T - 1; t >= 0; --t) {
-          scalar_t grad_s = gs[t * M + m];
-          scalar_t grad_u;
-          if (hard) {
-            if (!detach_reset) grad_s += grad_v * (vr - u[t]);
-            grad_u = s[t] ? scalar_t(0) : grad_v;
-          } else {
-            if (!detach_reset) grad_s -= th * grad_v;
-            grad_u = grad_v;
-          }
-          grad_u += grad_s * surrogate_slope<scalar_t>(u[t] - th, static_cast<int>(surrogate), a);
-          gi[t * M + m] = decay_input ? gain * grad_u : grad_u;
-          grad_v = d * grad_u;
-        }
-      }
+    const int sg = static_cast<int>(surrogate);
+    at::parallel_for(0, (M + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t begin = b0 * kBlock, end = std::min(M, b1 * kBlock);
+      std::vector<scalar_t> u(T * kBlock);
+      std::vector<char> s(T * kBlock);
+      backward_run(in, gs, gi, begin, end, T, st, M, d, th, gain, hard, vr, decay_input, sg, a, detach_reset,
+                   u.data(), s.data());
     });
   });
   return grad_current;
