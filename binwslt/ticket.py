@@ -10,7 +10,8 @@ A ticket holds, for every binary-subnet layer (a module with ``weight``, ``score
 plus every other state tensor of the model unchanged under ``state.<key>`` (BatchNorm affine and running
 statistics, biases, dense layers of a dense model) and, in the safetensors metadata, the model's
 ``config`` (the keyword arguments of ``binwslt.models.build``; null for any other model), each binary layer's
-class, shape, prune rate and LIF config (by module path), and ``sha256``: a SHA-256 over every tensor (name,
+class, shape, prune rate and LIF config and every stand-alone ``binwslt.nn.LIF``'s config (by module path), and
+``sha256``: a SHA-256 over every tensor (name,
 dtype, shape, bytes) and the rest of the metadata, checked on load (version 1 files, written before it, still
 load).
 
@@ -99,6 +100,14 @@ def _layer_meta(layer: nn.Module, prune_rate: float) -> dict:
     return meta
 
 
+def _neurons(model: nn.Module) -> Dict[str, dict]:
+    """The LIF config of every stand-alone ``binwslt.nn.LIF`` module, by module path (fused layers' are in their
+    layer's metadata)."""
+    from .nn import LIF
+
+    return {name: m.neuron.to_dict() for name, m in model.named_modules() if isinstance(m, LIF)}
+
+
 def _check_finite(name: str, what: str, tensor: torch.Tensor) -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
@@ -167,7 +176,8 @@ def save(model: nn.Module, path) -> int:
             _check_finite(key.rsplit(".", 1)[0], key.rsplit(".", 1)[-1], value)
             tensors[_STATE_PREFIX + key] = value.detach().cpu().contiguous()
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": json.dumps(config),
-                "binary_layers": json.dumps(layer_meta), "model_class": type(model).__name__}
+                "binary_layers": json.dumps(layer_meta), "neurons": json.dumps(_neurons(model)),
+                "model_class": type(model).__name__}
     metadata["sha256"] = _digest(tensors, metadata)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -361,6 +371,12 @@ def _check_fits(model: nn.Module, header: _Header) -> None:
             if field in meta and meta[field] != mine.get(field):
                 raise TicketError(f"{header.path}: layer {name!r} has {field} {meta[field]!r} in the ticket but "
                                   f"{mine.get(field)!r} in the model")
+    if "neurons" in header.metadata:  # version 2: stand-alone LIF modules must match too
+        stored, mine = _json_field(header.path, header.metadata, "neurons"), _neurons(model)
+        for name in list(mine) + [n for n in stored if n not in mine]:
+            if stored.get(name) != mine.get(name):
+                raise TicketError(f"{header.path}: LIF {name!r} is {stored.get(name)!r} in the ticket but "
+                                  f"{mine.get(name)!r} in the model")
     skip = {_key(name, leaf) for name in layers for leaf in ("weight", "scores")}
     want = {key: tuple(t.shape) for key, t in model.state_dict().items() if key not in skip}
     have = {key[len(_STATE_PREFIX):]: shape for key, (shape, _) in header.shapes.items()

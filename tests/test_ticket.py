@@ -341,7 +341,7 @@ def test_version_1_tickets_still_load(tmp_path):
 
     def as_version_1(meta):  # what binwslt wrote before the checksum and the per-layer kind/neuron
         meta["version"] = "1"
-        del meta["sha256"], meta["model_class"]
+        del meta["sha256"], meta["model_class"], meta["neurons"]
         meta["binary_layers"] = json.dumps({k: {"shape": v["shape"], "prune_rate": v["prune_rate"]}
                                             for k, v in json.loads(meta["binary_layers"]).items()})
 
@@ -402,3 +402,17 @@ def test_any_converted_model_round_trips_and_mismatches_are_named(tmp_path):
         ticket.load(path, model=other)
     with pytest.raises(ticket.TicketError, match="ticket layer '0' .* is not a binary-subnet layer"):
         ticket.load(path, model=torch.nn.Sequential(torch.nn.Identity()))
+
+
+def test_stand_alone_lif_modules_must_match(tmp_path):
+    from binwslt import LIFConfig
+    from binwslt.nn import LIF, BinWLinear
+
+    def make(decay):
+        return torch.nn.Sequential(BinWLinear(6, 4, 0.5), LIF(LIFConfig(decay=decay), backend="torch"))
+
+    path = tmp_path / "t.safetensors"
+    ticket.save(make(0.5), path)
+    ticket.load(path, model=make(0.5))
+    with pytest.raises(ticket.TicketError, match="LIF '1' is .*'decay': 0.5.* in the ticket but .*'decay': 0.25"):
+        ticket.load(path, model=make(0.25))
