@@ -330,3 +330,21 @@ def test_snntorch_neurons_that_differ_are_named():
         convert(net)
     assert "1 (Leaky): reset_mechanism='subtract' with beta=0.9" in str(info.value)
     assert "3 (Leaky): spike_grad fast_sigmoid" in str(info.value)
+
+
+def test_snntorch_tutorial_layout_converts_unfused_with_equal_spikes():
+    """snnTorch's tutorial CSNN puts the pool between conv and neuron: binary conv, pool per step, binwslt LIF."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2),
+                        snn.Leaky(beta=0.5, threshold=0.25, init_hidden=True, reset_mechanism="zero"))
+    converted = convert(copy.deepcopy(net), 0.4, backend="torch")
+    assert isinstance(converted[0], BinWConv2d) and isinstance(converted[2], LIF) and not fused_layers(converted)
+    assert type(converted[1]).__name__ == "MultiStep" and isinstance(converted[1].module, nn.MaxPool2d)
+    with torch.no_grad():
+        net[0].weight.copy_(converted[0].effective_weight())
+    x = torch.rand(3, 2, 1, 8, 8) * 2
+    snn_utils.reset(net)
+    with torch.no_grad():
+        want = torch.stack([net(x[t]) for t in range(3)])
+        got = converted(x)
+    assert 0 < float(want.mean()) < 1 and float((want != got).float().mean()) <= 1e-3
