@@ -14,10 +14,13 @@
   metadata (default 1e-4 s, SpikingJelly's and most NIR importers' default). This is SpikingJelly's own NIR
   convention, so its importer reads the graph back as ``LIFNode(tau=1/(1-decay))``. NIR fires on
   ``v > v_threshold``, binwslt on ``>=``: they differ only where the membrane equals the threshold exactly;
-* ``AvgPool2d`` -> ``nir.AvgPool2d``, flatten -> ``nir.Flatten``; Identity, Dropout (eval) are skipped.
+* ``AvgPool2d`` -> ``nir.AvgPool2d``, flatten -> ``nir.Flatten``; Identity, Dropout (eval) are skipped;
+* ``MaxPool2d`` of spikes (its input comes from a neuron, as in every ``binwslt.models`` network): NIR has no max
+  pooling, but the max of 0/1 values is "any spike in the window", exactly ``nir.Threshold(0.5)`` of
+  ``nir.SumPool2d`` (two nodes, ``<layer>_sum`` and ``<layer>_any``).
 
-What NIR cannot express exactly is a ``ValueError`` naming the layer: max pooling (NIR has sum and average
-pooling only; build the model with ``AvgPool2d``), soft reset (``v_reset=None``: NIR's LIF resets to
+What NIR cannot express exactly is a ``ValueError`` naming the layer: max pooling of non-spike values (use
+``AvgPool2d``, e.g. ``models.build(..., pool="avg")``), soft reset (``v_reset=None``: NIR's LIF resets to
 ``v_reset``), BatchNorm without running statistics, residual blocks and global pooling (the ResNet), other
 modules. A zoo ``Network`` exports as features -> flatten -> head -> classifier; its logits are per step (the
 model averages them over T, which the reader of the graph does). The surrogate and ``detach_reset`` only shape
@@ -104,10 +107,12 @@ class _Chain:
         self.nodes: List[Tuple[str, object]] = []
         self.shape = tuple(int(d) for d in input_shape)
         self.neurons = {}
+        self.spikes = False  # whether the values flowing out of the last node are 0/1 spikes
 
-    def add(self, name: str, node, shape) -> None:
+    def add(self, name: str, node, shape, spikes: bool = False) -> None:
         self.nodes.append((name.replace(".", "_") or "layer", node))
         self.shape = tuple(int(d) for d in shape)
+        self.spikes = spikes
 
     def conv(self, path: str, weight: torch.Tensor, bias, stride, padding) -> None:
         if len(self.shape) != 3:
@@ -130,11 +135,26 @@ class _Chain:
 
     def neuron(self, path: str, neuron: LIFConfig) -> None:
         self.neurons[path] = neuron
-        self.add(f"{path}.lif", lif_to_nir(neuron, self.shape, self.dt, path), self.shape)
+        self.add(f"{path}.lif", lif_to_nir(neuron, self.shape, self.dt, path), self.shape, spikes=True)
 
     def flatten(self, path: str) -> None:
         node = self.nir.Flatten(input_type={"input": np.array(self.shape)}, start_dim=0, end_dim=-1)
-        self.add(path, node, (math.prod(self.shape),))
+        self.add(path, node, (math.prod(self.shape),), spikes=self.spikes)
+
+    def maxpool_of_spikes(self, path: str, pool: nn.MaxPool2d) -> None:
+        """Max over 0/1 spikes is "any spike in the window": ``Threshold(SumPool2d(x), 0.5)``, exact."""
+        if not self.spikes:
+            raise ValueError(f"layer {path!r} ({type(pool).__name__}): NIR has no max pooling; a max pool of spikes "
+                             "exports (as sum pooling + threshold) but this one's input is not spikes; use AvgPool2d")
+        if pool.ceil_mode or any(_pair(pool.padding)) or _pair(pool.dilation) != (1, 1) or pool.return_indices:
+            raise ValueError(f"layer {path!r}: only an unpadded, undilated max pool without ceil_mode exports")
+        k = _pair(pool.kernel_size)
+        s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        shape = (self.shape[0], _conv_out(self.shape[1], k[0], s[0], 0), _conv_out(self.shape[2], k[1], s[1], 0))
+        node = self.nir.SumPool2d(kernel_size=np.array(k), stride=np.array(s), padding=np.array((0, 0)))
+        self.add(f"{path}.sum", node, shape)
+        self.add(f"{path}.any", self.nir.Threshold(threshold=np.full(shape, 0.5, dtype=np.float32)), shape,
+                 spikes=True)
 
     def avgpool(self, path: str, pool: nn.AvgPool2d) -> None:
         if pool.ceil_mode or pool.divisor_override is not None or any(_pair(pool.padding)):
@@ -187,8 +207,7 @@ def _visit(chain: _Chain, module: nn.Module, path: str) -> None:
     elif isinstance(module, nn.AvgPool2d):
         chain.avgpool(path, module)
     elif isinstance(module, nn.MaxPool2d):
-        raise ValueError(f"layer {path!r} ({type(module).__name__}): NIR has no max pooling (only sum and average "
-                         "pooling); build the model with AvgPool2d to export it")
+        chain.maxpool_of_spikes(path, module)
     elif type(module).__name__ == "MultiStep" and hasattr(module, "module"):
         _visit(chain, module.module, path)
     elif isinstance(module, nn.Sequential):  # nn.Sequential and SpikingJelly's SeqToANNContainer

@@ -125,12 +125,11 @@ def test_zoo_ticket_exports_from_the_cli(tmp_path, capsys):
     out = tmp_path / "conv4.nir"
     assert cli.main(["export", str(run), "--nir", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out and len(nir.read(str(out)).nodes) == len(graph.nodes)
-    ticket.save(_zoo("max"), tmp_path / "max.safetensors")
-    with pytest.raises(ValueError, match="layer 'features.2' .*no max pooling"):
-        to_nir(tmp_path / "max.safetensors")
-    assert cli.main(["export", str(tmp_path / "max.safetensors"), "--nir", str(tmp_path / "x.nir")]) == 2
+    ticket.save(models.build("resnet19", "binwslt", num_classes=3, in_channels=1, image_size=8, width=0.125,
+                             backend="torch"), tmp_path / "resnet.safetensors")
+    assert cli.main(["export", str(tmp_path / "resnet.safetensors"), "--nir", str(tmp_path / "x.nir")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no max pooling" in err and not (tmp_path / "x.nir").exists()
+    assert err.count("\n") == 1 and "residual" in err and not (tmp_path / "x.nir").exists()
 
 
 def test_what_nir_cannot_express_is_named():
@@ -146,5 +145,77 @@ def test_what_nir_cannot_express_is_named():
                           backend="torch")
     with pytest.raises(ValueError, match="residual"):
         to_nir(resnet)
+    with pytest.raises(ValueError, match=r"layer '1' \(MaxPool2d\): NIR has no max pooling; .* input is not spikes"):
+        to_nir(nn.Sequential(convert(nn.Conv2d(1, 2, 3)), nn.MaxPool2d(2)), input_shape=(1, 6, 6))
     with pytest.raises(ValueError, match=r"layer '1' \(ReLU\) has no NIR export"):
         to_nir(nn.Sequential(convert(nn.Linear(4, 3)), nn.ReLU()), input_shape=(4,))
+
+
+def _run_nir(graph, x_seq):
+    """A minimal NIR simulator (forward Euler, ``dt`` from the graph): runs the chain over ``x_seq`` [T, N, ...] and
+    returns the outputs of every node over time, by node name."""
+    import torch.nn.functional as F
+
+    dt = float(graph.metadata["dt"])
+    order = ["input"]
+    nxt = dict(graph.edges)
+    while order[-1] in nxt:
+        order.append(nxt[order[-1]])
+    state, outs = {}, {name: [] for name in order}
+    t32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    for t in range(x_seq.shape[0]):
+        h = x_seq[t]
+        for name in order[1:-1]:
+            node = graph.nodes[name]
+            if isinstance(node, nir.Conv2d):
+                h = F.conv2d(h, t32(node.weight), t32(node.bias), tuple(node.stride), tuple(node.padding))
+            elif isinstance(node, nir.Affine):
+                h = h @ t32(node.weight).T + t32(node.bias)
+            elif isinstance(node, (nir.LIF, nir.IF)):
+                v = state.get(name, torch.zeros_like(h))
+                if isinstance(node, nir.LIF):
+                    v = v + dt / t32(node.tau) * (t32(node.v_leak) - v + t32(node.r) * h)
+                else:
+                    v = v + dt * t32(node.r) * h
+                h = (v > t32(node.v_threshold)).float()
+                state[name] = torch.where(h.bool(), t32(node.v_reset), v)
+            elif isinstance(node, nir.SumPool2d):
+                k = tuple(int(v) for v in node.kernel_size)
+                h = F.avg_pool2d(h, k, tuple(int(v) for v in node.stride)) * (k[0] * k[1])
+            elif isinstance(node, nir.Threshold):
+                h = (h > t32(node.threshold)).float()
+            elif isinstance(node, nir.Flatten):
+                h = h.flatten(1)
+            else:
+                raise AssertionError(f"the test simulator has no {type(node).__name__}")
+            outs[name].append(h)
+    return {name: torch.stack(v) for name, v in outs.items() if v}
+
+
+def test_zoo_max_pool_model_exports_exactly_and_runs(tmp_path):
+    torch.manual_seed(4)
+    model = models.build("conv4", "binwslt", num_classes=3, in_channels=1, image_size=8, width=0.25, timesteps=3,
+                         backend="torch", neuron=LIFConfig(decay=0.5, threshold=0.25)).eval()
+    path = tmp_path / "conv4.safetensors"
+    ticket.save(model, path)
+    graph = to_nir(path)
+    assert isinstance(graph.nodes["features_2_sum"], nir.SumPool2d)
+    assert isinstance(graph.nodes["features_2_any"], nir.Threshold)
+    spikes = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: spikes.__setitem__(name, out))
+             for name, m in model.named_modules() if isinstance(m, (models.BinWConv2dLIF, models.BinWLinearLIF))]
+    x = torch.rand(5, 1, 8, 8) * 2
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    run = _run_nir(graph, x.unsqueeze(0).repeat(3, 1, 1, 1, 1))  # the image at every step (direct encoding)
+    assert len(spikes) == 6
+    for name, want in spikes.items():
+        got = run[name.replace(".", "_") + "_lif"]
+        assert got.shape == want.shape and 0 < float(want.mean()) < 1, name
+        assert float((got != want).float().mean()) <= 1e-3, name
+    torch.testing.assert_close(run["classifier"].mean(0), logits, rtol=1e-4, atol=1e-5)
+    pooled = run["features_2_any"]  # max over the window of the spikes before it
+    torch.testing.assert_close(pooled, torch.nn.functional.max_pool2d(run["features_1_lif"].flatten(0, 1), 2)
+                               .view_as(pooled))
