@@ -22,9 +22,14 @@ py="$venv/bin/python"
 pip=("$py" -m pip --disable-pip-version-check)
 constraints=constraints.txt
 if torch_version=$("$py" -c "import torch; print(torch.__version__)" 2>/dev/null); then
-  echo "setup: keeping the installed torch $torch_version and its Triton"
   constraints="$venv/constraints-kept-torch.txt"
-  grep -v -E '^(torch|triton)([^A-Za-z0-9_.-]|$)' constraints.txt > "$constraints"
+  if triton_version=$("$py" -c "import triton; print(triton.__version__)" 2>/dev/null); then
+    echo "setup: keeping the installed torch $torch_version and Triton $triton_version"
+    grep -v -E '^(torch|triton)([^A-Za-z0-9_.-]|$)' constraints.txt > "$constraints"
+  else
+    echo "setup: keeping the installed torch $torch_version"
+    grep -v -E '^torch([^A-Za-z0-9_.-]|$)' constraints.txt > "$constraints"
+  fi
 else
   echo "setup: installing torch (CPU build)"
   # shellcheck disable=SC2086
