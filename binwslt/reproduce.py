@@ -742,6 +742,7 @@ def reproduce(target: str, dataset: Optional[str] = None, data_dir: str = "./dat
     """
     from binwslt import train
     from binwslt.data import check_dataset_name
+    from binwslt.rundir import check_out
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
@@ -766,8 +767,12 @@ def reproduce(target: str, dataset: Optional[str] = None, data_dir: str = "./dat
         if name in ("command", "model", "kind", "dataset", "prune_rate", "timesteps", "decay", "seed", "out",
                     "ticket", "resume", "stop_after"):
             raise ValueError(f"run_args must not set {name!r}: the grid sets it per cell")
+    threads = run_args.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")  # here, not once per failed cell
     sc = SCALES[scale]
     out = os.fspath(out) if out is not None else os.path.join("runs", "reproduce", f"{dataset}-{scale}")
+    check_out(out)  # a file, or an unwritable folder, is one clear error before anything is written
     runs_dir = os.path.join(out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
     extra = dict(sc.run, data_dir=data_dir, **run_args)

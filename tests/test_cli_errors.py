@@ -149,3 +149,39 @@ def test_out_that_is_a_file_is_refused_by_every_command(run_dir, tmp_path, capsy
             "sweep": ["sweep", "--param", "timesteps", "--values", "2", "--kinds", "ann", *TINY]}[command]
     assert cli.main([*argv, "--out", str(bad)]) == 2
     assert "is a file" in one_line_error(capsys, command)
+
+
+def test_export_bad_arguments_and_corrupt_tickets_are_one_line(run_dir, tmp_path, capsys):
+    nir_file = str(tmp_path / "out.nir")
+    for argv, needle in ((["export", str(tmp_path / "nosuch"), "--nir", nir_file], "does not exist"),
+                         (["export", str(run_dir), "--nir", nir_file, "--dt", "-1"], "dt must be"),
+                         (["export", str(run_dir), "--nir", str(tmp_path)], str(tmp_path))):
+        assert cli.main(argv) == 2, argv
+        assert needle in one_line_error(capsys, "export")
+    for kind, path in _corrupt_tickets(run_dir, tmp_path / "bad").items():
+        assert cli.main(["export", str(path), "--nir", nir_file]) == 2, kind
+        assert str(path) in one_line_error(capsys, "export"), kind
+    assert not os.path.exists(nir_file)
+
+
+def test_reproduce_bad_arguments_and_a_corrupt_cell_are_one_line(tmp_path, capsys):
+    base = ["reproduce", "table1", "--dataset", "digits", "--engine", "local", "--scale", "quick",
+            "--models", "conv4", "--no-progress", "--out", str(tmp_path / "grid")]
+    for extra, needle in ((["--seeds", "x"], "seeds"), (["--models", "nosuch"], "nosuch"),
+                          (["--cpus-per-run", "-1"], "cpus_per_run"), (["--threads", "0"], "threads")):
+        assert cli.main([*base, *extra]) == 2, extra
+        assert needle in one_line_error(capsys, "reproduce")
+    (tmp_path / "afile").write_text("x")
+    assert cli.main([*base, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in one_line_error(capsys, "reproduce")
+    assert not os.path.exists(tmp_path / "grid" / "runs" / "conv4-ann-s0")  # refused before any run started
+    # a cell whose checkpoint is damaged: that run fails with the file named, the grid reports it (exit 1)
+    cell = tmp_path / "grid" / "runs" / "conv4-ann-s0"
+    cell.mkdir(parents=True)
+    (cell / "checkpoint.pt").write_bytes(b"\0" * 64)
+    from binwslt import reproduce
+    report = reproduce.reproduce("table1", dataset="digits", models=["conv4"], scale="quick",
+                                 out=str(tmp_path / "grid"), engine="local", progress=False,
+                                 run_args={"max_steps": 1, "width": 0.125, "eval_batches": 1, "threads": 1})
+    failed = {o.key: o.error for o in report.failed}
+    assert "conv4-ann-s0" in failed and str(cell / "checkpoint.pt") in failed["conv4-ann-s0"], failed
