@@ -6,6 +6,10 @@ Implementations (``IMPLS``):
 - ``spikingjelly``, ``snntorch``: the peers of `peers.py` (snnTorch per layer only);
 - ``floor``: the bare convolutions (or linear layers) alone, dense float weights, no BatchNorm, no neuron, no
   binarisation, over the same frames (T·N, or N for a direct-encoded first layer): the layer cannot beat them.
+- ``spikingjelly-bf16``: the SpikingJelly peer with its forward under ``torch.autocast(device, torch.bfloat16)``
+  (the low-precision mode a SpikingJelly user would reach for; not exact).
+- ``floor-bf16``: the floor in bf16, channels-last, with a two-term backward (every conv/linear's backward run
+  for the bf16 high and low parts of its output gradient): what an exact-weight bf16 split costs at best.
 
 A training step is: clear grads, forward, backward of a fixed random output gradient (layers) or of the
 cross-entropy on fixed labels (models). Gradients flow to the input (except a direct-encoded image), the
@@ -25,7 +29,7 @@ from binwslt.config import LIFConfig
 from .memory import saved_bytes
 from .peers import SnnTorchLayer, SpikingJellyLayer, peer_status, reset_spikingjelly, spikingjelly_model
 
-IMPLS = ("reference", "torch", "triton", "spikingjelly", "snntorch", "floor")
+IMPLS = ("reference", "torch", "triton", "spikingjelly", "spikingjelly-bf16", "snntorch", "floor", "floor-bf16")
 BACKENDS = ("reference", "torch", "triton")
 PRUNE_RATE = 0.4
 SPIKE_RATE = 0.2  # firing rate of the input spikes of a non-first layer
@@ -50,8 +54,8 @@ def availability(impl: str, device: str) -> Optional[str]:
     """None when ``impl`` can run on ``device``, else a clear reason."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl in ("spikingjelly", "snntorch"):
-        return peer_status()[impl]
+    if impl in ("spikingjelly", "spikingjelly-bf16", "snntorch"):
+        return peer_status()[impl.split("-")[0]]
     if impl == "triton":
         return triton_status(device)
     return None
@@ -96,6 +100,11 @@ class Runner:
         return saved_bytes(self.forward, exclude=exclude)
 
 
+def _autocast(impl: str, device: str):
+    """bf16 autocast for the ``spikingjelly-bf16`` peer, a no-op context for everything else."""
+    return torch.autocast(device, torch.bfloat16, enabled=impl == "spikingjelly-bf16")
+
+
 def _generator(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
@@ -118,6 +127,63 @@ class _Floor(nn.Module):
         return self.op(x if self.direct else x.flatten(0, 1))
 
 
+class _TwoTermBF16(torch.autograd.Function):
+    """conv2d/linear in bf16 whose backward runs twice: for bf16(g) and for bf16(g - bf16(g))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.geo = (stride, padding)
+        if weight.dim() == 4:
+            return F.conv2d(x, weight, stride=stride, padding=padding)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geo
+        g32 = grad.float()
+        hi = g32.to(torch.bfloat16)
+        terms = (hi, (g32 - hi.float()).to(torch.bfloat16))
+        gx = gw = None
+        for g in terms:
+            if weight.dim() == 4:
+                a, b, _ = torch.ops.aten.convolution_backward(
+                    g.contiguous(memory_format=torch.channels_last), x, weight, None, stride, padding, [1, 1],
+                    False, [0, 0], 1, [ctx.needs_input_grad[0], True, False])
+            else:
+                a = g @ weight if ctx.needs_input_grad[0] else None
+                b = g.flatten(0, -2).t() @ x.flatten(0, -2)
+            gx = a if gx is None else (gx if a is None else gx + a)
+            gw = b if gw is None else gw + b
+        return gx, gw, None, None
+
+
+class _TwoTermLayer(nn.Module):
+    """Wraps one nn.Conv2d / nn.Linear of the floor model: bf16 channels-last forward, `_TwoTermBF16` backward."""
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        w = self.op.weight.to(torch.bfloat16)  # the fp32 master weight gets the gradient through the cast
+        if w.dim() == 4:
+            x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+            return _TwoTermBF16.apply(x.to(torch.bfloat16), w, list(self.op.stride), list(self.op.padding))
+        return _TwoTermBF16.apply(x.to(torch.bfloat16), w, None, None)
+
+
+def _bf16_two_term(model: nn.Module) -> nn.Module:
+    """The floor model with every conv/linear as a `_TwoTermLayer` (bf16 channels-last), in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, (nn.Conv2d, nn.Linear)):
+            setattr(model, name, _TwoTermLayer(child))
+        else:
+            _bf16_two_term(child)
+    return model
+
+
 def layer_module(impl: str, shape, timesteps: int, neuron: LIFConfig = LIFConfig()) -> nn.Module:
     """The module of ``impl`` for ``shape``: ``forward(x, residual=None)``."""
     from binwslt.nn import BinWConv2dLIF, BinWLinearLIF
@@ -129,12 +195,14 @@ def layer_module(impl: str, shape, timesteps: int, neuron: LIFConfig = LIFConfig
                                  timesteps=direct_t, backend=impl)
         return BinWLinearLIF(shape.in_channels, shape.out_channels, prune_rate=PRUNE_RATE, batch_norm=True,
                              neuron=neuron, timesteps=direct_t, backend=impl)
-    if impl == "spikingjelly":
+    if impl in ("spikingjelly", "spikingjelly-bf16"):
         return SpikingJellyLayer(shape, neuron, direct_t)
     if impl == "snntorch":
         return SnnTorchLayer(shape, neuron, direct_t)
     if impl == "floor":
         return _Floor(shape)
+    if impl == "floor-bf16":
+        return _bf16_two_term(_Floor(shape))
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
@@ -169,14 +237,15 @@ def layer_runner(impl: str, case, device: str, dtype=torch.float32, seed: int = 
     grad_out = {}
 
     def forward():
-        return module(x, residual=residual)
+        with _autocast(impl, device):
+            return module(x, residual=residual)
 
     def backward(out):
         if "g" not in grad_out or grad_out["g"].shape != out.shape:
             grad_out["g"] = torch.randn(out.shape, generator=_generator(seed + 1)).to(device=device, dtype=out.dtype)
         out.backward(grad_out["g"])
 
-    reset = (lambda: reset_spikingjelly(module)) if impl == "spikingjelly" else None
+    reset = (lambda: reset_spikingjelly(module)) if impl.startswith("spikingjelly") else None
     return Runner(impl, device, module, forward, backward, reset)
 
 
@@ -199,10 +268,12 @@ def model_module(impl: str, case) -> nn.Module:
               width=case.width)
     if impl in BACKENDS:
         return models.build(case.name, "binwslt", prune_rate=PRUNE_RATE, backend=impl, **kw)
-    if impl == "spikingjelly":
+    if impl in ("spikingjelly", "spikingjelly-bf16"):
         return spikingjelly_model(models.build(case.name, "snn", backend="torch", **kw))
     if impl == "floor":
         return _strip_to_floor(models.build(case.name, "snn", backend="torch", **kw))
+    if impl == "floor-bf16":
+        return _bf16_two_term(_strip_to_floor(models.build(case.name, "snn", backend="torch", **kw)))
     raise Unavailable(f"{impl} has no whole-model case (snnTorch is benchmarked per layer only)")
 
 
@@ -220,5 +291,10 @@ def model_runner(impl: str, case, device: str, dtype=torch.float32, seed: int = 
     def backward(logits):
         F.cross_entropy(logits.float(), labels).backward()
 
-    reset = (lambda: reset_spikingjelly(module)) if impl == "spikingjelly" else None
-    return Runner(impl, device, module, lambda: module(x), backward, reset)
+    reset = (lambda: reset_spikingjelly(module)) if impl.startswith("spikingjelly") else None
+
+    def forward():
+        with _autocast(impl, device):
+            return module(x)
+
+    return Runner(impl, device, module, forward, backward, reset)

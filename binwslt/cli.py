@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="binwslt", description="Binary-weight spiking lottery tickets (BinW-SLT): find, train, fine-tune, "
                                     "evaluate, energy, sweeps.")
+    from .cpu import version_line  # the CPU engineer's info line (binwslt/cpu.py)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_run_parser(sub, "find", "find a binary ticket by training pruning scores only (Algorithm 1)",

@@ -75,3 +75,9 @@ def cpu_info_line() -> str:
     info = cpu_info()
     return (f"cpu: {info['capability']} ({' '.join(info['flags']) or 'no flags read'}), "
             f"forward GEMM {info['matmul']}, {info['threads']} threads")
+
+
+def version_line() -> str:
+    """``binwslt --version``: the package and torch versions and `cpu_info_line`."""
+    from . import __version__
+    return f"binwslt {__version__}, torch {torch.__version__}; {cpu_info_line()}"

@@ -236,3 +236,21 @@ def test_gpu_targets_sum_the_vgg11_layers():
     assert checks[0]["value"] == pytest.approx(10.0 / 3.0)
     assert checks[1]["value"] == pytest.approx(4.0 / 3.0)
     assert checks[3]["value"] == pytest.approx(2 / 20)
+
+
+def test_floor_bf16_two_term_backward_matches_fp32():
+    """The bf16 floor's two-term backward gives the fp32 gradients up to bf16 rounding (spike input, exact)."""
+    import torch.nn.functional as F
+
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    layer = cases._TwoTermLayer(conv)
+    x = (torch.rand(5, 4, 7, 7, generator=torch.Generator().manual_seed(0)) < 0.3).float().requires_grad_()
+    g = torch.randn(5, 6, 7, 7, generator=torch.Generator().manual_seed(1))
+    layer(x).float().backward(g)
+    gx, gw = x.grad.clone(), conv.weight.grad.clone()
+    x.grad, conv.weight.grad = None, None
+    F.conv2d(x, conv.weight.to(torch.bfloat16).float(), padding=1).backward(g)
+    torch.testing.assert_close(gx, x.grad, rtol=2e-2, atol=2e-2)
+    # its bf16 output rounds a sum of ~250 terms: within 2^-7 of the largest entry
+    torch.testing.assert_close(gw, conv.weight.grad, rtol=2e-2, atol=conv.weight.grad.abs().max().item() / 128)
+    assert {"spikingjelly-bf16", "floor-bf16"} <= set(cases.IMPLS)

@@ -197,3 +197,14 @@ def test_compiled_scan_takes_channels_last_steps(direct):
     (want * proj).sum().backward()
     grad = torch_backend._lif_grad(current, proj, neuron)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_info_names_the_forward_mode(monkeypatch):
+    import binwslt
+    from binwslt import cpu
+
+    info = binwslt.cpu_info()
+    assert info["matmul"] in ("int8", "fp32") and isinstance(info["flags"], list)
+    monkeypatch.setenv(cpu.ENV_VAR, "fp32")
+    assert binwslt.cpu_info()["matmul"] == "fp32"
+    assert "forward GEMM fp32" in cpu.version_line()
