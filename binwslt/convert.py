@@ -48,7 +48,8 @@ from .config import LIFConfig
 from .nn import LIF, BinWConv2d, BinWConv2dLIF, BinWLinear, BinWLinearLIF
 from .subnet import check_prune_rate
 
-__all__ = ["ConversionError", "convert", "fused_layers", "score_parameters", "finetune_parameters"]
+__all__ = ["ConversionError", "convert", "fused_layers", "score_parameters", "finetune_parameters",
+           "find_parameters"]
 
 BINARY_LAYERS = (BinWConv2d, BinWLinear, BinWConv2dLIF, BinWLinearLIF)
 FUSED_LAYERS = (BinWConv2dLIF, BinWLinearLIF)
@@ -472,11 +473,22 @@ def finetune_parameters(model: nn.Module) -> List[nn.Parameter]:
 
     The scores, and so the masks, stay the ticket's.
     """
+    return _parameters_by_role(model, lambda role: role != "scores")
+
+
+def find_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """What ``binwslt find`` trains: :func:`score_parameters` and every parameter that is not a binary layer's
+    weight or scores (BatchNorm affine, biases, dense layers), in module order; the frozen weights never."""
+    return _parameters_by_role(model, lambda role: role != "weight")
+
+
+def _parameters_by_role(model: nn.Module, keep) -> List[nn.Parameter]:
+    """Parameters in module order whose role passes ``keep``: "weight"/"scores" of a binary layer, else None."""
     binary = {id(m) for m in model.modules() if isinstance(m, BINARY_LAYERS)}
     out = []
     for module in model.modules():
         for pname, p in module.named_parameters(recurse=False):
-            if id(module) in binary and pname == "scores":
-                continue
-            out.append(p)
+            role = pname if id(module) in binary and pname in ("weight", "scores") else None
+            if keep(role):
+                out.append(p)
     return out

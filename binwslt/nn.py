@@ -20,7 +20,7 @@ from .config import LIFConfig
 from .subnet import SubnetCache, check_prune_rate, subnet_mask, subnet_weight
 
 __all__ = ["LIF", "BinWConv2d", "BinWLinear", "BinWConv2dLIF", "BinWLinearLIF", "convert", "ConversionError",
-           "score_parameters", "finetune_parameters", "fused_layers"]
+           "score_parameters", "finetune_parameters", "find_parameters", "fused_layers"]
 
 
 class LIF(nn.Module):
@@ -192,4 +192,5 @@ class BinWLinearLIF(_FusedLIFLayer):
 
 
 # convert and the parameter selections live in binwslt/convert.py; binwslt.nn.convert is their public name.
-from .convert import ConversionError, convert, finetune_parameters, fused_layers, score_parameters  # noqa: E402
+from .convert import (ConversionError, convert, find_parameters, finetune_parameters, fused_layers,  # noqa: E402
+                      score_parameters)

@@ -35,6 +35,7 @@ from torch import nn
 
 from binwslt import models
 from binwslt.config import LIFConfig
+from binwslt.convert import find_parameters, finetune_parameters
 from binwslt.data import DATASETS, load_dataset
 from binwslt.rundir import RunFolderError, RunLock, check_out, clean_temp_files, run_files
 
@@ -396,24 +397,19 @@ def build_model(cfg: RunConfig, dataset) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module, command: str) -> List[nn.Parameter]:
-    """Set ``requires_grad`` for ``command`` and return the trained parameters.
+    """Set ``requires_grad`` for ``command`` and return the trained parameters, in module order.
 
-    find: scores and every other float parameter except the frozen random weights of subnet layers (i.e. BN
-    affine, biases). train: everything. finetune: subnet weights (latent, through sign) and BN/biases; scores
-    frozen, so the mask stays the ticket's.
+    find: :func:`binwslt.nn.find_parameters` (scores, BN affine, biases; never the frozen random weights).
+    train: everything. finetune: :func:`binwslt.nn.finetune_parameters` (latent weights through sign, BN,
+    biases; scores frozen, so the mask stays the ticket's).
     """
-    subnet = set(id(m) for m in models.subnet_layers(model))
-    params = []
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(module) in subnet and pname == "weight":
-                p.requires_grad_(command == "finetune")
-            elif id(module) in subnet and pname == "scores":
-                p.requires_grad_(command == "find")
-            else:
-                p.requires_grad_(True)
-            if p.requires_grad:
-                params.append(p)
+    rules = {"find": find_parameters, "finetune": finetune_parameters, "train": lambda m: list(m.parameters())}
+    if command not in rules:
+        raise ValueError(f"command must be one of {sorted(rules)}, got {command!r}")
+    params = rules[command](model)
+    trained = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
     return params
 
 

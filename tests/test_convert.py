@@ -8,7 +8,7 @@ from torch import nn
 
 from binwslt import LIFConfig
 from binwslt.nn import (LIF, BinWConv2d, BinWConv2dLIF, BinWLinear, BinWLinearLIF, ConversionError, convert,
-                        finetune_parameters, fused_layers, score_parameters)
+                        finetune_parameters, find_parameters, fused_layers, score_parameters)
 
 sj = pytest.importorskip("spikingjelly.activation_based")
 from spikingjelly.activation_based import functional as sjf  # noqa: E402
@@ -229,6 +229,13 @@ def test_mode_and_requires_grad_after_conversion():
     bn_params = {id(p) for m in layers if m.bn is not None for p in m.bn.parameters()}
     assert bn_params and bn_params <= tuned
     assert len(tuned) + len(scores) == len(list(model.parameters()))
+    found = {id(p) for p in find_parameters(model)}
+    assert {id(p) for p in scores} <= found and bn_params <= found and not found & {id(m.weight) for m in layers}
+    assert len(found) + len(layers) == len(list(model.parameters()))
+    from binwslt.train import trainable_parameters
+    for command, chosen in (("find", found), ("finetune", tuned)):
+        assert {id(p) for p in trainable_parameters(model, command)} == chosen
+        assert {id(p) for p in model.parameters() if p.requires_grad} == chosen
 
 
 def test_unfused_and_plain_models():
