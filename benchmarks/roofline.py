@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 CEILINGS = {"int8": 1979e12, "bf16": 989e12, "tf32": 495e12, "fp32": 67e12}
 HBM_BYTES_PER_S = 4.8e12
 SPLIT_TERMS = 3  # grad_precision="split": the fp32 operand as three bf16 terms (kernels/gemm.py)
-BOTH_SPLIT_TERMS = 6  # both operands fp32 (direct first layer's grad-weight): six bf16 products
+BOTH_SPLIT_TERMS = 3  # both operands fp32 (direct first layer's grad-weight): tf32x3, three TF32 dots
 
 
 @dataclass
@@ -94,10 +94,10 @@ def binwslt_costs(shape, T, N):
         add("bwd: grad-input GEMM (3 bf16 terms)", 2 * s["macs"] * SPLIT_TERMS, g_elems * 4 + s["x"] * 4 + s["w"],
             "bf16")
         add("glue: unpack input bits", 0, s["x"] * (1 / 8 + 1), "fp32")
-    terms = BOTH_SPLIT_TERMS if shape.direct else SPLIT_TERMS
+    terms, unit = (BOTH_SPLIT_TERMS, "tf32") if shape.direct else (SPLIT_TERMS, "bf16")
     # reads g and x, the fp32 weight and scores of the straight-through epilogue; writes the fp32 score gradient
-    add(f"bwd: grad-weight GEMM ({terms} bf16 terms)", 2 * s["macs"] * terms,
-        g_elems * 4 + s["x"] * x_bytes + s["w"] * 4 * 3, "bf16")
+    add(f"bwd: grad-weight GEMM ({terms} {unit} dots)", 2 * s["macs"] * terms,
+        g_elems * 4 + s["x"] * x_bytes + s["w"] * 4 * 3, unit)
     return out
 
 

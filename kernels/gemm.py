@@ -8,8 +8,8 @@ The backward GEMMs multiply the fp32 gradient ``g`` by an operand that is exact 
 with -1/0/+1 are exact in fp32, so the result is as accurate as an fp32 (ieee) GEMM (the tests keep rtol 1e-4
 against the float64-accurate reference). Two terms were measured not to be enough: ``2^-16`` per element lost
 5e-4 relative on a cancelling 27-term score gradient (tests/test_triton_conv.py::test_conv_lif_random_general).
-When both operands are fp32 (an analog input's grad-weight, the direct-encoded first layer) both are split and
-the six products ``a_i b_j`` with ``i + j <= 4`` are summed (the dropped ones are <= 2^-24 relative).
+When both operands are fp32 (an analog input's grad-weight, the direct-encoded first layer's) the split is
+Triton's ``tf32x3`` (TF32 tensor cores, ~2^-22 relative; see ``split_dot_both``).
 ``SPLIT=False`` is the one-term opt-in (``grad_precision="bf16"``: ``t1`` alone, bf16 accuracy, a third of the
 tensor-core work), the precision autocast training runs at.
 
@@ -111,23 +111,17 @@ def split_dot_exact_a(a, b, acc, SPLIT: tl.constexpr):
 
 @triton.jit
 def split_dot_both(a, b, acc, SPLIT: tl.constexpr):
-    """``acc + a @ b`` with both operands fp32. SPLIT: both split into three terms and the six products of
-    order up to 2^-16 summed (``a_i b_j`` with ``i + j <= 4``; the dropped ones are <= 2^-24 relative); else
-    ``a_1 b_1``."""
-    a1 = split_hi(a)
-    b1 = split_hi(b)
-    acc = mma(a1, b1, acc)
+    """``acc + a @ b`` with both operands fp32 (an analog input's grad-weight, the direct first layer's).
+    SPLIT: Triton's ``tf32x3`` (each operand as TF32 high + low, three TF32 tensor-core dots, ~2^-22 relative):
+    six bf16 dots of three-term splits were tried and spilled on sm_80 (Triton 3.6 or 3.9, depending on the order
+    of the dots); under the interpreter an fp32 dot. Not SPLIT: ``a_1 b_1``, one bf16 dot."""
     if SPLIT:
-        a2, ra = split_next(a, a1)
-        b2, rb = split_next(b, b1)
-        acc = mma(a1, b2, acc)
-        acc = mma(a2, b1, acc)
-        a3, ra = split_next(ra, a2)
-        b3, rb = split_next(rb, b2)
-        acc = mma(a1, b3, acc)
-        acc = mma(a2, b2, acc)
-        acc = mma(a3, b1, acc)
-    return acc
+        if EMULATE:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        return mma(split_hi(a), split_hi(b), acc)
 
 
 @triton.jit

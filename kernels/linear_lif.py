@@ -36,6 +36,7 @@ from binwslt.batchnorm import BatchStats
 from binwslt.bits import pack_bits, pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
 
+from .gemm import SPLIT_BY_PRECISION
 from .launch import bn_forward, check_int32, epilogue_backward, grad_multiplier, plain_affine, y_dtype
 from .lif import check_spike_counts, neuron_params
 from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_bn_grad_fold_kernel, linear_grad_input_kernel, \
@@ -168,7 +169,7 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     if need_x:
         dx = torch.empty((R, K), dtype=state["x_dtype"], device=device)
         linear_grad_input_kernel[(triton.cdiv(R, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
-            g_frames, state["tern"], alpha, dx, R, C, K, **launch_kwargs(gcfg))
+            g_frames, state["tern"], alpha, dx, R, C, K, SPLIT=state["split"], **launch_kwargs(gcfg))
         grad_x = dx.view(N, K) if direct else dx.view(T, N, K)
     grad_w = grad_s = None
     if need_w or need_s:
@@ -177,7 +178,8 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
         linear_grad_weight_kernel[(triton.cdiv(C, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
             state["saved_x"], g_frames, weight.detach().contiguous(), scores.detach().contiguous(), state["tern"],
             alpha, gs if gs is not None else dummy_f32, gw if gw is not None else dummy_f32, R, C, K,
-            X_BITS=state["is_spike"], GRAD_SCORES=need_s, GRAD_WEIGHT=need_w, **launch_kwargs(gcfg))
+            X_BITS=state["is_spike"], GRAD_SCORES=need_s, GRAD_WEIGHT=need_w, SPLIT=state["split"],
+            **launch_kwargs(gcfg))
         grad_w, grad_s = gw, gs
     if scale is not None and grad_scale is not None:
         grad_scale = grad_scale.to(scale.dtype)
@@ -189,7 +191,7 @@ class BinWLinearLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, neuron,
-                timesteps, batch_norm, momentum, eps, spike_counts):
+                timesteps, batch_norm, momentum, eps, spike_counts, grad_precision):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = linear_lif_forward(
             x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
@@ -201,6 +203,7 @@ class BinWLinearLIFFunction(torch.autograd.Function):
                        state.pop("a"), state.pop("b"), weight, scores, scale, residual]
             tensors += [bn.mean, bn.rstd] if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
+            state["split"] = SPLIT_BY_PRECISION[grad_precision]
             ctx.state = state
         return spikes
 
@@ -211,17 +214,18 @@ class BinWLinearLIFFunction(torch.autograd.Function):
         state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else BatchStats(mean, rstd))
         grads = linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
-        return grads + (None,) * 9
+        return grads + (None,) * 10
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps, spike_counts=None):
+                    running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split"):
     """Fused binary-subnet linear + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: ``[T, N, K]`` float (spikes 0/1 or analog) or an analog ``[N, K]`` with ``timesteps=T``; weight/scores
     ``[C, K]`` float; scale/shift ``[C]`` float or None; residual ``[T, N, C]`` or None; neuron a LIFConfig;
     batch_norm: training-mode BatchNorm over (T, N) per channel (running stats updated in place).
     ``spike_counts`` (extra, optional): integer ``[C]`` tensor the per-channel output spike counts are added to.
+    ``grad_precision``: "split" or "bf16", the backward GEMMs' precision (kernels/gemm.py).
     Returns spikes ``[T, N, C]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
     """
     if not isinstance(neuron, LIFConfig):
@@ -230,7 +234,8 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
     if x.dtype == torch.float64:
         raise TypeError("the Triton linear kernels compute in fp32; use backend='torch' for float64 x")
     return BinWLinearLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
-                                       prune_rate, neuron, timesteps, batch_norm, momentum, eps, spike_counts)
+                                       prune_rate, neuron, timesteps, batch_norm, momentum, eps, spike_counts,
+                                       grad_precision)
 
 
 __all__ = ["binw_linear_lif", "BinWLinearLIFFunction", "linear_lif_forward", "linear_lif_backward"]

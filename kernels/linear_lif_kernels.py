@@ -5,18 +5,20 @@ ternary weight int8 ``[C, K]`` (values -1/0/+1; K-contiguous like x, so every GE
 outputs, residual and the pre-activation y ``[T, N, C]`` (C-contiguous).
 
 - ``binary_linear_lif_fwd_kernel``: per [BLOCK_M rows x BLOCK_N channels] tile, all T steps: the K loop (int8 x
-  int8 -> int32 for spikes, fp16 or tf32x3 dots for analog input), I = (alpha*y)*a + b (+ residual[t]) and the
+  int8 -> int32 for spikes, fp16 dots or the three-term bf16 split for analog input, kernels/gemm.py), I = (alpha*y)*a + b (+ residual[t]) and the
   LIF step in registers; with FIRE=False (BatchNorm pass 1) it stores y and per-program partial sums of y, y^2.
 - ``linear_lif_scan_kernel``: BatchNorm pass 2, the LIF scan over the stored y.
 - ``linear_lif_bwd_scan_kernel``: recompute U from y, the reverse BPTT scan, dL/dI (times a per-channel
   multiplier), dL/dresidual and per-program partial sums of dL/dI and dL/dI*y.
 - ``linear_bn_grad_fold_kernel``: g <- c1*g + c2*y + c3 per channel (BatchNorm backward through the statistics).
 - ``linear_grad_input_kernel`` / ``linear_grad_weight_kernel``: dx = alpha * g @ tern; dW_eff = g^T @ x with the
-  straight-through epilogue for the scores (and the weight).
+  straight-through epilogue for the scores (and the weight). Both on bf16 tensor cores with the fp32 gradient split
+  into three bf16 terms (SPLIT, ``grad_precision="split"``) or one (kernels/gemm.py).
 """
 import triton
 import triton.language as tl
 
+from .gemm import split_dot_both, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
 
 
@@ -43,7 +45,7 @@ def linear_tile(x_ptr, tern_ptr, frame, offs_m, offs_n, N, K, C, IS_SPIKE: tl.co
         elif DOT_FP16:
             acc = tl.dot(xt, wt.to(tl.float16), acc)
         else:
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="tf32x3")
+            acc = split_dot_exact_b(xt, wt, acc, True)
     return acc
 
 
@@ -247,7 +249,8 @@ def linear_bn_grad_fold_kernel(g_ptr, y_ptr, c1_ptr, c2_ptr, c3_ptr, numel, C, B
 
 @triton.jit
 def linear_grad_input_kernel(g_ptr, tern_ptr, alpha_ptr, dx_ptr, R, C, K,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             SPLIT: tl.constexpr = True):
     # dx [R, K] = alpha * g [R, C] @ tern [C, K]. Grid: (cdiv(R, BLOCK_M), cdiv(K, BLOCK_N)).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,7 +264,7 @@ def linear_grad_input_kernel(g_ptr, tern_ptr, alpha_ptr, dx_ptr, R, C, K,
         gt = tl.load(g_ptr + rows[:, None] * C + offs_c[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
         wt = tl.load(tern_ptr + offs_c.to(tl.int64)[:, None] * K + offs_n[None, :],
                      mask=c_mask[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(gt, wt.to(tl.float32), acc, input_precision="tf32x3")
+        acc = split_dot_exact_b(gt, wt, acc, SPLIT)
     alpha = tl.load(alpha_ptr)
     tl.store(dx_ptr + rows[:, None] * K + offs_n[None, :], (acc * alpha).to(dx_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -270,7 +273,8 @@ def linear_grad_input_kernel(g_ptr, tern_ptr, alpha_ptr, dx_ptr, R, C, K,
 @triton.jit
 def linear_grad_weight_kernel(x_ptr, g_ptr, weight_ptr, scores_ptr, tern_ptr, alpha_ptr, gs_ptr, gw_ptr, R, C, K,
                               X_BITS: tl.constexpr, GRAD_SCORES: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              SPLIT: tl.constexpr = True):
     # dW_eff [C, K] = g[R, C]^T @ x[R, K]; epilogue: scores grad dW_eff * w * sign(s) (MPT straight-through),
     # weight grad dW_eff * alpha * M. X_BITS: x is packed bits (little-endian, 8 per byte) of the [R, K] spikes.
     # Grid: (cdiv(C, BLOCK_M), cdiv(K, BLOCK_N)).
@@ -291,7 +295,10 @@ def linear_grad_weight_kernel(x_ptr, g_ptr, weight_ptr, scores_ptr, tern_ptr, al
             xt = ((byte.to(tl.int32) >> (flat & 7).to(tl.int32)) & 1).to(tl.float32)
         else:
             xt = tl.load(x_ptr + flat, mask=x_mask, other=0.0).to(tl.float32)
-        acc = tl.dot(gt, xt, acc, input_precision="tf32x3")
+        if X_BITS:
+            acc = split_dot_exact_b(gt, xt, acc, SPLIT)  # 0/1 spikes: exact in bf16
+        else:
+            acc = split_dot_both(gt, xt, acc, SPLIT)
     off = offs_m.to(tl.int64)[:, None] * K + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if GRAD_SCORES:

@@ -42,7 +42,7 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps):
+                    running_mean, running_var, momentum, eps, grad_precision="split"):
     """Fused binary-subnet linear + LIF (kernels/linear_lif.py). Spikes [T, N, out] in x.dtype.
 
     The kernels compute in fp32; float64 inputs go to binwslt.torch_backend.
@@ -58,4 +58,4 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
 
     return linear_impl(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
                        timesteps=timesteps, batch_norm=batch_norm, running_mean=running_mean,
-                       running_var=running_var, momentum=momentum, eps=eps)
+                       running_var=running_var, momentum=momentum, eps=eps, grad_precision=grad_precision)

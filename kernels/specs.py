@@ -314,26 +314,27 @@ def linear_specs():
             "constexprs": {"BLOCK": FOLD_BLOCK}, "num_warps": 4, "num_stages": 1})
     gemm = linear_gemm_config(interpret=False)
     gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
-    for dx_t in ("fp32", "fp16", "bf16"):
+    for dx_t, split in (("fp32", True), ("fp16", True), ("bf16", True), ("fp32", False)):
         specs.append({
-            "name": f"linear_grad_input_kernel[dx={dx_t}]", "fn": linear_grad_input_kernel,
+            "name": f"linear_grad_input_kernel[dx={dx_t},split={split}]", "fn": linear_grad_input_kernel,
             "signature": {"g_ptr": "*fp32", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": f"*{dx_t}",
                           "R": "i32", "C": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                          "BLOCK_K": "constexpr"},
-            "constexprs": dict(gemm), "num_warps": gnw, "num_stages": gns})
-    for x_t, w_t, gs, gw in itertools.product(("bits", "fp32", "fp16"), ("fp32", "fp16", "bf16"), (True, False),
-                                              (True, False)):
+                          "BLOCK_K": "constexpr", "SPLIT": "constexpr"},
+            "constexprs": dict(gemm, SPLIT=split), "num_warps": gnw, "num_stages": gns})
+    for x_t, w_t, gs, gw, split in [c + (True,) for c in itertools.product(
+            ("bits", "fp32", "fp16"), ("fp32", "fp16", "bf16"), (True, False), (True, False))] + [
+            ("bits", "fp32", True, False, False), ("fp32", "fp32", True, False, False)]:
         if not (gs or gw):
             continue
         specs.append({
-            "name": f"linear_grad_weight_kernel[x={x_t},w={w_t},scores={gs},weight={gw}]",
+            "name": f"linear_grad_weight_kernel[x={x_t},w={w_t},scores={gs},weight={gw},split={split}]",
             "fn": linear_grad_weight_kernel,
             "signature": {"x_ptr": "*u8" if x_t == "bits" else f"*{x_t}", "g_ptr": "*fp32", "weight_ptr": f"*{w_t}",
                           "scores_ptr": f"*{w_t}", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": f"*{w_t}",
                           "gw_ptr": f"*{w_t}", "R": "i32", "C": "i32", "K": "i32",
                           **{k: "constexpr" for k in ("X_BITS", "GRAD_SCORES", "GRAD_WEIGHT", "BLOCK_M", "BLOCK_N",
-                                                      "BLOCK_K")}},
-            "constexprs": dict(X_BITS=x_t == "bits", GRAD_SCORES=gs, GRAD_WEIGHT=gw, **gemm),
+                                                      "BLOCK_K", "SPLIT")}},
+            "constexprs": dict(X_BITS=x_t == "bits", GRAD_SCORES=gs, GRAD_WEIGHT=gw, SPLIT=split, **gemm),
             "num_warps": gnw, "num_stages": gns})
     # The hidden LIF linear layers of the models have K and C multiples of 16 (8192/4096/2048/512 -> 256), so the
     # real launches get Triton's divisibility specialisation of K and C (vectorised tile loads and stores).

@@ -138,3 +138,23 @@ def test_conv_lif_grad_precision_bf16_is_the_one_term_opt_in():
         want = g_ref[name].double()
         assert _relative(g_split[name], want) < 1e-5
         assert 1e-4 < _relative(g_bf16[name], want) < 3e-2
+
+
+@pytest.mark.parametrize("analog", [False, True])
+def test_linear_lif_grad_precision(analog):
+    """The linear kernels follow the same rule: split gradients at fp32 accuracy vs the reference, the "bf16"
+    opt-in at bf16 accuracy (spike input: exact x; analog input: both GEMM operands split)."""
+    from helpers import run_layer, spikes
+
+    x = randn(3, 5, 40, seed=21).relu() if analog else spikes(3, 5, 40, seed=21)
+    weight, scores = randn(24, 40, seed=22, scale=0.3), randn(24, 40, seed=23)
+    kw = dict(timesteps=None, batch_norm=False, scale=randn(24, seed=24) + 1.0)
+    s_ref, g_ref, _ = run_layer("binw_linear_lif", "reference", x, weight, scores, 0.5, **dict(kw))
+    s_split, g_split, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.5, **dict(kw))
+    s_bf16, g_bf16, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.5, grad_precision="bf16",
+                                  **dict(kw))
+    assert torch.equal(s_split, s_ref) and torch.equal(s_bf16, s_ref)
+    for name in ("x", "scores"):
+        want = g_ref[name].double()
+        assert _relative(g_split[name], want) < 1e-5
+        assert 1e-4 < _relative(g_bf16[name], want) < 3e-2
