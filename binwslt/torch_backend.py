@@ -285,6 +285,23 @@ def _current_sequence(y, a, b, residual, T, direct):
     return seq if residual is None else seq + residual
 
 
+def _is_channels_last(frames):
+    return frames.dim() == 4 and not frames.is_contiguous() and frames.is_contiguous(memory_format=torch.channels_last)
+
+
+def _physical(frames):
+    """``frames`` as a view in its memory order (``[F, H, W, C]`` for channels-last frames), else as it is."""
+    return frames.permute(0, 2, 3, 1) if _is_channels_last(frames) else frames
+
+
+def _unpack_frames(bits, shape, channels_last, dtype):
+    """Inverse of ``pack_bits(_physical(frames))``: ``[F, C, H, W]`` (channels-last where it was) of ``dtype``."""
+    if not channels_last:
+        return unpack_bits(bits, shape).to(dtype)
+    F_, C, H, W = shape
+    return unpack_bits(bits, (F_, H, W, C)).to(dtype).permute(0, 3, 1, 2)
+
+
 def _low_precision_grads(dtype, grad_precision) -> Optional[torch.dtype]:
     """bf16 for the backward GEMMs in the one-term ``grad_precision="bf16"`` mode (fp32/fp64 layers), else None.
 
@@ -303,7 +320,7 @@ class _BinWLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var,
                 linear_map, prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
-                grad_precision):
+                grad_precision, needs_backward):
         cached = subnet is not None
         if not cached:
             subnet = make_subnet(weight, scores, prune_rate)
@@ -326,9 +343,11 @@ class _BinWLIF(torch.autograd.Function):
         a, b = _per_channel(alpha, scale, shift, None if mean is None else (mean, rstd))
         current = _current_sequence(y, a, b, residual, T, direct)
         spikes = _lif_spikes(current, neuron)
+        if not needs_backward:  # inference (no_grad, or nothing requires grad): nothing to pack or save
+            return spikes
 
         if spiking_input:
-            saved_x = pack_bits(frames)
+            saved_x = pack_bits(_physical(frames))  # in memory order: no copy for channels-last frames
             y_saved = y.to(torch.int16 if weight[0].numel() <= 32767 else torch.int32)
         else:
             saved_x, y_saved = frames, y
@@ -337,6 +356,7 @@ class _BinWLIF(torch.autograd.Function):
         ctx.save_for_backward(saved_x, y_saved, saved_tern, alpha, weight, scores, scale, shift, residual, mean,
                               rstd)
         ctx.spiking_input, ctx.frames_shape, ctx.dtype = spiking_input, tuple(frames.shape), x.dtype
+        ctx.channels_last = _is_channels_last(frames)
         ctx.linear_map, ctx.neuron, ctx.direct, ctx.cached = linear_map, neuron, direct, cached
         ctx.grad_dtype = _low_precision_grads(x.dtype, grad_precision)
         return spikes
@@ -374,7 +394,8 @@ class _BinWLIF(torch.autograd.Function):
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
         low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once, the other operand exact
-        frames = unpack_bits(saved_x, ctx.frames_shape).to(low or dtype) if ctx.spiking_input else saved_x
+        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, low or dtype) if ctx.spiking_input \
+            else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
             if low is None:
@@ -393,15 +414,17 @@ class _BinWLIF(torch.autograd.Function):
             grad_weight, grad_scores = straight_through_grads(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map, prune_rate, neuron,
            timesteps, batch_norm, momentum, eps, subnet, grad_precision):
     spiking_input = timesteps is None and is_spikes(x)  # by dtype or mark, never by reading values
+    needs_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, scores, scale, shift, residual))
     out = _BinWLIF.apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map,
                          prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
-                         grad_precision)
+                         grad_precision, needs_backward)
     return mark_spikes(out)
 
 
