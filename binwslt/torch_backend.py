@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from ._affine import channel_view, update_running_stats
-from . import _cpu_ext, cpu
+from ._affine import channel_view
+from . import _cpu_ext, batchnorm, cpu
 from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
@@ -265,16 +265,25 @@ class _LinearMap:
         return grad.t() @ frames
 
 
-def _per_channel(alpha, scale, shift, bn):
-    """Fold α, BatchNorm ``(mean, rstd)`` of α·y and scale/shift into the current's ``I = a·y + b`` per channel."""
-    a = alpha if scale is None else alpha * scale
-    b = shift
-    if bn is not None:
-        mean, rstd = bn
-        a = a * rstd
-        gamma_rstd = rstd if scale is None else rstd * scale
-        b = -mean * gamma_rstd if shift is None else shift - mean * gamma_rstd
-    return a, b
+def _per_channel(alpha, scale, shift, stats):
+    """The current's ``I = a·y + b`` per channel: α folded into binwslt.batchnorm's gain of α·y."""
+    gain, bias = batchnorm.current_affine(scale, shift, stats)
+    return (alpha if gain is None else alpha * gain), bias
+
+
+def _batch_moments(y, alpha):
+    """Mean and biased variance of α·y per channel (``y`` ``[F, C, ...]``): from exact float64 sums in the
+    compiled pass where it runs (fp32 CPU ``y``, contiguous or channels-last), else from the values."""
+    ext = _cpu_ext.load() if y.device.type == "cpu" and y.dtype == torch.float32 else None
+    C = y.shape[1]
+    if ext is not None and (y.is_contiguous() or _is_channels_last(y)):
+        if y.is_contiguous():
+            inner = y[0, 0].numel()
+            sums = ext.channel_moments(y, C, inner)
+        else:
+            sums = ext.channel_moments(_physical(y), C, 1)
+        return batchnorm.stats_from_sums(sums[0], sums[1], y.numel() // C, alpha)
+    return batchnorm.stats_from_values(y, alpha, 1)
 
 
 def _current_sequence(y, a, b, residual, T, direct):
@@ -333,14 +342,14 @@ class _BinWLIF(torch.autograd.Function):
             y = linear_map.spikes_int8(frames, subnet)  # [F, C, ...] fp32, exact integers
         else:
             y = linear_map(frames, tern.to(x.dtype))  # [F, C, ...], exact integers when frames are spikes
-        mean = rstd = None
+        stats = None
         if batch_norm:
-            var_y, mean_y = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=0)
-            mean, var = mean_y * alpha, var_y * (alpha * alpha)
+            mean, var = _batch_moments(y, alpha)
             count = (T if direct else 1) * (y.numel() // y.shape[1])  # BN counts every (t, n, h, w)
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
-            rstd = torch.rsqrt(var + eps)
-        a, b = _per_channel(alpha, scale, shift, None if mean is None else (mean, rstd))
+            stats = batchnorm.train_rstd(mean.to(x.dtype), var.to(x.dtype), count, running_mean, running_var,
+                                         momentum, eps)
+        mean, rstd = (None, None) if stats is None else (stats.mean, stats.rstd)
+        a, b = _per_channel(alpha, scale, shift, stats)
         current = _current_sequence(y, a, b, residual, T, direct)
         spikes = _lif_spikes(current, neuron)
         if not needs_backward:  # inference (no_grad, or nothing requires grad): nothing to pack or save
@@ -368,27 +377,20 @@ class _BinWLIF(torch.autograd.Function):
             torch.sign(weight.detach()).to(torch.int8) * unpack_bits(saved_tern, weight.shape)
         dtype, direct, T = ctx.dtype, ctx.direct, grad_spikes.shape[0]
         y = y.to(dtype)
-        bn = None if mean is None else (mean, rstd)
-        a, b = _per_channel(alpha, scale, shift, bn)
+        stats = None if mean is None else batchnorm.BatchStats(mean=mean, rstd=rstd)
+        a, b = _per_channel(alpha, scale, shift, stats)
         current = _current_sequence(y, a, b, residual, T, direct)
         grad_current = _lif_grad(current, grad_spikes, ctx.neuron)
         grad_residual = grad_current if ctx.needs_input_grad[5] else None
         g = grad_current.sum(0) if direct else grad_current.flatten(0, 1)  # [F, C, ...], like y
         dims = [d for d in range(g.dim()) if d != 1]
         sum_g, sum_gy = g.sum(dims), (g * y).sum(dims)
-        gamma = torch.ones_like(alpha) if scale is None else scale
-        if bn is not None:
-            # xhat = α·rstd·y - mean·rstd; dL/d(α·y) = rstd·γ·(g - mean(g) - xhat·mean(g·xhat)) = c1·g + c2·y + c3
-            count = y.numel() // y.shape[1]
-            sum_gxhat = alpha * rstd * sum_gy - mean * rstd * sum_g
-            grad_scale, grad_shift = sum_gxhat, sum_g
-            c1 = rstd * gamma
-            k = c1 * sum_gxhat / count
-            c2, c3 = -k * alpha * rstd, -c1 * sum_g / count + k * mean * rstd
-            grad_cur = torch.addcmul(channel_view(c3, g, 1), g, channel_view(c1, g, 1))
-            grad_cur.addcmul_(y, channel_view(c2, g, 1))
+        coeff = batchnorm.backward_coefficients(alpha, scale, stats, sum_g, sum_gy, y.numel() // y.shape[1])
+        grad_scale, grad_shift = coeff.grad_scale, coeff.grad_shift
+        if stats is not None:  # dL/d(α·y) = c1·g + c2·y + c3
+            grad_cur = torch.addcmul(channel_view(coeff.c3, g, 1), g, channel_view(coeff.c1, g, 1))
+            grad_cur.addcmul_(y, channel_view(coeff.c2, g, 1))
         else:
-            grad_scale, grad_shift = alpha * sum_gy, sum_g
             grad_cur = g if scale is None else g * channel_view(scale, g, 1)
         grad_scale = grad_scale if ctx.needs_input_grad[3] else None
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None

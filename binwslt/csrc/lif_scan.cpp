@@ -165,9 +165,58 @@ torch::Tensor lif_backward(torch::Tensor current, torch::Tensor grad_spikes, dou
   return grad_current;
 }
 
+// Per-channel Σy and Σy² in float64 of y viewed as [outer, C, inner] (contiguous): exact for integer y (a
+// spike-input pre-activation) in any summation order, so the thread split cannot change the result.
+std::vector<torch::Tensor> channel_moments(torch::Tensor y, int64_t channels, int64_t inner) {
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == torch::kFloat, "channel_moments: y must be contiguous float32");
+  const int64_t C = channels, total = y.numel();
+  TORCH_CHECK(C > 0 && inner > 0 && total % (C * inner) == 0, "channel_moments: shape does not split");
+  const int64_t outer = total / (C * inner);
+  const float* p = y.data_ptr<float>();
+  const int nthreads = std::max<int>(1, at::get_num_threads());
+  std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
+  at::parallel_for(0, outer, 64, [&](int64_t begin, int64_t end) {
+    double* s = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+    double* ss = s + C;
+    for (int64_t o = begin; o < end; ++o) {
+      const float* row = p + o * C * inner;
+      if (inner == 1) {
+        for (int64_t c = 0; c < C; ++c) {
+          const double v = row[c];
+          s[c] += v;
+          ss[c] += v * v;
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          double a = 0, b = 0;
+          const float* q = row + c * inner;
+          for (int64_t i = 0; i < inner; ++i) {
+            const double v = q[i];
+            a += v;
+            b += v * v;
+          }
+          s[c] += a;
+          ss[c] += b;
+        }
+      }
+    }
+  });
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto sum = torch::zeros({C}, opts), sumsq = torch::zeros({C}, opts);
+  double* so = sum.data_ptr<double>();
+  double* sso = sumsq.data_ptr<double>();
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      so[c] += partial[static_cast<size_t>(t) * 2 * C + c];
+      sso[c] += partial[static_cast<size_t>(t) * 2 * C + C + c];
+    }
+  return {sum, sumsq};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_forward", &lif_forward, "fused LIF forward scan over T (CPU)");
   m.def("lif_backward", &lif_backward, "fused LIF BPTT scan over T (CPU)");
+  m.def("channel_moments", &channel_moments, "per-channel float64 sum and sum of squares (CPU)");
 }
