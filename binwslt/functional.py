@@ -20,11 +20,18 @@ from .subnet import Subnet, check_prune_rate, subnet_weight  # noqa: F401  (subn
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["lif", "subnet_weight", "binw_conv2d_lif", "binw_linear_lif", "GRAD_PRECISIONS"]
+__all__ = ["lif", "subnet_weight", "binw_conv2d_lif", "binw_linear_lif", "GRAD_PRECISIONS", "MEMORY_MODES"]
 
 GRAD_PRECISIONS = ("split", "bf16")
 """``grad_precision`` values: "split" (default; the fp32 gradient operand as bf16/fp16 high + low terms,
 fp32-level accuracy) or "bf16" (one low-precision term, an explicit opt-in). The reference backend ignores it."""
+
+MEMORY_MODES = ("auto", "save", "recompute")
+"""``memory`` values: what a fused layer keeps for backward. "save": its exact pre-activation ``y``; "recompute":
+only the input (spikes as bits) and per-channel vectors, ``y`` recomputed in the backward with the same GEMM;
+"auto" (default): the backend's choice per layer shape. A backend module lists the modes it implements in its
+``MEMORY_MODES`` attribute (e.g. kernels/conv_lif.py); "auto" and "save" run on every backend (the others keep
+what they keep), "recompute" on one without that path is a ValueError."""
 
 
 def _as_float(x, name: str) -> torch.Tensor:
@@ -179,6 +186,17 @@ def _backend_options(subnet, grad_precision, device, weight_shape) -> dict:
     return options
 
 
+def _memory_option(memory, impl, op) -> dict:
+    """Check ``memory`` for backend module ``impl``'s op and return the keyword to pass on (none for "auto")."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {list(MEMORY_MODES)}, got {memory!r}")
+    supported = getattr(impl, "MEMORY_MODES", {}).get(op, ())
+    if memory == "recompute" and memory not in supported:
+        raise ValueError(f"memory='recompute' is not implemented by backend {impl.__name__} for {op}; "
+                         f"use memory='save' or 'auto'")
+    return {"memory": memory} if memory != "auto" and memory in supported else {}
+
+
 def lif(x_seq: torch.Tensor, neuron: LIFConfig = LIFConfig(), backend: str = "auto") -> torch.Tensor:
     """LIF neuron over all timesteps.
 
@@ -204,7 +222,7 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     timesteps: Optional[int] = None, backend: str = "auto", batch_norm: bool = False,
                     running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
                     momentum: float = 0.1, eps: float = 1e-5, subnet: Optional[Subnet] = None,
-                    grad_precision: str = "split") -> torch.Tensor:
+                    grad_precision: str = "split", memory: str = "auto") -> torch.Tensor:
     """Binary-subnet convolution fused with the LIF neuron over all T steps.
 
     ``I[t] = scale ⊙ conv(X[t], α·M⊙sign(w)) + shift (+ residual[t])``, ``S = LIF(I)``.
@@ -226,6 +244,7 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
             modules cache it while the scores are unchanged); None computes it here. The reference ignores it.
         grad_precision: ``"split"`` (default, fp32-level gradients from high + low low-precision terms) or
             ``"bf16"`` (one term, faster, ~3 significant digits in the gradients). The reference ignores it.
+        memory: what is kept for backward, one of `MEMORY_MODES` (``"auto"``, ``"save"``, ``"recompute"``).
     Returns:
         spikes ``[T, N, C_out, H', W']`` in x's floating dtype (float32 for bool/uint8 x).
     """
@@ -253,6 +272,7 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     neuron = _check_neuron(neuron)
     options = _backend_options(subnet, grad_precision, x.device, weight.shape)
     impl = _backend(backend, x)
+    options.update(_memory_option(memory, impl, "binw_conv2d_lif"))
     return _spike_output(impl.binw_conv2d_lif(
         x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
         neuron=neuron, timesteps=T, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
@@ -265,7 +285,7 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
                     timesteps: Optional[int] = None, backend: str = "auto", batch_norm: bool = False,
                     running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
                     momentum: float = 0.1, eps: float = 1e-5, subnet: Optional[Subnet] = None,
-                    grad_precision: str = "split") -> torch.Tensor:
+                    grad_precision: str = "split", memory: str = "auto") -> torch.Tensor:
     """Binary-subnet linear layer fused with the LIF neuron over all T steps.
 
     Args:
@@ -273,7 +293,7 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
         weight: frozen random weights ``[out, in]``, float; scores: same shape; prune_rate in [0, 1).
         scale, shift: optional ``[out]`` float; residual: optional ``[T, N, out]``.
         neuron, timesteps, backend, batch_norm, running_mean, running_var, momentum, eps, subnet,
-        grad_precision: as `binw_conv2d_lif`.
+        grad_precision, memory: as `binw_conv2d_lif`.
     Returns:
         spikes ``[T, N, out]`` in x's floating dtype (float32 for bool/uint8 x).
     """
@@ -292,6 +312,7 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     neuron = _check_neuron(neuron)
     options = _backend_options(subnet, grad_precision, x.device, weight.shape)
     impl = _backend(backend, x)
+    options.update(_memory_option(memory, impl, "binw_linear_lif"))
     return _spike_output(impl.binw_linear_lif(
         x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron, timesteps=T,
         batch_norm=batch_norm, running_mean=running_mean, running_var=running_var, momentum=float(momentum),

@@ -35,6 +35,7 @@ from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
 from .launch import INT32_LIMIT, bn_forward, epilogue_backward, grad_multiplier, plain_affine, y_dtype
 from .gemm import SPLIT_BY_PRECISION
+from .memory import choose_memory
 from .lif import check_spike_counts, neuron_params
 from .subnet import ternary_subnet as kernel_ternary_subnet
 from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, scan_config, \
@@ -126,13 +127,14 @@ def _io_dtype(dtype):
 # ------------------------------------------------------------------------------------------------ forward
 def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                      timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
-                     spike_counts=None):
+                     spike_counts=None, memory="auto"):
     """Run the fused forward. Returns ``(spikes, state)``.
 
     ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype, with channels-last strides (memory ``[T, N, OH, OW, C_out]``:
     the layout the kernels write coalesced, and the one the next fused layer reads without a copy). ``state``: dict
     of what backward needs (None unless ``need_y``). ``spike_counts``: optional integer tensor ``[C_out]`` that the
-    per-channel number of output spikes of this call is added to.
+    per-channel number of output spikes of this call is added to. ``memory``: "auto" | "save" | "recompute"
+    (kernels/memory.py): with "recompute" the state holds no ``y`` and the backward rebuilds it.
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     device = x.device
@@ -147,7 +149,9 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     count = torch.zeros(geo.C_out, dtype=torch.int32, device=device) if spike_counts is not None else None
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
-    store_y = need_y or batch_norm
+    choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
+                           y_bytes=torch.empty(0, dtype=y_dtype(is_spike, geo.fan_in)).element_size())
+    store_y = (need_y and not choice.recompute) or batch_norm
     y = None
     if store_y:
         y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=device)
@@ -190,8 +194,9 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     state = None
     if need_y:
         saved_x = pack_bits(x_cl != 0) if is_spike else x_cl
-        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape), y=y,
-                     tern=tern, alpha=alpha, a=a, b=b, bn=bn_state, neuron=neuron)
+        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
+                     y=None if choice.recompute else y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
+                     neuron=neuron, memory=choice)
     return spikes, state
 
 
@@ -203,13 +208,18 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     tern, alpha = _subnet(weight, scores, prune_rate)
-    tern_cl = tern.permute(2, 3, 0, 1).contiguous()
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
-    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x.device)
+    return _gemm_y(x_cl, tern.permute(2, 3, 0, 1).contiguous(), alpha, geo, is_spike, dot_fp16)
+
+
+def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
+    """y = conv(X, tern) ``[T_y, M, C_out]`` by the forward kernel with FIRE off (the benchmark baseline, and the
+    recompute of ``memory="recompute"``): channels-last ``x_cl``, K-major ``tern_cl`` ``[KH, KW, C_out, C_in]``."""
+    y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x_cl.device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
-    dummy = torch.empty(1, dtype=torch.int32, device=x.device)
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=x.device)
+    dummy = torch.empty(1, dtype=torch.int32, device=x_cl.device)
+    dummy_f32 = torch.empty(1, dtype=torch.float32, device=x_cl.device)
     binary_conv_lif_fwd_kernel[grid](
         x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, dummy_f32, y, dummy, dummy,
         T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
@@ -243,6 +253,9 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     device = grad_spikes.device
     p = neuron_params(state["neuron"])
     y, alpha, a, b = state["y"], state["alpha"], state["a"], state["b"]
+    if y is None:  # memory="recompute": the exact y again, by the forward's GEMM
+        y = _gemm_y(_saved_input(state), state["tern"].permute(2, 3, 0, 1).contiguous(), alpha, geo,
+                    state["is_spike"], state["saved_x"].dtype == torch.float16)
     bn = state["bn"]
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
@@ -298,11 +311,15 @@ def _grad_input(state, g_frames, geo, device):
     return dx.unflatten(0, (geo.T, geo.N))
 
 
-def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
+def _saved_input(state):
+    """The forward's channels-last kernel input from the saved state (spikes unpacked from bits to int8)."""
     if state["is_spike"]:
-        x_cl = unpack_bits(state["saved_x"], state["x_cl_shape"]).to(torch.int8)
-    else:
-        x_cl = state["saved_x"]
+        return unpack_bits(state["saved_x"], state["x_cl_shape"]).to(torch.int8)
+    return state["saved_x"]
+
+
+def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
+    x_cl = _saved_input(state)
     P = geo.T_y * geo.M
     cfg = grad_weight_config(geo.C_in, geo.C_out, P)
     tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])
@@ -336,13 +353,13 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
-                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision):
+                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = conv_lif_forward(
             x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
             residual=residual, neuron=neuron, timesteps=timesteps, batch_norm=batch_norm,
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
-            spike_counts=spike_counts)
+            spike_counts=spike_counts, memory=memory)
         if need_grad:
             saved_res, res_bits = residual, False
             if residual is not None and _is_spike_tensor(residual):
@@ -375,11 +392,12 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                      alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
-        return grads + (None,) * 12
+        return grads + (None,) * 13
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split"):
+                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split",
+                    memory="auto"):
     """Fused binary-subnet conv2d + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: spikes ``[T, N, C_in, H, W]`` (float; 0/1, or analog values) or an analog image ``[N, C_in, H, W]`` with
@@ -388,6 +406,7 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     batch statistics over (T, N, OH, OW) (running stats updated in place). ``spike_counts`` (extra, optional): an
     integer ``[C_out]`` tensor the per-channel output spike counts are added to. ``grad_precision``: "split"
     (backward GEMMs with the fp32 gradient as three bf16 terms) or "bf16" (one term), kernels/gemm.py.
+    ``memory``: "auto" | "save" | "recompute", whether y is kept for backward or rebuilt there (kernels/memory.py).
     Returns spikes ``[T, N, C_out, OH, OW]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
     """
     if not isinstance(neuron, LIFConfig):
@@ -395,4 +414,4 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     check_spike_counts(spike_counts, weight.shape[0])
     return BinWConv2dLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
                                        prune_rate, tuple(stride), tuple(padding), neuron, timesteps, batch_norm,
-                                       momentum, eps, spike_counts, grad_precision)
+                                       momentum, eps, spike_counts, grad_precision, memory)

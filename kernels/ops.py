@@ -14,6 +14,10 @@ import torch
 
 from .lif import lif as _triton_lif
 
+# memory= modes the fused ops take as a keyword (binwslt.functional checks them): conv rebuilds y in the backward
+# with the forward's GEMM (kernels/memory.py chooses for "auto"); linear has no keyword: it always saves y.
+MEMORY_MODES = {"binw_conv2d_lif": ("auto", "save", "recompute")}
+
 __all__ = ["lif", "binw_conv2d_lif", "binw_linear_lif"]
 
 
@@ -31,14 +35,14 @@ def lif(x_seq, neuron):
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps, grad_precision="split"):
+                    batch_norm, running_mean, running_var, momentum, eps, grad_precision="split", memory="auto"):
     """Fused binary-subnet conv2d + LIF (kernels/conv_lif.py). Spikes [T, N, C_out, H', W'] in x.dtype."""
     from .conv_lif import binw_conv2d_lif as conv_impl
 
     return conv_impl(x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
                      residual=residual, neuron=neuron, timesteps=timesteps, batch_norm=batch_norm,
                      running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps,
-                     grad_precision=grad_precision)
+                     grad_precision=grad_precision, memory=memory)
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,

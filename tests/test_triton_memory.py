@@ -1,0 +1,73 @@
+"""memory="recompute" | "save" | "auto" of the Triton conv + LIF (kernels/memory.py): the backward rebuilds the
+exact integer y with the forward's GEMM, so every gradient matches the reference as with y saved, and the bytes
+kept for backward shrink to the input bits, the 2-bit ternary weight and per-channel vectors."""
+import pytest
+import torch
+from helpers import randn, run_layer, saved_bytes, spikes
+
+from binwslt import functional as Fn
+from binwslt.config import LIFConfig
+
+pytest.importorskip("triton")
+
+from binwslt.kernels.memory import choose_memory  # noqa: E402
+
+
+@pytest.mark.parametrize("kind,bn", [("spike", False), ("spike", True), ("direct", False)])
+def test_recompute_gradients_match_reference(kind, bn):
+    T, N, C_in, C_out, H = 3, 1, 5, 19, 7
+    x = randn(N, C_in, H, H, seed=31) if kind == "direct" else spikes(T, N, C_in, H, H, seed=31)
+    weight, scores = randn(C_out, C_in, 3, 3, seed=32, scale=0.3), randn(C_out, C_in, 3, 3, seed=33)
+    kw = dict(stride=(1, 1), padding=(1, 1), timesteps=T if kind == "direct" else None, batch_norm=bn,
+              scale=randn(C_out, seed=34, scale=0.2) + 1.0, shift=randn(C_out, seed=35, scale=0.2) + 0.25,
+              neuron=LIFConfig(decay=0.75))
+    if bn:
+        kw.update(running_mean=torch.zeros(C_out), running_var=torch.ones(C_out))
+    s_ref, g_ref, _ = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **dict(kw))
+    s_rec, g_rec, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, memory="recompute",
+                                **dict(kw))
+    s_sav, g_sav, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, memory="save", **dict(kw))
+    assert torch.equal(s_rec, s_sav)
+    for name in g_ref:
+        torch.testing.assert_close(g_rec[name], g_sav[name], rtol=0, atol=0)  # the same exact y, the same math
+    assert torch.equal(s_rec, s_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_rec[name], g_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_recompute_saved_bytes_at_most_an_eighth_of_reference():
+    """Issue 9's case: no BatchNorm, T=4, N=4, 32->64 channels, 16x16, 3x3, padding 1."""
+    T, N, C_in, C_out, H = 4, 4, 32, 64, 16
+    x = spikes(T, N, C_in, H, H, seed=41)
+    weight, scores = randn(C_out, C_in, 3, 3, seed=42, scale=0.3), randn(C_out, C_in, 3, 3, seed=43)
+    kw = dict(stride=(1, 1), padding=(1, 1), scale=randn(C_out, seed=44, scale=0.2) + 1.0)
+
+    def saved(backend, **extra):
+        xs, sc = x.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+        return saved_bytes(lambda: Fn.binw_conv2d_lif(xs, weight, sc, 0.4, backend=backend, **kw, **extra),
+                           exclude=(weight, sc))
+
+    reference = saved("reference")
+    recompute = saved("triton", memory="recompute")
+    save = saved("triton", memory="save")
+    print(f"saved bytes: reference {reference}, triton save {save}, recompute {recompute}")
+    assert recompute <= reference / 8, (recompute, reference)
+    assert save > 4 * recompute  # y (int16, 2 bytes per output element) is most of what "save" keeps
+
+
+def test_auto_chooses_from_the_modelled_costs_and_says_why():
+    small = choose_memory("auto", is_spike=True, fan_in=32 * 9, y_bytes=2)
+    deep = choose_memory("auto", is_spike=True, fan_in=512 * 9, y_bytes=2)
+    assert small.recompute and not deep.recompute
+    assert small.recompute_s < small.save_s and deep.recompute_s > deep.save_s
+    assert "fan-in 288" in small.reason and "recompute" in small.reason and "save" in deep.reason
+    assert choose_memory("save", is_spike=True, fan_in=9, y_bytes=2).recompute is False
+
+
+def test_memory_keyword_errors():
+    x = spikes(2, 1, 3, 5, 5)
+    w = randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="memory"):
+        Fn.binw_conv2d_lif(x, w, w, 0.4, memory="bits", backend="triton")
+    with pytest.raises(ValueError, match="recompute"):
+        Fn.binw_linear_lif(spikes(2, 1, 8), randn(4, 8), randn(4, 8), 0.4, memory="recompute", backend="triton")
