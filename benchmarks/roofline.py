@@ -30,10 +30,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# H200 SXM datasheet (dense, i.e. the sparsity figures halved): INT8 1979 TOPS, BF16 989 TFLOPS, TF32 495 TFLOPS,
-# FP32 (no tensor cores) 67 TFLOPS, HBM3e 4.8 TB/s.
-CEILINGS = {"int8": 1979e12, "bf16": 989e12, "tf32": 495e12, "fp32": 67e12}
-HBM_BYTES_PER_S = 4.8e12
+# H200 SXM datasheet ceilings (dense), the ones memory="auto" decides with.
+from binwslt.kernels.memory import CEILINGS, HBM_BYTES_PER_S  # noqa: E402
 SPLIT_TERMS = 3  # grad_precision="split": the fp32 operand as three bf16 terms (kernels/gemm.py)
 BOTH_SPLIT_TERMS = 3  # both operands fp32 (direct first layer's grad-weight): tf32x3, three TF32 dots
 
