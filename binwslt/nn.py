@@ -114,7 +114,7 @@ class BinWLinear(_SubnetParams):
 class _FusedLIFLayer(_SubnetParams):
     """Shared BN handling of the fused layers: batch statistics in training, folded into scale/shift in eval."""
 
-    def _init_fused(self, channels, batch_norm, bn_class, neuron, timesteps, backend, grad_precision):
+    def _init_fused(self, channels, batch_norm, bn_class, neuron, timesteps, backend, grad_precision, memory="auto"):
         if not isinstance(neuron, LIFConfig):
             raise TypeError(f"neuron must be a binwslt.LIFConfig, got {type(neuron).__name__}")
         resolve_backend(backend, torch.device("cpu"))
@@ -122,7 +122,9 @@ class _FusedLIFLayer(_SubnetParams):
             raise ValueError(f"grad_precision must be one of {list(functional.GRAD_PRECISIONS)}, "
                              f"got {grad_precision!r}")
         self.neuron, self.timesteps, self.backend = neuron, timesteps, backend
-        self.grad_precision = grad_precision
+        if memory not in functional.MEMORY_MODES:
+            raise ValueError(f"memory must be one of {list(functional.MEMORY_MODES)}, got {memory!r}")
+        self.grad_precision, self.memory = grad_precision, memory
         self.bn = bn_class(channels) if batch_norm else None
 
     def _bn_kwargs(self) -> dict:
@@ -147,20 +149,23 @@ class BinWConv2dLIF(_FusedLIFLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  prune_rate: float = 0.4, batch_norm: bool = True, neuron: LIFConfig = LIFConfig(),
-                 timesteps: Optional[int] = None, backend: str = "auto", grad_precision: str = "split"):
+                 timesteps: Optional[int] = None, backend: str = "auto", grad_precision: str = "split",
+                 memory: str = "auto"):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding = stride, padding
         self._init_subnet((out_channels, in_channels, kh, kw), prune_rate)
-        self._init_fused(out_channels, batch_norm, nn.BatchNorm2d, neuron, timesteps, backend, grad_precision)
+        self._init_fused(out_channels, batch_norm, nn.BatchNorm2d, neuron, timesteps, backend, grad_precision,
+                         memory)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         timesteps = self.timesteps if x.dim() == 4 else None
         return functional.binw_conv2d_lif(
             x, self.weight, self.scores, self.prune_rate, stride=self.stride, padding=self.padding,
             residual=residual, neuron=self.neuron, timesteps=timesteps, backend=self.backend,
-            subnet=self._subnet(x, self.backend), grad_precision=self.grad_precision, **self._bn_kwargs())
+            subnet=self._subnet(x, self.backend), grad_precision=self.grad_precision, memory=self.memory,
+            **self._bn_kwargs())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -173,18 +178,19 @@ class BinWLinearLIF(_FusedLIFLayer):
 
     def __init__(self, in_features: int, out_features: int, prune_rate: float = 0.4, batch_norm: bool = True,
                  neuron: LIFConfig = LIFConfig(), timesteps: Optional[int] = None, backend: str = "auto",
-                 grad_precision: str = "split"):
+                 grad_precision: str = "split", memory: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_subnet((out_features, in_features), prune_rate)
-        self._init_fused(out_features, batch_norm, nn.BatchNorm1d, neuron, timesteps, backend, grad_precision)
+        self._init_fused(out_features, batch_norm, nn.BatchNorm1d, neuron, timesteps, backend, grad_precision,
+                         memory)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         timesteps = self.timesteps if x.dim() == 2 else None
         return functional.binw_linear_lif(
             x, self.weight, self.scores, self.prune_rate, residual=residual, neuron=self.neuron,
             timesteps=timesteps, backend=self.backend, subnet=self._subnet(x, self.backend),
-            grad_precision=self.grad_precision, **self._bn_kwargs())
+            grad_precision=self.grad_precision, memory=self.memory, **self._bn_kwargs())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, prune_rate={self.prune_rate}, "

@@ -71,3 +71,19 @@ def test_memory_keyword_errors():
         Fn.binw_conv2d_lif(x, w, w, 0.4, memory="bits", backend="triton")
     with pytest.raises(ValueError, match="recompute"):
         Fn.binw_linear_lif(spikes(2, 1, 8), randn(4, 8), randn(4, 8), 0.4, memory="recompute", backend="triton")
+
+
+def test_module_memory_keyword():
+    from binwslt.nn import BinWConv2dLIF
+
+    with pytest.raises(ValueError, match="memory"):
+        BinWConv2dLIF(3, 4, 3, memory="none")
+    torch.manual_seed(0)
+    layers = [BinWConv2dLIF(3, 8, 3, padding=1, backend="triton", memory=m) for m in ("save", "recompute")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = spikes(2, 1, 3, 6, 6, seed=51)
+    grads = []
+    for layer in layers:
+        layer(x).sum().backward()
+        grads.append(layer.scores.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
