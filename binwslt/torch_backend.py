@@ -1,14 +1,20 @@
 """The ``torch`` backend: the fast path where there is no GPU.
 
-One convolution (or matmul) over all T·N frames, computed once for a direct-encoded input; the subnet weight
-built once per call; the LIF scan as `torch.library` ops with a hand-written BPTT backward, each one fused C++
-loop over T per neuron on CPU (binwslt/csrc/lif_scan.cpp, built on first use; eager PyTorch ops where it
-cannot be built or for other devices and dtypes). What a fused layer
-saves for backward is compact: input spikes as packed bits, and the pre-activation as the exact integer
-``y = conv(X, M·sign(w))`` in int16 (a spike times a ternary weight is an integer, so ``y`` loses nothing);
-the mask as bits;
-the current, membrane and spikes are recomputed from them in the backward. Analog inputs (a direct-encoded
-image, pooled features) are saved as they are, and their ``y`` in float.
+One convolution (or matmul) over all T·N frames, computed once for a direct-encoded input; the subnet from a
+`Subnet` the nn modules cache (`make_subnet`), else built once per call. Over spikes (spike-ness by dtype or
+mark, `binwslt.spikes`, never by reading values) the forward GEMM runs where exact and fastest on this CPU
+(`binwslt.cpu`): an int8 oneDNN convolution/linear with an fp32 output where the CPU has VNNI/AMX int8 dot
+products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it). The direct-encoded first layer
+and analog inputs stay fp32, so their spikes equal the reference's. BatchNorm statistics come from exact
+float64 channel sums (binwslt.batchnorm holds the formulas); the LIF scan is a `torch.library` op with a
+hand-written BPTT backward, a compiled loop vectorised over blocks of neurons on any dense step layout
+(binwslt/csrc/lif_scan.cpp, built once per source/torch/Python; eager PyTorch ops where it cannot be built or
+for other devices and dtypes). Backward GEMMs: fp32 channels-last for ``grad_precision="split"`` (PyTorch's
+CPU bf16 convolutions round their output to bf16, so a bf16 high + low split would lose its low term there),
+one bf16 term for ``"bf16"``. What a fused layer saves for backward is compact: input spikes as packed bits
+(in memory order), the pre-activation as the exact integer ``y = conv(X, M·sign(w))`` in int16, the mask as
+bits (or the cached subnet itself); nothing at all under ``no_grad``. Analog inputs (a direct-encoded image,
+pooled features) are saved as they are, and their ``y`` in float.
 """
 from __future__ import annotations
 
