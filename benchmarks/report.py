@@ -38,7 +38,7 @@ def _ms(v: Optional[float]) -> str:
 def _cell_time(res: dict, mode: str, impl: str) -> str:
     if res is None:
         return "-"
-    if res.get("status") in ("skipped", "error"):
+    if res.get("status") in ("skipped", "error", "failed"):
         return res["status"]
     t = (res.get(mode) or {}).get("median_ms")
     if t is None:
@@ -62,7 +62,7 @@ def _mib(b: Optional[int]) -> str:
 def _cell_saved(res: dict) -> str:
     if res is None:
         return "-"
-    if res.get("status") in ("skipped", "error"):
+    if res.get("status") in ("skipped", "error", "failed"):
         return res["status"]
     b = res.get("saved_bytes")
     if b is None:
@@ -93,8 +93,8 @@ def _problems(result) -> List[str]:
     out = []
     for entry in result["layers"] + result["models"]:
         for impl, res in entry["impls"].items():
-            if res.get("status") == "error":
-                out.append(f"- {entry['label']} / {impl}: error: {res.get('reason')}")
+            if res.get("status") in ("error", "failed"):  # failed: its check against the reference, not timed
+                out.append(f"- {entry['label']} / {impl}: {res['status']}: {res.get('reason')}")
     seen = set()
     for entry in result["layers"] + result["models"]:
         for impl, res in entry["impls"].items():

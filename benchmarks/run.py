@@ -7,7 +7,9 @@ Per layer case and per whole-model case (benchmarks/shapes.py) every implementat
 built, its saved-for-backward bytes measured, then training steps and forward passes are timed round-robin
 (benchmarks/timing.py). Ratios: ``speedup`` = reference time / time, ``x floor`` = time / bare-convolution time,
 ``saved/SJ`` = saved bytes / SpikingJelly's. Layer cases also carry the modelled memory traffic
-(benchmarks/memory.py). On a CPU the ``triton`` backend runs only under TRITON_INTERPRET=1 on one tiny layer, to
+(benchmarks/memory.py). Before a case is timed, the torch and triton backends are checked against the reference
+backend in float64 (spikes and every gradient; a whole model's logits): a case that fails is reported as failed
+and not timed. The JSON is rewritten after every case. On a CPU the ``triton`` backend runs only under TRITON_INTERPRET=1 on one tiny layer, to
 check that it runs: it is never timed there. Needs no network; uses the package from this working tree.
 """
 from __future__ import annotations
@@ -70,14 +72,77 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+CHECKED = ("torch", "triton")  # the binwslt backends other than the oracle; peers and floors compute other functions
+MODEL_LOGITS_RTOL = 0.05  # whole models: ||logits - oracle's|| / ||oracle's||. A spike flipped by fp32 rounding in
+# one layer changes the spikes of the next ones; over 5-19 layers and T=4 a few 1e-3 of the readout moves.
+
+
+def _layer_run(impl, case, device, dtype, seed=0):
+    """(out, leaves, stats) of one forward of a layer case on ``impl`` (benchmarks/gpu_check_compare.compare's
+    input): leaves are the input (when it takes gradients), the residual and the module's trainable parameters."""
+    import torch
+    from benchmarks import cases
+    torch.manual_seed(seed)  # as cases.layer_runner: every backend's module starts from the same draw
+    module = cases.layer_module(impl, case.shape, case.timesteps).to(device=device, dtype=dtype)
+    x, residual = cases.layer_inputs(case.shape, case.timesteps, case.batch, device, dtype, seed)
+    out = module(x, residual=residual)
+    leaves = {"x": x, "residual": residual}
+    leaves.update({name: p for name, p in module.named_parameters() if p.requires_grad})
+    return out, {k: v for k, v in leaves.items() if v is not None and v.requires_grad}, {}
+
+
+def check_case(kind: str, case, impl: str, device: str, dtype) -> dict:
+    """``impl``'s result on one case against backend="reference" in float64 on the same device (no TF32 in
+    float64). Layers: spikes and every gradient (benchmarks/gpu_check_compare.compare, general tolerances);
+    models: the logits within MODEL_LOGITS_RTOL. Returns ``{"ok": bool, ...}``; never raises."""
+    import torch
+    from benchmarks import cases
+    from benchmarks.gpu_check_compare import GENERAL_TOL, compare
+    try:
+        if kind == "layer":
+            result = compare(_layer_run(impl, case, device, dtype), _layer_run("reference", case, device,
+                                                                               torch.float64), exact=False,
+                             **GENERAL_TOL)
+            return {"ok": result.ok, "failures": list(result.failures), "spike_mismatch": result.spike_mismatch,
+                    "neuron_mismatch": result.neuron_mismatch,
+                    "grad_max_rel_err": {k: e.max_rel_err for k, e in result.grads.items()}}
+        logits = {}
+        for name, dt in ((impl, dtype), ("reference", torch.float64)):
+            torch.manual_seed(0)
+            model = cases.model_module(name, case).to(device=device, dtype=dt).train()
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand((case.batch, 3, case.image_size, case.image_size), generator=g).to(device=device, dtype=dt)
+            with torch.no_grad():
+                logits[name] = model(x).double()
+        err = float((logits[impl] - logits["reference"]).norm() / logits["reference"].norm().clamp_min(1e-30))
+        ok = bool(torch.isfinite(logits[impl]).all()) and err <= MODEL_LOGITS_RTOL
+        return {"ok": ok, "logits_rel_l2": err,
+                "failures": [] if ok else [f"logits rel L2 error {err:.3g} > {MODEL_LOGITS_RTOL}"]}
+    except Exception as exc:
+        return {"ok": False, "failures": [f"check raised {_error(exc)}"]}
+    finally:
+        _free(device)
+
+
 def measure_case(kind: str, case, impls, device: str, dtype, settings: dict, timed: bool = True) -> dict:
-    """Build every implementation of one case, measure saved bytes, then time train steps and forwards."""
+    """Build every implementation of one case, check the binwslt backends against the reference (a failed check
+    is reported as failed and not timed), measure saved bytes, then time train steps and forwards."""
+    import torch
     from benchmarks import cases, timing
     make = cases.layer_runner if kind == "layer" else cases.model_runner
     entry = {"label": case.label, "timesteps": case.timesteps, "batch": case.batch, "impls": {}}
     runners = {}
     for impl in impls:
         res = entry["impls"][impl] = {"status": "ok"}
+        if impl in CHECKED and cases.availability(impl, device) is None:
+            if dtype != torch.float32:
+                res["check"] = {"ok": None, "failures": [f"not checked: the tolerances are for float32, not {dtype}"]}
+            else:
+                res["check"] = check_case(kind, case, impl, device, dtype)
+                if not res["check"]["ok"]:
+                    res.update(status="failed", reason="check against the reference: " +
+                               "; ".join(res["check"]["failures"])[:400])
+                    continue
         try:
             runner = make(impl, case, device, dtype)
             runner.train_step()  # first call: lazy init, compilation; also proves the step runs
@@ -182,6 +247,14 @@ def schedule(plan: dict, only=None):
     return [("layer", c) for c in primary] + [("model", c) for c in models] + [("layer", c) for c in rest]
 
 
+def write_result(result: dict, path: pathlib.Path) -> None:
+    """Rewrite the JSON atomically (binwslt.train.atomic_write_bytes): after every case, so a cut-off keeps the
+    cases that finished."""
+    from binwslt.train import atomic_write_bytes
+    data = (json.dumps(result, indent=1) + "\n").encode()
+    atomic_write_bytes(str(path), lambda f: f.write(data))
+
+
 def run_suite(args) -> dict:
     import torch
     from benchmarks import cases, memory, shapes
@@ -223,6 +296,8 @@ def run_suite(args) -> dict:
             entry["model"] = {"name": case.name, "width": case.width, "image_size": case.image_size}
         add_ratios(entry)
         result[key].append(entry)
+        result["meta"]["wall_s"] = time.perf_counter() - start
+        write_result(result, pathlib.Path(args.out))
         print(f"[{time.perf_counter() - start:7.1f}s] {case.label}: {time.perf_counter() - t0:.1f}s", flush=True)
     result["meta"]["wall_s"] = time.perf_counter() - start
     result["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -258,10 +333,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.impls) - set(cases.IMPLS))
     if unknown:
         raise SystemExit(f"--impls: unknown {unknown}; choose from {list(cases.IMPLS)}")
-    result = run_suite(args)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    result = run_suite(args)
+    result["meta"]["complete"] = True
+    write_result(result, out)
     print()
     print(report.markdown_for_result(result, out.name))
     print(f"\nwrote {out} in {result['meta']['wall_s']:.0f} s")

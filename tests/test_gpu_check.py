@@ -49,3 +49,43 @@ def test_relative_atol_scales_with_the_gradient():
     assert grad_error(got, want, rtol=1e-3, atol=1e-4, atol_relative=True).close  # 0.05 <= 1e-4 * 1e3
     assert not grad_error(got * 1.01, want, rtol=1e-3, atol=1e-4, atol_relative=True).close
     assert not grad_error(got * float("nan"), want, rtol=1e-3, atol=1e-4, atol_relative=True).close
+
+
+def test_run_py_reports_a_failed_check_and_does_not_time_it(monkeypatch):
+    from benchmarks import run, shapes
+    case = shapes.LayerCase(shapes.QUICK_LAYERS[3], 2, 2)
+    real = run.check_case(case=case, kind="layer", impl="torch", device="cpu", dtype=torch.float32)
+    assert real["ok"] and real["spike_mismatch"] == 0.0 and "scores" in real["grad_max_rel_err"]
+    monkeypatch.setattr(run, "check_case", lambda *a, **k: {"ok": False, "failures": ["planted"]})
+    entry = run.measure_case("layer", case, ("reference", "torch"), "cpu", torch.float32,
+                             dict(rounds=1, warmup=0, budget_s=0.0))
+    torch_res = entry["impls"]["torch"]
+    assert torch_res["status"] == "failed" and "planted" in torch_res["reason"]
+    assert "train" not in torch_res and "forward" not in torch_res
+    assert entry["impls"]["reference"]["train"]["rounds"] == 1
+
+
+def test_sass_counts():
+    from benchmarks.gpu_check_inventory import sass_counts
+    sass = """
+        /*0100*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0110*/              @!P0 FFMA R1, R2, R3, R1 ;
+        /*0120*/                   STS.U8 [R5], R6 ;
+        /*0130*/                   STS.128 [R5], R8 ;
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 gdesc[UR4], R24 ;
+        /*0150*/                   IMMA.16832.S8.S8 R4, R8, R12, R4 ;
+        /* FFMA in a comment */
+    """
+    assert sass_counts(sass) == {"HMMA": 1, "HGMMA": 1, "IMMA": 1, "IGMMA": 0, "FFMA": 1, "STS.U8": 1}
+
+
+def test_correctness_cases_cover_the_paths():
+    from benchmarks.gpu_check import CASES
+    assert len(CASES) >= 12
+    kinds = {(c.op, c.kind) for c in CASES}
+    assert {("conv", "direct"), ("conv", "spike"), ("conv", "analog"), ("linear", "spike"),
+            ("linear", "analog")} <= kinds
+    assert any(c.bn for c in CASES) and any(not c.bn for c in CASES) and any(c.residual for c in CASES)
+    assert sum(c.dyadic for c in CASES) >= 4 and not any(c.dyadic and c.bn for c in CASES)
+    assert any(c.op == "conv" and c.geo[6] > 1 and c.geo[7] == 2 for c in CASES)  # stride 2
+    assert any(c.op == "conv" and c.geo[2] == c.geo[3] == 512 for c in CASES)
