@@ -398,24 +398,39 @@ def lif_specs():
 
 
 def subnet_specs():
-    """Specs of kernels/subnet.py."""
-    from .subnet import ternary_subnet_kernel
+    """Specs of kernels/subnet.py: the radix-select passes and the subnet write, per weight/score dtype, each with
+    and without a 16-divisible ``numel``; pointers are 16-byte aligned."""
+    from .subnet import RADIX_SHIFTS, radix_histogram_kernel, radix_select_kernel, subnet_write_kernel, \
+        tie_count_kernel
 
-    base = [
-        {
-            "name": f"ternary_subnet_kernel[w={wt},s={st}]",
-            "fn": ternary_subnet_kernel,
-            "signature": {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "tern_ptr": "*i8", "abs_sum_ptr": "*fp64",
-                          "kept_ptr": "*i32", "numel": "i32", "tau": "fp32", "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": SUBNET_BLOCK},
-            "num_warps": SUBNET_NUM_WARPS, "num_stages": 1,
-        }
-        for wt, st in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"))
-    ]
-    # Compiled as launched with numel not divisible by 16 and (",div16") divisible; pointers are 16-byte aligned.
-    return [dict(spec, name=spec["name"][:-1] + suffix,
-                 divisible_by_16=[a for a, t in spec["signature"].items() if t.startswith("*")] + extra)
-            for spec in base for suffix, extra in (("]", []), (",div16]", ["numel"]))]
+    blk = {"BLOCK": SUBNET_BLOCK}
+    base = []
+    for st in ("fp32", "fp16", "bf16"):
+        for shift in RADIX_SHIFTS:
+            base.append(make_spec(f"radix_histogram_kernel[s={st},shift={shift}]", radix_histogram_kernel,
+                                  {"scores_ptr": f"*{st}", "hist_ptr": "*i32", "state_ptr": "*i32"},
+                                  ["scores_ptr", "hist_ptr", "state_ptr", "numel"], dict(blk, SHIFT=shift),
+                                  {"num_warps": SUBNET_NUM_WARPS, "num_stages": 1}))
+        base.append(make_spec(f"tie_count_kernel[s={st}]", tie_count_kernel,
+                              {"scores_ptr": f"*{st}", "state_ptr": "*i32", "ties_ptr": "*i32"},
+                              ["scores_ptr", "state_ptr", "ties_ptr", "numel"], dict(blk),
+                              {"num_warps": SUBNET_NUM_WARPS, "num_stages": 1}))
+    for wt, st in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16")):
+        base.append(make_spec(f"subnet_write_kernel[w={wt},s={st}]", subnet_write_kernel,
+                              {"weight_ptr": f"*{wt}", "scores_ptr": f"*{st}", "state_ptr": "*i32",
+                               "tie_offset_ptr": "*i32", "tern_ptr": "*i8"},
+                              ["weight_ptr", "scores_ptr", "state_ptr", "tie_offset_ptr", "tern_ptr", "numel"],
+                              dict(blk), {"num_warps": SUBNET_NUM_WARPS, "num_stages": 1}))
+    specs = []
+    for spec in base:
+        pointers = [a for a, t in spec["signature"].items() if t.startswith("*")]
+        specs.append(dict(spec, divisible_by_16=pointers))
+        specs.append(dict(spec, name=spec["name"][:-1] + ",div16]", divisible_by_16=pointers + ["numel"]))
+    for shift in RADIX_SHIFTS:
+        specs.append(make_spec(f"radix_select_kernel[shift={shift}]", radix_select_kernel,
+                               {"hist_ptr": "*i32", "state_ptr": "*i32"}, ["hist_ptr", "state_ptr"], {"SHIFT": shift},
+                               {"num_warps": 4, "num_stages": 1}))
+    return specs
 
 
 def gemm_specs():

@@ -76,3 +76,68 @@ def test_ternary_subnet_gpu_large():
     want_tern, want_alpha = torch_ternary_subnet(weight, scores, 0.4)
     assert torch.equal(tern, want_tern)
     torch.testing.assert_close(alpha, want_alpha, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- radix selection
+def _check_against_rule(weight, scores, prune_rate):
+    tern, alpha = triton_subnet.ternary_subnet(weight, scores, prune_rate)
+    want_tern, want_alpha = torch_ternary_subnet(weight, scores, prune_rate)
+    assert torch.equal(tern, want_tern), (tuple(weight.shape), prune_rate)
+    assert int((tern == 0).sum()) >= n_pruned(weight.numel(), prune_rate)
+    assert torch.equal(alpha, want_alpha)
+
+
+@pytest.mark.parametrize("numel", [1, 2, 1023, 1025, 3001])
+@pytest.mark.parametrize("prune_rate", [0.0, 0.37, 0.9999])
+def test_radix_select_odd_sizes_many_blocks(numel, prune_rate):
+    """Sizes around the 1024-element block (one block, one element over, three blocks), rates 0 and near 1."""
+    g = torch.Generator().manual_seed(numel)
+    weight = torch.randn(numel, generator=g)
+    weight[::7] = 0.0  # sign(0) = 0: kept but contributes nothing
+    _check_against_rule(weight, torch.randn(numel, generator=g), prune_rate)
+
+
+@pytest.mark.parametrize("prune_rate", [0.1, 0.5, 0.77, 0.999])
+def test_radix_select_ties_across_blocks(prune_rate):
+    """Few distinct |s| (and -0.0 / +0.0, and s vs -s): ties at the threshold span several blocks, so the flat-index
+    tie rank needs the other blocks' tie counts. Must prune exactly as binwslt.subnet (lower index first)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(2900, generator=g)
+    scores = torch.randint(-3, 4, (2900,), generator=g).to(torch.float32) / 2
+    scores[scores == 0] = torch.tensor([-0.0, 0.0]).repeat(1500)[: int((scores == 0).sum())]
+    _check_against_rule(weight, scores, prune_rate)
+    _check_against_rule(weight, torch.full((2900,), 0.25), prune_rate)  # every score tied
+    _check_against_rule(weight.view(29, 100), scores.view(29, 100).half(), prune_rate)
+
+
+def test_radix_select_threshold_state():
+    """select_threshold's device state: the k-th smallest |s| key and the number of ties among the k smallest."""
+    scores = torch.tensor([5.0, -1.0, 2.0, 2.0, -2.0, 7.0, 2.0, 0.5])
+    for k in range(1, 9):
+        state = triton_subnet.select_threshold(scores, k)
+        kth = torch.sort(scores.abs()).values[k - 1]
+        assert state[0].item() == kth.view(torch.int32).item()
+        assert state[1].item() == k - int((scores.abs() < kth).sum())
+
+
+def test_ternary_subnet_makes_no_host_sync(monkeypatch):
+    """No .item()/int()/float()/bool()/tolist() on a tensor inside the subnet selection (each would be a device
+    sync on a GPU); under the interpreter the launches read tensors without any of them."""
+    weight, scores = _weights((37, 61), seed=5)
+    want_tern, want_alpha = torch_ternary_subnet(weight, scores, 0.6)
+    calls = []
+
+    def trap(name):
+        def raise_sync(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return raise_sync
+
+    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    subnet = triton_subnet.make_subnet(weight, scores, 0.6)
+    with pytest.raises(AssertionError, match="host sync"):  # the trap itself works
+        int(torch.ones(()))
+    monkeypatch.undo()
+    assert calls == ["__int__"]
+    assert torch.equal(subnet.ternary, want_tern) and torch.equal(subnet.alpha, want_alpha)
