@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -19,12 +20,18 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend that runs: ``"auto"`` is triton for CUDA tensors when Triton imports, else torch."""
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Name of the backend that runs: ``"auto"`` is triton for CUDA tensors when Triton imports, else torch.
+
+    The one float64 policy: the Triton kernels compute in fp32, so a float64 input (``dtype``) runs on the torch
+    backend, which keeps double precision, whether ``backend`` is "auto" or "triton" (never a silent downcast).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        backend = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        return "torch"
     return backend
 
 

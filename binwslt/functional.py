@@ -63,7 +63,7 @@ def _check_weight_dtype(t: torch.Tensor) -> torch.Tensor:
 
 def _backend(backend: str, x: torch.Tensor):
     """The backend module for ``backend`` and x's device; ValueError for ``"triton"`` on non-CUDA tensors."""
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, x.dtype)
     if name == "triton" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors, x is on {x.device}: use backend='torch' (or "
                          "'auto') on a CPU, or move the model and input to a GPU")

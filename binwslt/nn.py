@@ -56,7 +56,8 @@ class _SubnetParams(nn.Module):
 
     def _subnet(self, x: torch.Tensor, backend: str):
         """The cached `Subnet` for the backend that runs on ``x``'s device (None where it has no make_subnet)."""
-        return self._subnet_cache.get(self.weight, self.scores, self.prune_rate, resolve_backend(backend, x.device))
+        return self._subnet_cache.get(self.weight, self.scores, self.prune_rate,
+                                     resolve_backend(backend, x.device, x.dtype))
 
     def mask(self) -> torch.Tensor:
         """Bool mask of the kept weights, shape of ``weight``."""

@@ -29,30 +29,20 @@ import triton
 from binwslt.batchnorm import BatchStats
 from binwslt.bits import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 from binwslt.config import LIFConfig
+from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 
 from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
-from .launch import INT32_LIMIT, bn_forward, epilogue_backward, grad_multiplier, plain_affine, y_dtype
+from .launch import INT32_LIMIT, bn_forward, check_float64, derived, epilogue_backward, grad_multiplier, \
+    kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
 from .lif import check_spike_counts, neuron_params
-from .subnet import ternary_subnet as kernel_ternary_subnet
 from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, scan_config, \
     stats_fit_int32
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _is_spike_tensor(x: torch.Tensor) -> bool:
-    return bool(((x == 0) | (x == 1)).all())
-
-
-def _subnet(weight, scores, prune_rate):
-    """Ternary weight (int8, weight's shape) and alpha (1-element fp32 tensor) of the subnet (Triton kernel, which
-    falls back to binwslt.subnet when ties at the threshold make the count ambiguous)."""
-    tern, alpha = kernel_ternary_subnet(weight, scores, prune_rate)
-    return tern, alpha.reshape(1).to(torch.float32)
-
-
 def _out_size(size, k, stride, pad):
     return (size + 2 * pad - k) // stride + 1
 
@@ -110,24 +100,29 @@ class _Geometry:
 
 
 def _prepare_input(x, geo):
-    """Channels-last kernel input ``[T?, N, H, W, C_in]`` and flags (x_cl, is_spike, dot_fp16)."""
-    is_spike = (not geo.direct) and _is_spike_tensor(x)
-    if is_spike:
-        x_cl = to_channels_last(x.detach(), torch.int8)
-    else:
-        x_cl = to_channels_last(x.detach(), torch.float16 if x.dtype == torch.float16 else torch.float32)
+    """Channels-last kernel input ``[T?, N, H, W, C_in]`` and flags (x_cl, is_spike, dot_fp16). Spike-ness from
+    the dtype or a fused layer's mark (binwslt.spikes.is_spikes), never from the values."""
+    is_spike = (not geo.direct) and is_spikes(x)
+    x_cl = to_channels_last(x.detach(), kernel_input_dtype(x, is_spike))
     return x_cl, is_spike, x_cl.dtype == torch.float16
 
 
+def _kmajor(tern, subnet):
+    """The forward's K-major ternary weight ``[KH, KW, C_out, C_in]`` (kept with a cached subnet)."""
+    return derived(subnet, "triton_conv_kmajor", lambda: tern.permute(2, 3, 0, 1).contiguous())
+
+
 def _io_dtype(dtype):
-    """Dtype the kernels read/write for a caller tensor of ``dtype`` (fp64 runs as fp32 in the kernels)."""
-    return torch.float32 if dtype == torch.float64 else dtype
+    """Dtype the kernels read/write a caller tensor (residual, gradient) in: its own for fp32/fp16/bf16, fp32 for a
+    float64 one (only a residual or a gradient reaches here as float64: the output and x are never float64) and for
+    bool/uint8/int8 spikes."""
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ forward
 def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                      timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
-                     spike_counts=None, memory="auto"):
+                     spike_counts=None, memory="auto", subnet=None):
     """Run the fused forward. Returns ``(spikes, state)``.
 
     ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype, with channels-last strides (memory ``[T, N, OH, OW, C_out]``:
@@ -139,11 +134,10 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     geo = _Geometry(x, weight, stride, padding, timesteps)
     device = x.device
     p = neuron_params(neuron)
-    tern, alpha = _subnet(weight, scores, prune_rate)
-    tern_cl = tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]: K-major
+    tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
+    tern_cl = _kmajor(tern, subnet)
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
-    out_dtype = _io_dtype(x.dtype)
-    out_cl = torch.empty(geo.cl_out_shape, dtype=out_dtype, device=device)
+    out_cl = torch.empty(geo.cl_out_shape, dtype=spike_output_dtype(x.dtype), device=device)
     _check_int32(x_cl, out_cl)
     res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
     count = torch.zeros(geo.C_out, dtype=torch.int32, device=device) if spike_counts is not None else None
@@ -190,7 +184,7 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     if spike_counts is not None:
         with torch.no_grad():
             spike_counts.add_(count.to(spike_counts.dtype))
-    spikes = from_channels_last(out_cl).to(x.dtype)
+    spikes = mark_spikes(from_channels_last(out_cl))
     state = None
     if need_y:
         saved_x = pack_bits(x_cl != 0) if is_spike else x_cl
@@ -200,16 +194,16 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     return spikes, state
 
 
-def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timesteps=None):
+def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timesteps=None, subnet=None):
     """The forward's implicit GEMM alone (no LIF epilogue): the baseline the fused kernel is timed against.
 
     Same kernel and tiles as the fused forward with FIRE off, storing y = conv(X, tern) channels-last
     ``[T_y, N*OH*OW, C_out]`` (int16/int32 for spikes, fp32 for analog input; ``T_y = 1`` when direct).
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
-    tern, alpha = _subnet(weight, scores, prune_rate)
+    tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
     x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
-    return _gemm_y(x_cl, tern.permute(2, 3, 0, 1).contiguous(), alpha, geo, is_spike, dot_fp16)
+    return _gemm_y(x_cl, _kmajor(tern, subnet), alpha, geo, is_spike, dot_fp16)
 
 
 def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
@@ -353,16 +347,17 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
-                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory):
+                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory,
+                subnet):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = conv_lif_forward(
             x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
             residual=residual, neuron=neuron, timesteps=timesteps, batch_norm=batch_norm,
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
-            spike_counts=spike_counts, memory=memory)
+            spike_counts=spike_counts, memory=memory, subnet=subnet)
         if need_grad:
             saved_res, res_bits = residual, False
-            if residual is not None and _is_spike_tensor(residual):
+            if residual is not None and is_spikes(residual):
                 saved_res = pack_bits(residual.detach().permute(0, 1, 3, 4, 2) != 0)
                 res_bits = True
             tern = state.pop("tern")
@@ -392,12 +387,12 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                      alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
-        return grads + (None,) * 13
+        return grads + (None,) * 14
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
                     batch_norm, running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split",
-                    memory="auto"):
+                    memory="auto", subnet=None):
     """Fused binary-subnet conv2d + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: spikes ``[T, N, C_in, H, W]`` (float; 0/1, or analog values) or an analog image ``[N, C_in, H, W]`` with
@@ -407,11 +402,16 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     integer ``[C_out]`` tensor the per-channel output spike counts are added to. ``grad_precision``: "split"
     (backward GEMMs with the fp32 gradient as three bf16 terms) or "bf16" (one term), kernels/gemm.py.
     ``memory``: "auto" | "save" | "recompute", whether y is kept for backward or rebuilt there (kernels/memory.py).
-    Returns spikes ``[T, N, C_out, OH, OW]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
+    ``subnet``: the layer's cached `binwslt.subnet.Subnet` (kernels/subnet.py make_subnet) or None to select now.
+    Spike-ness of x and residual from their dtype or mark (binwslt.spikes.is_spikes); float64 x is an error (the
+    backend resolution sends it to backend="torch").
+    Returns spikes ``[T, N, C_out, OH, OW]`` in ``spike_output_dtype(x.dtype)``, marked as spikes, channels-last
+    strides; differentiable to x, weight, scores, scale, shift, residual.
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
     check_spike_counts(spike_counts, weight.shape[0])
-    return BinWConv2dLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
-                                       prune_rate, tuple(stride), tuple(padding), neuron, timesteps, batch_norm,
-                                       momentum, eps, spike_counts, grad_precision, memory)
+    check_float64(x, "conv")
+    return mark_spikes(BinWConv2dLIFFunction.apply(
+        x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, tuple(stride),
+        tuple(padding), neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory, subnet))

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from binwslt import batchnorm
+from binwslt.subnet import Subnet
 
 INT32_LIMIT = 2 ** 31 - 1
 
@@ -82,3 +83,45 @@ def epilogue_backward(part: torch.Tensor, alpha: torch.Tensor, scale, bn, count:
         return coeffs
     return batchnorm.BackwardCoefficients(coeffs.grad_scale, coeffs.grad_shift, coeffs.c1.contiguous(),
                                           coeffs.c2.contiguous(), coeffs.c3.contiguous())
+
+
+def subnet_operands(weight, scores, prune_rate, subnet: Optional[Subnet]):
+    """``(tern, alpha)`` the kernels read: int8 ``[*weight.shape]`` contiguous and a 1-element fp32 alpha, taken from
+    ``subnet`` (a cached `binwslt.subnet.Subnet`, weight's layout) or selected now (kernels/subnet.py)."""
+    if subnet is None:
+        from .subnet import ternary_subnet
+
+        tern, alpha = ternary_subnet(weight, scores, prune_rate)
+    else:
+        tern, alpha = subnet.ternary.reshape(weight.shape), subnet.alpha
+    return tern.contiguous(), alpha.reshape(1).to(torch.float32)
+
+
+def derived(subnet: Optional[Subnet], key: str, make):
+    """``make()``, kept in ``subnet.derived[key]`` so a cached subnet carries it from call to call (recomputed
+    when there is no subnet)."""
+    if subnet is None:
+        return make()
+    if key not in subnet.derived:
+        subnet.derived[key] = make()
+    return subnet.derived[key]
+
+
+def kernel_input_dtype(x: torch.Tensor, is_spike: bool) -> torch.dtype:
+    """The dtype the kernels read x in: int8 for spikes, fp16 stays fp16, everything else fp32."""
+    if is_spike:
+        return torch.int8
+    return torch.float16 if x.dtype == torch.float16 else torch.float32
+
+
+def check_float64(x: torch.Tensor, op: str) -> None:
+    """The float64 policy (binwslt.backends.resolve_backend) sends float64 x to the torch backend: here it is an
+    error, never a silent computation in fp32."""
+    if x.dtype == torch.float64:
+        raise TypeError(f"x is float64: the Triton {op} kernels compute in fp32; binwslt.functional routes float64 "
+                        "to backend='torch' (binwslt.backends.resolve_backend), call it there")
+
+
+__all__ = ["INT32_LIMIT", "check_int32", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
+           "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input_dtype",
+           "check_float64"]

@@ -35,9 +35,11 @@ import triton
 from binwslt.batchnorm import BatchStats
 from binwslt.bits import pack_bits, pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
+from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 
 from .gemm import SPLIT_BY_PRECISION
-from .launch import bn_forward, check_int32, epilogue_backward, grad_multiplier, plain_affine, y_dtype
+from .launch import bn_forward, check_float64, check_int32, epilogue_backward, grad_multiplier, \
+    kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .lif import check_spike_counts, neuron_params
 from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_bn_grad_fold_kernel, linear_grad_input_kernel, \
     linear_grad_weight_kernel, linear_lif_bwd_scan_kernel, linear_lif_scan_kernel
@@ -45,30 +47,25 @@ from .tiles import FOLD_BLOCK, launch_kwargs, linear_forward_config, linear_gemm
 
 
 # ================================================================================================= launchers
-def _is_spike_tensor(x):
-    return bool(((x == 0) | (x == 1)).all())
-
-
-def _subnet(weight, scores, prune_rate):
-    from .subnet import ternary_subnet
-
-    tern, alpha = ternary_subnet(weight, scores, prune_rate)
-    return tern.contiguous(), alpha.reshape(1).to(torch.float32)
+def _io(t):
+    """A caller tensor (residual) as the kernels read it: contiguous, fp32 unless fp32/fp16/bf16."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.contiguous() if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float().contiguous()
 
 
 def _prepare_input(x, direct):
-    """Kernel input [T_y, N, K] (contiguous), is_spike, dot_fp16."""
+    """Kernel input [T_y, N, K] (contiguous), is_spike, dot_fp16. Spike-ness from the dtype or a fused layer's mark
+    (binwslt.spikes.is_spikes), never from the values."""
     frames = x.unsqueeze(0) if direct else x
-    is_spike = (not direct) and _is_spike_tensor(frames)
-    if is_spike:
-        return frames.detach().to(torch.int8).contiguous(), True, False
-    if frames.dtype == torch.float16:
-        return frames.detach().contiguous(), False, True
-    return frames.detach().to(torch.float32).contiguous(), False, False
+    is_spike = (not direct) and is_spikes(x)
+    x_k = frames.detach().to(kernel_input_dtype(x, is_spike)).contiguous()
+    return x_k, is_spike, x_k.dtype == torch.float16
 
 
 def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                       running_mean, running_var, momentum, eps, need_state=False, spike_counts=None):
+                       running_mean, running_var, momentum, eps, need_state=False, spike_counts=None, subnet=None):
     """Fused forward. Returns ``(spikes [T, N, C] in x.dtype, state)``; state (dict) only when ``need_state``.
 
     ``spike_counts``: optional integer ``[C]`` tensor that this call's per-channel spike counts are added to.
@@ -79,12 +76,12 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     C = weight.shape[0]
     device = x.device
     p = neuron_params(neuron)
-    tern, alpha = _subnet(weight, scores, prune_rate)
+    tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
     x_k, is_spike, dot_fp16 = _prepare_input(x, direct)
     T_y = x_k.shape[0]
     check_int32("linear", x=x_k.numel(), output=T * N * C, weight=C * K)
-    out = torch.empty((T, N, C), dtype=x.dtype, device=device)
-    res = residual.detach().contiguous() if residual is not None else None
+    out = torch.empty((T, N, C), dtype=spike_output_dtype(x.dtype), device=device)
+    res = _io(residual)
     count = torch.zeros(C, dtype=torch.int32, device=device) if spike_counts is not None else None
     store_y = need_state or batch_norm
     y = torch.empty((T_y, N, C), dtype=y_dtype(is_spike, K), device=device) if store_y else None
@@ -143,7 +140,7 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     g = torch.empty((T, N, C), dtype=torch.float32, device=device)
     grad_res = torch.empty((T, N, C), dtype=residual.dtype, device=device) \
         if (need_res and residual is not None) else None
-    res = residual.detach().contiguous() if residual is not None else None
+    res = _io(residual)
     scfg = linear_scan_config()
     grid = (triton.cdiv(N, scfg["BLOCK_M"]), triton.cdiv(C, scfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], C), dtype=torch.float32, device=device)
@@ -191,12 +188,12 @@ class BinWLinearLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, neuron,
-                timesteps, batch_norm, momentum, eps, spike_counts, grad_precision):
+                timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, subnet):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = linear_lif_forward(
             x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
             timesteps=timesteps, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
-            momentum=momentum, eps=eps, need_state=need_grad, spike_counts=spike_counts)
+            momentum=momentum, eps=eps, need_state=need_grad, spike_counts=spike_counts, subnet=subnet)
         if need_grad:
             bn = state.pop("bn")
             tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(state.pop("tern")), state.pop("alpha"),
@@ -214,28 +211,31 @@ class BinWLinearLIFFunction(torch.autograd.Function):
         state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else BatchStats(mean, rstd))
         grads = linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
-        return grads + (None,) * 10
+        return grads + (None,) * 11
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split"):
+                    running_mean, running_var, momentum, eps, spike_counts=None, subnet=None, grad_precision="split"):
     """Fused binary-subnet linear + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: ``[T, N, K]`` float (spikes 0/1 or analog) or an analog ``[N, K]`` with ``timesteps=T``; weight/scores
     ``[C, K]`` float; scale/shift ``[C]`` float or None; residual ``[T, N, C]`` or None; neuron a LIFConfig;
     batch_norm: training-mode BatchNorm over (T, N) per channel (running stats updated in place).
     ``spike_counts`` (extra, optional): integer ``[C]`` tensor the per-channel output spike counts are added to.
-    ``grad_precision``: "split" or "bf16", the backward GEMMs' precision (kernels/gemm.py).
-    Returns spikes ``[T, N, C]`` in x.dtype; differentiable to x, weight, scores, scale, shift, residual.
+    ``subnet``: the layer's cached `binwslt.subnet.Subnet` or None to select now. ``grad_precision``: "split" or
+    "bf16", the backward GEMMs' precision (kernels/gemm.py).
+    Spike-ness of x from its dtype or mark (binwslt.spikes.is_spikes); float64 x is an error (the backend
+    resolution sends it to backend="torch").
+    Returns spikes ``[T, N, C]`` in ``spike_output_dtype(x.dtype)``, marked as spikes; differentiable to x,
+    weight, scores, scale, shift, residual.
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
     check_spike_counts(spike_counts, weight.shape[0])
-    if x.dtype == torch.float64:
-        raise TypeError("the Triton linear kernels compute in fp32; use backend='torch' for float64 x")
-    return BinWLinearLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
-                                       prune_rate, neuron, timesteps, batch_norm, momentum, eps, spike_counts,
-                                       grad_precision)
+    check_float64(x, "linear")
+    return mark_spikes(BinWLinearLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean,
+                                                   running_var, prune_rate, neuron, timesteps, batch_norm, momentum,
+                                                   eps, spike_counts, grad_precision, subnet))
 
 
 __all__ = ["binw_linear_lif", "BinWLinearLIFFunction", "linear_lif_forward", "linear_lif_backward"]

@@ -11,6 +11,7 @@ from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
+from binwslt.spikes import mark_spikes
 
 pytest.importorskip("triton")
 
@@ -111,7 +112,7 @@ def test_conv_lif_neuron_variants(reset, surrogate, detach_reset):
 def test_conv_lif_spiking_residual():
     """A 0/1 residual (identity shortcut of a spiking ResNet block, saved as bits): spikes and gradients."""
     x, weight, scores, kw = _conv_case(3, 2, 6, 6, 5, 5, 3, 1, 1, seed=15)
-    kw["residual"] = x.clone()
+    kw["residual"] = mark_spikes(x.clone())  # a clone carries no spike mark
     kw["neuron"] = LIFConfig(decay=0.5, v_reset=None)
     _compare(x, weight, scores, 0.4, kw, exact=True)
 
@@ -221,7 +222,7 @@ def test_conv_lif_saved_bytes_small(bn, spike_residual):
 
     def saved(backend):
         scores_leaf = scores.clone().requires_grad_(True)
-        xs = x.clone().requires_grad_(True)
+        xs = mark_spikes(x.clone()).requires_grad_(True)  # a clone carries no spike mark
         return saved_bytes(lambda: Fn.binw_conv2d_lif(xs, weight, scores_leaf, 0.4, backend=backend, **kw),
                            exclude=(weight, scores_leaf))  # the layer's parameters exist anyway
 
