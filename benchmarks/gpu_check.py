@@ -265,6 +265,7 @@ def phase_correctness(out_dir: pathlib.Path, deadline: float, dry_run: bool) -> 
            "tolerances": {"general": GENERAL_TOL, "dyadic": DYADIC_TOL}, "cases": []}
     path = out_dir / "correctness.json"
     failed = 0
+    write_json(path, doc)
     for case in CASES:
         entry = {"case": case.to_dict()}
         if time.time() > deadline:
@@ -405,6 +406,7 @@ def phase_kernels(out_dir: pathlib.Path, deadline: float, dry_run: bool) -> int:
     doc = {"started_utc": _now(), "status": "running", "device": device, "dry_run": dry_run,
            "step": "one training step (forward + backward of a fixed output gradient), training BatchNorm",
            "layers": [], "inventory": None}
+    write_json(path, doc)  # a cut-off in the first case still leaves the file
     # a quarter of the phase for the inventory (its predictions compile AOT)
     layer_deadline = time.time() + 0.75 * max(0.0, deadline - time.time())
     settings = dict(rounds=3, warmup=1, budget_s=0.5) if dry_run else dict(rounds=15, warmup=3, budget_s=2.0)

@@ -72,14 +72,15 @@ install() {
   } >"$DIR/install.log" 2>&1
 }
 
-phase env 5 "$PY" benchmarks/gpu_check.py env --out "$DIR" $DRYFLAG
+echo "== env"
+timeout -k 5 60 "$PY" benchmarks/gpu_check.py env --out "$DIR" $DRYFLAG || STATUS=1   # seconds; outside the shares
 phase install 10 bash -c "$(declare -f install); PY='$PY' ROOT='$ROOT' DIR='$DIR' install"
 [ -d /tmp/binwslt-gpu-check-site ] && export PYTHONPATH="/tmp/binwslt-gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 if [ -f /tmp/binwslt-gpu-check-path/sitecustomize.py ]; then
   export PYTHONPATH="/tmp/binwslt-gpu-check-path:$ROOT${PYTHONPATH:+:$PYTHONPATH}" BINWSLT_ROOT="$ROOT"
 fi
 tail -n 3 "$DIR/install.log"
-"$PY" benchmarks/gpu_check.py env --out "$DIR" $DRYFLAG   # again: the peers' versions after the install
+timeout -k 5 60 "$PY" benchmarks/gpu_check.py env --out "$DIR" $DRYFLAG   # again: the peers' versions after the install
 
 phase correctness 25 bash -c "\"$PY\" benchmarks/gpu_check.py correctness --out '$DIR' --deadline \$DEADLINE $DRYFLAG"
 phase kernels 22 bash -c "\"$PY\" benchmarks/gpu_check.py kernels --out '$DIR' --deadline \$DEADLINE $DRYFLAG"
