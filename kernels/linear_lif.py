@@ -29,6 +29,9 @@ fold applies the batch-statistics gradient. Then the grad-input GEMM (dI @ alpha
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 import triton
 
@@ -47,6 +50,35 @@ from .tiles import FOLD_BLOCK, launch_kwargs, linear_forward_config, linear_gemm
 
 
 # ================================================================================================= launchers
+@dataclass(frozen=True)
+class LinearLIFState:
+    """What the linear + LIF backward needs from its forward.
+
+    Tensors: ``saved_x`` the input as packed bits (spikes, uint8) or ``[T_y, N, K]`` fp16/fp32 (analog); ``y`` the
+    exact pre-activation ``[T_y, N, C]`` (int16/int32 for spikes, fp32 for analog); ``tern`` int8 ``[C, K]``;
+    ``alpha`` fp32 ``[1]``; ``a, b`` fp32 ``[C]`` (the current is ``a·(α·y) + b``); ``bn`` the training BatchNorm
+    statistics or None. Fields: shapes ``T, N, K, C``, ``is_spike``, ``direct``, the neuron, x's dtype and the
+    backward GEMMs' ``split`` (grad_precision).
+    """
+
+    saved_x: Optional[torch.Tensor]
+    y: Optional[torch.Tensor]
+    tern: Optional[torch.Tensor]
+    alpha: Optional[torch.Tensor]
+    a: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
+    bn: Optional[BatchStats]
+    is_spike: bool
+    direct: bool
+    T: int
+    N: int
+    K: int
+    C: int
+    neuron: LIFConfig
+    x_dtype: torch.dtype
+    split: bool = True
+
+
 def _io(t):
     """A caller tensor (residual) as the kernels read it: contiguous, fp32 unless fp32/fp16/bf16."""
     if t is None:
@@ -66,7 +98,7 @@ def _prepare_input(x, direct):
 
 def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
                        running_mean, running_var, momentum, eps, need_state=False, spike_counts=None, subnet=None):
-    """Fused forward. Returns ``(spikes [T, N, C] in x.dtype, state)``; state (dict) only when ``need_state``.
+    """Fused forward. Returns ``(spikes [T, N, C], state)``; state (a `LinearLIFState`) only when ``need_state``.
 
     ``spike_counts``: optional integer ``[C]`` tensor that this call's per-channel spike counts are added to.
     """
@@ -121,8 +153,8 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     state = None
     if need_state:
         saved_x = pack_bits(x_k != 0) if is_spike else x_k
-        state = dict(saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state, is_spike=is_spike,
-                     direct=direct, T=T, N=N, K=K, C=C, neuron=neuron, x_dtype=x.dtype)
+        state = LinearLIFState(saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
+                               is_spike=is_spike, direct=direct, T=T, N=N, K=K, C=C, neuron=neuron, x_dtype=x.dtype)
     return out, state
 
 
@@ -130,10 +162,10 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)``, None where
     ``needs`` (6 bools) is False. ``grad_spikes``: dL/dspikes ``[T, N, C]``."""
     need_x, need_w, need_s, need_scale, need_shift, need_res = needs
-    T, N, K, C, direct = state["T"], state["N"], state["K"], state["C"], state["direct"]
+    T, N, K, C, direct = state.T, state.N, state.K, state.C, state.direct
     device = grad_spikes.device
-    p = neuron_params(state["neuron"])
-    y, alpha, a, b, bn = state["y"], state["alpha"], state["a"], state["b"], state["bn"]
+    p = neuron_params(state.neuron)
+    y, alpha, a, b, bn = state.y, state.alpha, state.a, state.b, state.bn
     grad_spikes = grad_spikes.contiguous()
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     mult = grad_multiplier(scale, bn, C, device)
@@ -164,18 +196,18 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     R = T_y * N
     grad_x = None
     if need_x:
-        dx = torch.empty((R, K), dtype=state["x_dtype"], device=device)
+        dx = torch.empty((R, K), dtype=state.x_dtype, device=device)
         linear_grad_input_kernel[(triton.cdiv(R, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
-            g_frames, state["tern"], alpha, dx, R, C, K, SPLIT=state["split"], **launch_kwargs(gcfg))
+            g_frames, state.tern, alpha, dx, R, C, K, SPLIT=state.split, **launch_kwargs(gcfg))
         grad_x = dx.view(N, K) if direct else dx.view(T, N, K)
     grad_w = grad_s = None
     if need_w or need_s:
         gs = torch.empty((C, K), dtype=scores.dtype, device=device) if need_s else None
         gw = torch.empty((C, K), dtype=weight.dtype, device=device) if need_w else None
         linear_grad_weight_kernel[(triton.cdiv(C, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
-            state["saved_x"], g_frames, weight.detach().contiguous(), scores.detach().contiguous(), state["tern"],
+            state.saved_x, g_frames, weight.detach().contiguous(), scores.detach().contiguous(), state.tern,
             alpha, gs if gs is not None else dummy_f32, gw if gw is not None else dummy_f32, R, C, K,
-            X_BITS=state["is_spike"], GRAD_SCORES=need_s, GRAD_WEIGHT=need_w, SPLIT=state["split"],
+            X_BITS=state.is_spike, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w, SPLIT=state.split,
             **launch_kwargs(gcfg))
         grad_w, grad_s = gw, gs
     if scale is not None and grad_scale is not None:
@@ -195,20 +227,21 @@ class BinWLinearLIFFunction(torch.autograd.Function):
             timesteps=timesteps, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
             momentum=momentum, eps=eps, need_state=need_grad, spike_counts=spike_counts, subnet=subnet)
         if need_grad:
-            bn = state.pop("bn")
-            tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(state.pop("tern")), state.pop("alpha"),
-                       state.pop("a"), state.pop("b"), weight, scores, scale, residual]
+            bn = state.bn
+            tensors = [state.saved_x, state.y, *pack_ternary(state.tern), state.alpha, state.a, state.b, weight,
+                       scores, scale, residual]
             tensors += [bn.mean, bn.rstd] if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
-            state["split"] = SPLIT_BY_PRECISION[grad_precision]
-            ctx.state = state
+            # tensors go through save_for_backward; ctx keeps the state's non-tensor fields only
+            ctx.state = replace(state, saved_x=None, y=None, tern=None, alpha=None, a=None, b=None, bn=None,
+                                split=SPLIT_BY_PRECISION[grad_precision])
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         saved_x, y, mask_bits, sign_bits, alpha, a, b, weight, scores, scale, residual, mean, rstd = ctx.saved_tensors
         tern = unpack_ternary(mask_bits, sign_bits, weight.shape).contiguous()
-        state = dict(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
+        state = replace(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else BatchStats(mean, rstd))
         grads = linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
         return grads + (None,) * 11
@@ -238,4 +271,4 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
                                                    eps, spike_counts, grad_precision, subnet))
 
 
-__all__ = ["binw_linear_lif", "BinWLinearLIFFunction", "linear_lif_forward", "linear_lif_backward"]
+__all__ = ["binw_linear_lif", "BinWLinearLIFFunction", "LinearLIFState", "linear_lif_forward", "linear_lif_backward"]
