@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from binwslt.config import SURROGATE_DEFAULT_ALPHA
+
 from .tiles import LIF_BLOCK, LIF_NUM_WARPS
 
-# Surrogate codes used as the SURROGATE constexpr.
-SURROGATE_ATAN = 0
-SURROGATE_SIGMOID = 1
-SURROGATE_TRIANGLE = 2
-SURROGATE_CODES = {"atan": SURROGATE_ATAN, "sigmoid": SURROGATE_SIGMOID, "triangle": SURROGATE_TRIANGLE}
-DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0, "triangle": 1.0}
+# The SURROGATE constexpr: the surrogate's index in the one table of surrogates and their default sharpness
+# (binwslt.config.SURROGATE_DEFAULT_ALPHA: atan 0, sigmoid 1, triangle 2, as surrogate_grad below branches).
+SURROGATE_CODES = {name: code for code, name in enumerate(SURROGATE_DEFAULT_ALPHA)}
+assert SURROGATE_CODES == {"atan": 0, "sigmoid": 1, "triangle": 2}, SURROGATE_CODES
 
 
 def surrogate_code(name):
@@ -158,9 +158,7 @@ def neuron_params(neuron):
     Returns a dict with decay, threshold, v_reset (float; 0.0 for soft reset), alpha (float),
     HARD_RESET, DECAY_INPUT, DETACH_RESET (bool) and SURROGATE (int code).
     """
-    alpha = getattr(neuron, "alpha", None)
-    if alpha is None:
-        alpha = DEFAULT_SURROGATE_ALPHA[neuron.surrogate]
+    alpha = neuron.alpha  # LIFConfig fills the surrogate's default
     return {
         "decay": float(neuron.decay),
         "threshold": float(neuron.threshold),
