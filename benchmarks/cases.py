@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binwslt.config import LIFConfig
+from binwslt.spikes import mark_spikes
 
 from .memory import saved_bytes
 from .peers import SnnTorchLayer, SpikingJellyLayer, peer_status, reset_spikingjelly, spikingjelly_model
@@ -217,6 +218,8 @@ def layer_inputs(shape, timesteps: int, batch: int, device: str, dtype=torch.flo
     else:
         x = (torch.rand((timesteps, batch, shape.in_channels), generator=g) < SPIKE_RATE).float()
     x = x.to(device=device, dtype=dtype).requires_grad_(not shape.direct)
+    if not shape.direct:
+        mark_spikes(x)  # a fused layer's output is marked; without the mark the layer would take the analog path
     residual = None
     if shape.residual:
         oh, ow = shape.out_hw

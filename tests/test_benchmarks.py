@@ -254,3 +254,12 @@ def test_floor_bf16_two_term_backward_matches_fp32():
     # its bf16 output rounds a sum of ~250 terms: within 2^-7 of the largest entry
     torch.testing.assert_close(gw, conv.weight.grad, rtol=2e-2, atol=conv.weight.grad.abs().max().item() / 128)
     assert {"spikingjelly-bf16", "floor-bf16"} <= set(cases.IMPLS)
+
+
+def test_layer_inputs_are_marked_spikes():
+    """Benchmark spike inputs carry the fused layers' mark, so the triton/torch layers take their spike path."""
+    from binwslt.spikes import is_spikes
+    for kind, direct in (("conv", False), ("linear", False), ("conv", True)):
+        shape = shapes.LayerShape("m", 0, kind, 3, 6, 6, 6, 3, 1, 1, direct=direct)
+        x, _ = cases.layer_inputs(shape, 2, 2, "cpu")
+        assert is_spikes(x) is not direct, (kind, direct)
