@@ -22,6 +22,8 @@ reductions, the BatchNorm fold, then the grad-input and grad-weight implicit GEM
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 import triton
@@ -119,6 +121,37 @@ def _io_dtype(dtype):
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
+@dataclass(frozen=True)
+class ConvLIFState:
+    """What the conv + LIF backward needs from its forward.
+
+    Tensors: ``saved_x`` the channels-last input as packed bits (spikes) or as is (fp16/fp32 analog); ``y`` the
+    exact pre-activation ``[T_y, M, C_out]`` (None with memory="recompute": rebuilt in the backward); ``tern`` int8
+    ``[C_out, C_in, KH, KW]``; ``alpha`` fp32 ``[1]``; ``a, b`` fp32 ``[C_out]``; ``bn`` the training BatchNorm
+    statistics or None; ``res_cl`` the residual channels-last (backward only). Fields: the call's geometry, the
+    input's flags and shape, the neuron, the memory choice, dtypes, the saved residual's form and ``split``.
+    """
+
+    geo: Any
+    is_spike: bool
+    saved_x: Optional[torch.Tensor]
+    x_cl_shape: tuple
+    y: Optional[torch.Tensor]
+    tern: Optional[torch.Tensor]
+    alpha: Optional[torch.Tensor]
+    a: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
+    bn: Optional[BatchStats]
+    neuron: LIFConfig
+    memory: Any
+    out_dtype: torch.dtype
+    res_bits: bool = False
+    has_res: bool = False
+    res_dtype: Optional[torch.dtype] = None
+    split: bool = True
+    res_cl: Optional[torch.Tensor] = None
+
+
 # ------------------------------------------------------------------------------------------------ forward
 def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                      timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
@@ -126,9 +159,9 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     """Run the fused forward. Returns ``(spikes, state)``.
 
     ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype, with channels-last strides (memory ``[T, N, OH, OW, C_out]``:
-    the layout the kernels write coalesced, and the one the next fused layer reads without a copy). ``state``: dict
-    of what backward needs (None unless ``need_y``). ``spike_counts``: optional integer tensor ``[C_out]`` that the
-    per-channel number of output spikes of this call is added to. ``memory``: "auto" | "save" | "recompute"
+    the layout the kernels write coalesced, and the one the next fused layer reads without a copy). ``state``: the
+    `ConvLIFState` backward needs (None unless ``need_y``). ``spike_counts``: optional integer tensor ``[C_out]``
+    that the per-channel number of output spikes of this call is added to. ``memory``: "auto" | "save" | "recompute"
     (kernels/memory.py): with "recompute" the state holds no ``y`` and the backward rebuilds it.
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
@@ -188,9 +221,9 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     state = None
     if need_y:
         saved_x = pack_bits(x_cl != 0) if is_spike else x_cl
-        state = dict(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
-                     y=None if choice.recompute else y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
-                     neuron=neuron, memory=choice)
+        state = ConvLIFState(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
+                             y=None if choice.recompute else y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
+                             neuron=neuron, memory=choice, out_dtype=x.dtype)
     return spikes, state
 
 
@@ -243,22 +276,22 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides. ``state`` holds what
     the forward kept (``res_cl``: the residual channels-last, or None; ``res_dtype``: its dtype)."""
     need_x, need_w, need_s, need_scale, need_shift, need_res = needs
-    geo = state["geo"]
+    geo = state.geo
     device = grad_spikes.device
-    p = neuron_params(state["neuron"])
-    y, alpha, a, b = state["y"], state["alpha"], state["a"], state["b"]
+    p = neuron_params(state.neuron)
+    y, alpha, a, b = state.y, state.alpha, state.a, state.b
     if y is None:  # memory="recompute": the exact y again, by the forward's GEMM
-        y = _gemm_y(_saved_input(state), state["tern"].permute(2, 3, 0, 1).contiguous(), alpha, geo,
-                    state["is_spike"], state["saved_x"].dtype == torch.float16)
-    bn = state["bn"]
+        y = _gemm_y(_saved_input(state), state.tern.permute(2, 3, 0, 1).contiguous(), alpha, geo,
+                    state.is_spike, state.saved_x.dtype == torch.float16)
+    bn = state.bn
     dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
-    res_cl = state["res_cl"]
+    res_cl = state.res_cl
     gres_cl = None
     if need_res and res_cl is not None:
-        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state["res_dtype"]), device=device)
+        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state.res_dtype), device=device)
     cfg = scan_config(geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
@@ -269,7 +302,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
         DIRECT=geo.direct, HAS_RES=res_cl is not None, GRAD_RES=gres_cl is not None,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
         SURROGATE=p["SURROGATE"], **launch_kwargs(cfg))
-    grad_res = from_channels_last(gres_cl).to(state["res_dtype"]) if gres_cl is not None else None
+    grad_res = from_channels_last(gres_cl).to(state.res_dtype) if gres_cl is not None else None
     g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
     coeffs = epilogue_backward(part, alpha, scale, bn, geo.T_y * geo.M)
     grad_scale = coeffs.grad_scale if need_scale else None
@@ -291,15 +324,15 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
 
 def _grad_input(state, g_frames, geo, device):
     frames = geo.T_y * geo.N
-    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=_io_dtype(state["out_dtype"]), device=device)
-    tern_t = state["tern"].permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]
+    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=_io_dtype(state.out_dtype), device=device)
+    tern_t = state.tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]
     P = frames * geo.H * geo.W
     cfg = grad_input_config(geo.C_in, geo.C_out, P)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
     conv_grad_input_kernel[grid](
-        g_frames, tern_t, state["alpha"], dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
-        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state["split"], **launch_kwargs(cfg))
-    dx = from_channels_last(dx_cl).to(state["out_dtype"])
+        g_frames, tern_t, state.alpha, dx_cl, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW,
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state.split, **launch_kwargs(cfg))
+    dx = from_channels_last(dx_cl).to(state.out_dtype)
     if geo.direct:
         return dx
     return dx.unflatten(0, (geo.T, geo.N))
@@ -307,9 +340,9 @@ def _grad_input(state, g_frames, geo, device):
 
 def _saved_input(state):
     """The forward's channels-last kernel input from the saved state (spikes unpacked from bits to int8)."""
-    if state["is_spike"]:
-        return unpack_bits(state["saved_x"], state["x_cl_shape"]).to(torch.int8)
-    return state["saved_x"]
+    if state.is_spike:
+        return unpack_bits(state.saved_x, state.x_cl_shape).to(torch.int8)
+    return state.saved_x
 
 
 def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
@@ -328,11 +361,11 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
     s_in = scores.detach().to(torch.float32).contiguous()
     grid = (geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]), split)
     conv_grad_weight_kernel[grid](
-        x_cl, g_frames, w_in, s_in, state["tern"], state["alpha"],
+        x_cl, g_frames, w_in, s_in, state.tern, state.alpha,
         gs if gs is not None else dummy, gw if gw is not None else dummy,
         P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
         geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
-        SPLIT=state["split"], **launch_kwargs(cfg))
+        SPLIT=state.split, **launch_kwargs(cfg))
     grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
     grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
     return grad_w, grad_s
@@ -360,16 +393,16 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             if residual is not None and is_spikes(residual):
                 saved_res = pack_bits(residual.detach().permute(0, 1, 3, 4, 2) != 0)
                 res_bits = True
-            tern = state.pop("tern")
-            tensors = [state.pop("saved_x"), state.pop("y"), *pack_ternary(tern), state.pop("alpha"),
-                       state.pop("a"), state.pop("b"), weight, scores, scale, saved_res]
-            bn = state.pop("bn")
+            bn = state.bn
+            tensors = [state.saved_x, state.y, *pack_ternary(state.tern), state.alpha, state.a, state.b, weight,
+                       scores, scale, saved_res]
             tensors += [bn.mean, bn.rstd] if bn is not None else [None, None]
             ctx.save_for_backward(*tensors)
-            state.update(out_dtype=x.dtype, res_bits=res_bits, has_res=residual is not None,
-                         res_dtype=residual.dtype if residual is not None else None)
-            state["split"] = SPLIT_BY_PRECISION[grad_precision]
-            ctx.state = state
+            # tensors go through save_for_backward; ctx keeps the state's non-tensor fields only
+            ctx.state = replace(state, saved_x=None, y=None, tern=None, alpha=None, a=None, b=None, bn=None,
+                                res_bits=res_bits, has_res=residual is not None,
+                                res_dtype=residual.dtype if residual is not None else None,
+                                split=SPLIT_BY_PRECISION[grad_precision])
         return spikes
 
     @staticmethod
@@ -377,15 +410,15 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         (saved_x, y, mask_bits, sign_bits, alpha, a, b, weight, scores, scale, saved_res, mean,
          rstd) = ctx.saved_tensors
         info = ctx.state
-        geo = info["geo"]
+        geo = info.geo
         res_cl = None
-        if info["has_res"]:
-            if info["res_bits"]:
-                res_cl = unpack_bits(saved_res, geo.cl_out_shape).to(_io_dtype(info["res_dtype"]))
+        if info.has_res:
+            if info.res_bits:
+                res_cl = unpack_bits(saved_res, geo.cl_out_shape).to(_io_dtype(info.res_dtype))
             else:
-                res_cl = to_channels_last(saved_res.detach(), _io_dtype(info["res_dtype"]))
-        state = dict(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
-                     alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
+                res_cl = to_channels_last(saved_res.detach(), _io_dtype(info.res_dtype))
+        state = replace(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
+                        alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
         return grads + (None,) * 14
 

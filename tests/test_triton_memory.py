@@ -7,6 +7,7 @@ from helpers import randn, run_layer, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
+from binwslt.spikes import mark_spikes
 
 pytest.importorskip("triton")
 
@@ -43,7 +44,7 @@ def test_recompute_saved_bytes_at_most_an_eighth_of_reference():
     kw = dict(stride=(1, 1), padding=(1, 1), scale=randn(C_out, seed=44, scale=0.2) + 1.0)
 
     def saved(backend, **extra):
-        xs, sc = x.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+        xs, sc = mark_spikes(x.clone()).requires_grad_(True), scores.clone().requires_grad_(True)  # clones: no mark
         return saved_bytes(lambda: Fn.binw_conv2d_lif(xs, weight, sc, 0.4, backend=backend, **kw, **extra),
                            exclude=(weight, sc))
 
