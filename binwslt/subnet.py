@@ -32,7 +32,9 @@ def subnet_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     if k == 0:
         return torch.ones_like(magnitude, dtype=torch.bool).view(scores.shape)
     if magnitude.device.type == "cpu":  # numpy's introselect is ~8x faster than torch.kthvalue on CPU
-        threshold = torch.as_tensor(np.partition(magnitude.numpy(), k - 1)[k - 1])
+        # numpy has no bfloat16: select on the exact float32 copy (same order, same values)
+        values = magnitude.float() if magnitude.dtype == torch.bfloat16 else magnitude
+        threshold = torch.as_tensor(np.partition(values.numpy(), k - 1)[k - 1]).to(magnitude.dtype)
     else:
         threshold = torch.kthvalue(magnitude, k).values
     keep = magnitude > threshold

@@ -4,7 +4,7 @@ import torch
 
 from binwslt import functional as Fn
 from binwslt.bits import pack_bits, unpack_bits
-from binwslt.subnet import n_pruned, subnet_mask, ternary_subnet
+from binwslt.subnet import n_pruned, subnet_mask, subnet_weight, ternary_subnet
 
 
 def test_n_pruned_is_floor():
@@ -131,3 +131,17 @@ def test_cached_subnet_gives_the_same_outputs_and_score_gradients():
     ref.sum().backward()
     assert torch.equal(ref, grads[0][0])
     torch.testing.assert_close(layer.scores.grad, grads[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_subnet_weight_in_low_and_high_precision_scores(dtype):
+    """subnet_weight takes scores of every float dtype (bf16 has no numpy twin); the mask is the float32 one's
+    for scores exactly representable in float32, and the gradient reaches the scores in their dtype."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, 3, 3, generator=g)
+    s32 = torch.randn(6, 5, 3, 3, generator=g).to(dtype).float()
+    s = s32.to(dtype).requires_grad_()
+    got = subnet_weight(w, s, 0.4)
+    assert torch.equal(got, subnet_weight(w, s32, 0.4))
+    got.sum().backward()
+    assert s.grad is not None and s.grad.dtype == dtype
