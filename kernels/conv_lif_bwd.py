@@ -100,8 +100,10 @@ def conv_lif_bwd_scan_kernel(
 
 @triton.jit
 def bn_grad_fold_kernel(g_ptr, y_ptr, c1_ptr, c2_ptr, c3_ptr, numel, C_out, BLOCK: tl.constexpr):
-    """In place over the flat channels-last ``g`` (fp32) with ``y`` of the same shape: ``g = c1*g + c2*y + c3``."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """In place over the flat channel-innermost ``g`` (fp32) with ``y`` of the same shape: ``g = c1*g + c2*y + c3``.
+
+    The BatchNorm backward through the batch statistics, shared by the conv and linear layers."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     c = offs % C_out
     g = tl.load(g_ptr + offs, mask=ok, other=0.0)

@@ -44,7 +44,8 @@ from .gemm import SPLIT_BY_PRECISION
 from .launch import bn_forward, check_float64, check_int32, epilogue_backward, grad_multiplier, \
     kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .lif import check_spike_counts, neuron_params
-from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_bn_grad_fold_kernel, linear_grad_input_kernel, \
+from .conv_lif_bwd import bn_grad_fold_kernel
+from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_grad_input_kernel, \
     linear_grad_weight_kernel, linear_lif_bwd_scan_kernel, linear_lif_scan_kernel
 from .tiles import FOLD_BLOCK, launch_kwargs, linear_forward_config, linear_gemm_config, linear_scan_config
 
@@ -190,7 +191,7 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     grad_shift = coeffs.grad_shift if need_shift else None
     if coeffs.c1 is not None and (need_x or need_w or need_s):
         numel = g_frames.numel()
-        linear_bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](
+        bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](
             g_frames, y, coeffs.c1, coeffs.c2, coeffs.c3, numel, C, BLOCK=FOLD_BLOCK, num_warps=4)
     gcfg = linear_gemm_config()
     R = T_y * N

@@ -10,7 +10,6 @@ outputs, residual and the pre-activation y ``[T, N, C]`` (C-contiguous).
 - ``linear_lif_scan_kernel``: BatchNorm pass 2, the LIF scan over the stored y.
 - ``linear_lif_bwd_scan_kernel``: recompute U from y, the reverse BPTT scan, dL/dI (times a per-channel
   multiplier), dL/dresidual and per-program partial sums of dL/dI and dL/dI*y.
-- ``linear_bn_grad_fold_kernel``: g <- c1*g + c2*y + c3 per channel (BatchNorm backward through the statistics).
 - ``linear_grad_input_kernel`` / ``linear_grad_weight_kernel``: dx = alpha * g @ tern; dW_eff = g^T @ x with the
   straight-through epilogue for the scores (and the weight). Both on bf16 tensor cores with the fp32 gradient split
   into three bf16 terms (SPLIT, ``grad_precision="split"``) or one (kernels/gemm.py).
@@ -231,20 +230,6 @@ def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr
     base = pid_m.to(tl.int64) * C + offs_n
     tl.store(part_ptr + base, sum_g, mask=n_mask)
     tl.store(part_ptr + tl.num_programs(0).to(tl.int64) * C + base, sum_gy, mask=n_mask)
-
-
-@triton.jit
-def linear_bn_grad_fold_kernel(g_ptr, y_ptr, c1_ptr, c2_ptr, c3_ptr, numel, C, BLOCK: tl.constexpr):
-    # BatchNorm backward through the batch statistics, per channel c: g <- c1*g + c2*y + c3 (in place).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = offs % C
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0).to(tl.float32)
-    c1 = tl.load(c1_ptr + c, mask=mask, other=0.0)
-    c2 = tl.load(c2_ptr + c, mask=mask, other=0.0)
-    c3 = tl.load(c3_ptr + c, mask=mask, other=0.0)
-    tl.store(g_ptr + offs, c1 * g + c2 * y + c3, mask=mask)
 
 
 @triton.jit

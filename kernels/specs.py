@@ -236,7 +236,8 @@ def _covering(data_options, neuron_options):
 
 def linear_specs():
     """Specs of kernels/linear_lif_kernels.py (the linear forward, scans, BN fold and GEMMs)."""
-    from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_bn_grad_fold_kernel, \
+    from .conv_lif_bwd import bn_grad_fold_kernel
+    from .linear_lif_kernels import binary_linear_lif_fwd_kernel, \
         linear_grad_input_kernel, linear_grad_weight_kernel, linear_lif_bwd_scan_kernel, linear_lif_scan_kernel
 
     specs = []
@@ -308,9 +309,9 @@ def linear_specs():
             "num_warps": snw, "num_stages": sns})
     for y_t in ("i16", "fp32"):
         specs.append({
-            "name": f"linear_bn_grad_fold_kernel[y={y_t}]", "fn": linear_bn_grad_fold_kernel,
+            "name": f"bn_grad_fold_kernel[linear,y={y_t}]", "fn": bn_grad_fold_kernel,
             "signature": {"g_ptr": "*fp32", "y_ptr": f"*{y_t}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
-                          "c3_ptr": "*fp32", "numel": "i32", "C": "i32", "BLOCK": "constexpr"},
+                          "c3_ptr": "*fp32", "numel": "i32", "C_out": "i32", "BLOCK": "constexpr"},
             "constexprs": {"BLOCK": FOLD_BLOCK}, "num_warps": 4, "num_stages": 1})
     gemm = linear_gemm_config(interpret=False)
     gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
@@ -339,7 +340,7 @@ def linear_specs():
     # The hidden LIF linear layers of the models have K and C multiples of 16 (8192/4096/2048/512 -> 256), so the
     # real launches get Triton's divisibility specialisation of K and C (vectorised tile loads and stores).
     ints = {"binary_linear_lif_fwd_kernel": ("K", "C"), "linear_lif_scan_kernel": ("C",),
-            "linear_lif_bwd_scan_kernel": ("C",), "linear_bn_grad_fold_kernel": ("C",),
+            "linear_lif_bwd_scan_kernel": ("C",), "bn_grad_fold_kernel": ("C_out",),
             "linear_grad_input_kernel": ("C", "K"), "linear_grad_weight_kernel": ("C", "K")}
     for spec in specs:
         spec["divisible_by_16"] = _hints(spec["signature"], *ints[spec["fn"].__name__])
