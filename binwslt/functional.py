@@ -197,6 +197,19 @@ def _memory_option(memory, impl, op) -> dict:
     return {"memory": memory} if memory != "auto" and memory in supported else {}
 
 
+def _run_fused(op, x, weight, scores, prune_rate, backend, subnet, grad_precision, memory, *, neuron, momentum,
+               eps, **kwargs) -> torch.Tensor:
+    """The one host pipeline after a fused layer's own shape checks: neuron, backend options, backend choice,
+    memory mode, then backend op ``op`` (``"binw_conv2d_lif"`` or ``"binw_linear_lif"``) and the output dtype."""
+    neuron = _check_neuron(neuron)
+    options = _backend_options(subnet, grad_precision, x.device, weight.shape)
+    impl = _backend(backend, x)
+    options.update(_memory_option(memory, impl, op))
+    out = getattr(impl, op)(x, weight, scores, prune_rate, neuron=neuron, momentum=float(momentum), eps=float(eps),
+                            **kwargs, **options)
+    return _spike_output(out, x.dtype)
+
+
 def lif(x_seq: torch.Tensor, neuron: LIFConfig = LIFConfig(), backend: str = "auto") -> torch.Tensor:
     """LIF neuron over all timesteps.
 
@@ -269,14 +282,10 @@ def binw_conv2d_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     steps = T if T is not None else x.shape[0]
     _check_epilogue(x.device, (steps, in_shape[0], C_out, H_out, W_out), scale, shift, residual, batch_norm,
                     running_mean, running_var, momentum, eps)
-    neuron = _check_neuron(neuron)
-    options = _backend_options(subnet, grad_precision, x.device, weight.shape)
-    impl = _backend(backend, x)
-    options.update(_memory_option(memory, impl, "binw_conv2d_lif"))
-    return _spike_output(impl.binw_conv2d_lif(
-        x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
-        neuron=neuron, timesteps=T, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
-        momentum=float(momentum), eps=float(eps), **options), x.dtype)
+    return _run_fused("binw_conv2d_lif", x, weight, scores, prune_rate, backend, subnet, grad_precision, memory,
+                      stride=stride, padding=padding, scale=scale, shift=shift, residual=residual, neuron=neuron,
+                      timesteps=T, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
+                      momentum=momentum, eps=eps)
 
 
 def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, *,
@@ -309,11 +318,6 @@ def binw_linear_lif(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     steps = T if T is not None else x.shape[0]
     _check_epilogue(x.device, (steps, x.shape[-2], out_features), scale, shift, residual, batch_norm,
                     running_mean, running_var, momentum, eps)
-    neuron = _check_neuron(neuron)
-    options = _backend_options(subnet, grad_precision, x.device, weight.shape)
-    impl = _backend(backend, x)
-    options.update(_memory_option(memory, impl, "binw_linear_lif"))
-    return _spike_output(impl.binw_linear_lif(
-        x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron, timesteps=T,
-        batch_norm=batch_norm, running_mean=running_mean, running_var=running_var, momentum=float(momentum),
-        eps=float(eps), **options), x.dtype)
+    return _run_fused("binw_linear_lif", x, weight, scores, prune_rate, backend, subnet, grad_precision, memory,
+                      scale=scale, shift=shift, residual=residual, neuron=neuron, timesteps=T, batch_norm=batch_norm,
+                      running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps)
