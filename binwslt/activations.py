@@ -11,6 +11,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .probe import run_observed
+
 
 def _classifier(model: nn.Module) -> nn.Module:
     classifier = getattr(model, "classifier", None)
@@ -43,16 +45,7 @@ def capture_representation(model: nn.Module, x: torch.Tensor, layer: Optional[nn
     def hook(module, args):
         captured.append(args[0].detach())
 
-    handle = layer.register_forward_pre_hook(hook)
-    was_training = {name: m.training for name, m in model.named_modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-        for name, m in model.named_modules():
-            m.training = was_training.get(name, m.training)
+    run_observed(model, x, [layer.register_forward_pre_hook(hook)])
     if not captured:
         raise ValueError(f"layer {type(layer).__name__} was not called when the model ran")
     rep = captured[-1].float()

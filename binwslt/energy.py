@@ -21,6 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .probe import run_observed
+
 #: Energy per multiply-accumulate (FLOP) and per synaptic accumulate (SOP) at 45 nm, in picojoules.
 E_MAC_PJ = 4.6
 E_SOP_PJ = 0.9
@@ -220,17 +222,8 @@ def estimate(model: nn.Module, x: torch.Tensor, *, spiking: Optional[bool] = Non
             _record(stats[name], inp, output)
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name), with_kwargs=True) for name, module in layers.items()]
-    was_training = {name: m.training for name, m in model.named_modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, m in model.named_modules():
-            m.training = was_training.get(name, m.training)
+    run_observed(model, x, [module.register_forward_hook(make_hook(name), with_kwargs=True)
+                            for name, module in layers.items()])
 
     report = EnergyReport(spiking=is_spiking, images=int(images))
     mj_per_pj = 1e-9

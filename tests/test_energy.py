@@ -165,3 +165,22 @@ def test_errors():
         estimate(model, _quarter_ones(), spiking="yes")
     with pytest.raises(ValueError, match="no conv or linear"):
         estimate(nn.Sequential(nn.ReLU()), _quarter_ones(), spiking=False)
+
+
+def test_run_observed_restores_modes_and_hooks_when_the_forward_raises():
+    from binwslt.probe import run_observed
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            assert not self.training and not torch.is_grad_enabled()
+            raise RuntimeError("boom")
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Boom())
+    model[0].eval()  # a mixed mode must come back as it was
+    calls = []
+    handle = model[0].register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_observed(model, torch.zeros(2, 3), [handle])
+    assert model.training and not model[0].training and model[1].training
+    model[0](torch.zeros(2, 3))
+    assert calls == [1]  # called once inside run_observed, the hook is gone after it
