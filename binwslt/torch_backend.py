@@ -91,13 +91,17 @@ def _steps(current):
     return torch.as_strided(current, (current.shape[0], M), (current.stride(0), 1)), (M,) + tuple(strides)
 
 
+def _ext_for(t: torch.Tensor, dtypes=(torch.float32, torch.float64)):
+    """The compiled CPU extension for a CPU tensor ``t`` of one of ``dtypes``, else None (eager ops)."""
+    if t.device.type != "cpu" or t.dtype not in dtypes:
+        return None
+    return _cpu_ext.load()
+
+
 def _fused_scan_ext(current):
     """The compiled CPU scan for float32/float64 CPU tensors whose steps are dense (any memory format), else
     None (eager scan)."""
-    if current.device.type != "cpu" or current.dtype not in (torch.float32, torch.float64) \
-            or _steps(current) is None:
-        return None
-    return _cpu_ext.load()
+    return None if _steps(current) is None else _ext_for(current)
 
 
 def _spike_strides(current):
@@ -280,7 +284,7 @@ def _per_channel(alpha, scale, shift, stats):
 def _batch_moments(y, alpha):
     """Mean and biased variance of α·y per channel (``y`` ``[F, C, ...]``): from exact float64 sums in the
     compiled pass where it runs (fp32 CPU ``y``, contiguous or channels-last), else from the values."""
-    ext = _cpu_ext.load() if y.device.type == "cpu" and y.dtype == torch.float32 else None
+    ext = _ext_for(y) if y.dtype == torch.float32 else None
     C = y.shape[1]
     if ext is not None and (y.is_contiguous() or _is_channels_last(y)):
         if y.is_contiguous():
@@ -300,6 +304,110 @@ def _current_sequence(y, a, b, residual, T, direct):
     return seq if residual is None else seq + residual
 
 
+def _frame_layout(y):
+    """``(C, inner)`` of frames ``y`` ``[F, C, ...]`` in memory order, where the channel of flat (storage-order)
+    index q is ``(q // inner) % C``: ``inner`` = H·W for contiguous frames, 1 for channels-last or linear ones;
+    None for any other layout."""
+    if y.dim() < 2:
+        return None
+    if y.is_contiguous():
+        return y.shape[1], y[0, 0].numel()
+    return (y.shape[1], 1) if _is_channels_last(y) else None
+
+
+def _flat(t):
+    """A dense tensor (contiguous or channels-last) as a 1-D view in its memory order."""
+    return torch.as_strided(t, (t.numel(),), (1,))
+
+
+def _sequence_geometry(y, T, direct):
+    """Shape and strides of the ``[T, N, C, ...]`` current/spikes whose frames are laid out as ``y``'s."""
+    N = y.shape[0] if direct else y.shape[0] // T
+    s = y.stride()
+    return (T, N) + tuple(y.shape[1:]), (N * s[0], s[0]) + tuple(s[1:])
+
+
+def _flat_as(t, shape, strides, dtype):
+    """``t`` (``shape``) flat in the memory order that ``strides`` gives (copied when it is laid out otherwise)."""
+    if t.stride() != strides or t.dtype != dtype:
+        t = torch.empty_strided(shape, strides, dtype=dtype, device=t.device).copy_(t)
+    return _flat(t)
+
+
+def _vector(v, C, dtype):
+    """A per-channel ``[C]`` contiguous vector of ``dtype`` (a 0-dim value expanded), or None."""
+    return None if v is None else v.to(dtype).expand(C).contiguous()
+
+
+def _fused_epilogue_ext(y, residual, dtype):
+    """The extension when the fused epilogue can run in float32/float64 ``dtype`` on CPU frames ``y`` (of
+    ``dtype``, or the int16/int32 saved copy) laid out contiguous or channels-last, with a residual of
+    ``dtype``; else None."""
+    if dtype not in (torch.float32, torch.float64) or _frame_layout(y) is None \
+            or (residual is not None and residual.dtype != dtype):
+        return None
+    return _ext_for(y, (dtype, torch.int16, torch.int32))
+
+
+def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype):
+    """Spikes ``[T, N, C, ...]`` (y's frame layout) of the current ``a·y + b (+ residual)`` in one compiled pass,
+    and y as ``y_save_dtype`` (int16/int32, y's layout) when asked (None otherwise)."""
+    C, inner = _frame_layout(y)
+    shape, strides = _sequence_geometry(y, T, direct)
+    res = None if residual is None else _flat_as(residual, shape, strides, y.dtype)
+    y_save = None if y_save_dtype is None else torch.empty_like(y, dtype=y_save_dtype)
+    out = ext.epilogue_forward(_flat(y), _vector(a, C, y.dtype), _vector(b, C, y.dtype), res, T, direct, C, inner,
+                               neuron.decay, neuron.threshold, neuron.v_reset, neuron.decay_input,
+                               None if y_save is None else _flat(y_save))
+    return torch.as_strided(out, shape, strides), y_save
+
+
+def _fused_backward(ext, y, a, b, residual, grad_spikes, T, direct, neuron, dtype, want_grad_residual):
+    """The compiled BPTT through the epilogue: ``(G, sum_g, sum_gy, grad_residual)`` with G = dL/dI as frames
+    laid out as ``y`` (summed over T for direct encoding), the per-channel sums Σ G and Σ G·y in ``dtype``, and
+    dL/dresidual (``[T, N, C, ...]``) or None."""
+    C, inner = _frame_layout(y)
+    shape, strides = _sequence_geometry(y, T, direct)
+    res = None if residual is None else _flat_as(residual, shape, strides, dtype)
+    out = ext.epilogue_backward(_flat(y), _vector(a, C, dtype), _vector(b, C, dtype), res,
+                                _flat_as(grad_spikes, shape, strides, dtype), T, direct, C, inner, neuron.decay,
+                                neuron.threshold, neuron.v_reset, neuron.decay_input,
+                                SURROGATE_CODES[neuron.surrogate], neuron.alpha, neuron.detach_reset,
+                                want_grad_residual)
+    G = torch.as_strided(out[0], y.shape, y.stride())
+    grad_residual = torch.as_strided(out[2], shape, strides) if want_grad_residual else None
+    return G, out[1][0].to(dtype), out[1][1].to(dtype), grad_residual
+
+
+def _fold_gradient(ext, G, y, coeff, scale):
+    """dL/d(α·y) from G = dL/dI (frames): c1·G + c2·y + c3 with BatchNorm (binwslt.batchnorm's coefficients),
+    scale·G without; in place over G where the extension runs."""
+    if coeff.c1 is None and scale is None:
+        return G
+    C, dtype = G.shape[1], G.dtype
+    if ext is not None:
+        C, inner = _frame_layout(G)
+        if coeff.c1 is None:
+            ext.epilogue_fold(_flat(G), _flat(y), _vector(scale, C, dtype), None, None, C, inner)
+        else:
+            ext.epilogue_fold(_flat(G), _flat(y), _vector(coeff.c1, C, dtype), _vector(coeff.c2, C, dtype),
+                              _vector(coeff.c3, C, dtype), C, inner)
+        return G
+    y = y.to(dtype)
+    if coeff.c1 is not None:
+        grad_cur = torch.addcmul(channel_view(coeff.c3, G, 1), G, channel_view(coeff.c1, G, 1))
+        return grad_cur.addcmul_(y, channel_view(coeff.c2, G, 1))
+    return G * channel_view(scale, G, 1)
+
+
+def _pack_frames(frames):
+    """Spike frames as packed bits in memory order (`binwslt.bits.pack_bits` of `_physical`)."""
+    ext = _ext_for(frames, (torch.float32, torch.float64, torch.bfloat16, torch.uint8, torch.bool, torch.int8))
+    if ext is not None and _frame_layout(frames) is not None:
+        return ext.pack_nonzero(_flat(frames))
+    return pack_bits(_physical(frames))
+
+
 def _is_channels_last(frames):
     return frames.dim() == 4 and not frames.is_contiguous() and frames.is_contiguous(memory_format=torch.channels_last)
 
@@ -310,11 +418,14 @@ def _physical(frames):
 
 
 def _unpack_frames(bits, shape, channels_last, dtype):
-    """Inverse of ``pack_bits(_physical(frames))``: ``[F, C, H, W]`` (channels-last where it was) of ``dtype``."""
-    if not channels_last:
-        return unpack_bits(bits, shape).to(dtype)
-    F_, C, H, W = shape
-    return unpack_bits(bits, (F_, H, W, C)).to(dtype).permute(0, 3, 1, 2)
+    """Inverse of `_pack_frames`: ``[F, C, H, W]`` (channels-last where it was) of ``dtype``."""
+    physical = shape if not channels_last else (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    ext = _ext_for(bits, (torch.uint8,))
+    if ext is not None:
+        out = ext.unpack_to(bits, torch.Size(physical).numel(), dtype).view(physical)
+    else:
+        out = unpack_bits(bits, physical).to(dtype)
+    return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def _low_precision_grads(dtype, grad_precision) -> Optional[torch.dtype]:
@@ -356,14 +467,20 @@ class _BinWLIF(torch.autograd.Function):
                                          momentum, eps)
         mean, rstd = (None, None) if stats is None else (stats.mean, stats.rstd)
         a, b = _per_channel(alpha, scale, shift, stats)
-        current = _current_sequence(y, a, b, residual, T, direct)
-        spikes = _lif_spikes(current, neuron)
+        save_integer = needs_backward and spiking_input  # y saved as exact integers
+        y_dtype = torch.int16 if weight[0].numel() <= 32767 else torch.int32
+        ext = _fused_epilogue_ext(y, residual, y.dtype)
+        if ext is not None:  # current, scan, spikes and the int16 copy of y in one pass
+            spikes, y_saved = _fused_forward(ext, y, a, b, residual, T, direct, neuron,
+                                             y_dtype if save_integer else None)
+        else:
+            spikes = _lif_spikes(_current_sequence(y, a, b, residual, T, direct), neuron)
+            y_saved = y.to(y_dtype) if save_integer else None
         if not needs_backward:  # inference (no_grad, or nothing requires grad): nothing to pack or save
             return spikes
 
         if spiking_input:
-            saved_x = pack_bits(_physical(frames))  # in memory order: no copy for channels-last frames
-            y_saved = y.to(torch.int16 if weight[0].numel() <= 32767 else torch.int32)
+            saved_x = _pack_frames(frames)  # in memory order: no copy for channels-last frames
         else:
             saved_x, y_saved = frames, y
         # a cached subnet is held by its cache anyway; else the ternary weight is sign(weight) on 1 bit per weight
@@ -382,22 +499,22 @@ class _BinWLIF(torch.autograd.Function):
         tern = saved_tern if ctx.cached else \
             torch.sign(weight.detach()).to(torch.int8) * unpack_bits(saved_tern, weight.shape)
         dtype, direct, T = ctx.dtype, ctx.direct, grad_spikes.shape[0]
-        y = y.to(dtype)
         stats = None if mean is None else batchnorm.BatchStats(mean=mean, rstd=rstd)
         a, b = _per_channel(alpha, scale, shift, stats)
-        current = _current_sequence(y, a, b, residual, T, direct)
-        grad_current = _lif_grad(current, grad_spikes, ctx.neuron)
-        grad_residual = grad_current if ctx.needs_input_grad[5] else None
-        g = grad_current.sum(0) if direct else grad_current.flatten(0, 1)  # [F, C, ...], like y
-        dims = [d for d in range(g.dim()) if d != 1]
-        sum_g, sum_gy = g.sum(dims), (g * y).sum(dims)
+        ext = _fused_epilogue_ext(y, residual, dtype)
+        if ext is not None:  # current, BPTT and the per-channel sums in one pass, y read as saved
+            g, sum_g, sum_gy, grad_residual = _fused_backward(ext, y, a, b, residual, grad_spikes, T, direct,
+                                                              ctx.neuron, dtype, ctx.needs_input_grad[5])
+        else:
+            y = y.to(dtype)
+            grad_current = _lif_grad(_current_sequence(y, a, b, residual, T, direct), grad_spikes, ctx.neuron)
+            grad_residual = grad_current if ctx.needs_input_grad[5] else None
+            g = grad_current.sum(0) if direct else grad_current.flatten(0, 1)  # [F, C, ...], like y
+            dims = [d for d in range(g.dim()) if d != 1]
+            sum_g, sum_gy = g.sum(dims), (g * y).sum(dims)
         coeff = batchnorm.backward_coefficients(alpha, scale, stats, sum_g, sum_gy, y.numel() // y.shape[1])
         grad_scale, grad_shift = coeff.grad_scale, coeff.grad_shift
-        if stats is not None:  # dL/d(α·y) = c1·g + c2·y + c3
-            grad_cur = torch.addcmul(channel_view(coeff.c3, g, 1), g, channel_view(coeff.c1, g, 1))
-            grad_cur.addcmul_(y, channel_view(coeff.c2, g, 1))
-        else:
-            grad_cur = g if scale is None else g * channel_view(scale, g, 1)
+        grad_cur = _fold_gradient(ext, g, y, coeff, scale)  # dL/d(α·y), frames like y
         grad_scale = grad_scale if ctx.needs_input_grad[3] else None
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 

@@ -94,10 +94,11 @@ def nan_filled_empty(monkeypatch):
 
 @pytest.fixture(params=["compiled", "eager"])
 def scan_impl(request, monkeypatch):
-    """Run the torch backend with its compiled CPU scan and with the eager fallback scan."""
+    """Run the torch backend with its compiled CPU extension (fused epilogue, scans, bit packing) and with the
+    eager fallback ops."""
     from binwslt import _cpu_ext, torch_backend
     if request.param == "eager":
-        monkeypatch.setattr(torch_backend, "_fused_scan_ext", lambda current: None)
+        monkeypatch.setattr(torch_backend, "_ext_for", lambda *args: None)
     elif _cpu_ext.load() is None:
         pytest.skip("the CPU scan extension did not build here")
     return request.param

@@ -8,6 +8,8 @@ from binwslt import LIFConfig
 from binwslt import functional as Fn
 from binwslt import torch_backend
 
+from binwslt.spikes import mark_spikes
+
 from helpers import assert_close_grads, randn, run_layer, saved_bytes, spikes
 
 NEURONS = [LIFConfig(decay=0.75, threshold=0.8, v_reset=vr, decay_input=di, surrogate=sg, detach_reset=dr)
@@ -111,6 +113,7 @@ def test_gradcheck_epilogue_and_conv_backward(monkeypatch, batch_norm):
     checked against the reference's Jacobian in test_lif.py)."""
     monkeypatch.setattr(torch_backend, "_lif_spikes", lambda current, neuron: current.clone())
     monkeypatch.setattr(torch_backend, "_lif_grad", lambda current, grad, neuron: grad)
+    monkeypatch.setattr(torch_backend, "_fused_epilogue_ext", lambda y, residual, dtype: None)  # the eager epilogue
     T, N, C_in, C_out = 2, 1, 2, 3
     x = randn(T, N, C_in, 4, 4, seed=1).double().requires_grad_()
     weight, scores = randn(C_out, C_in, 3, 3, seed=2).double(), randn(C_out, C_in, 3, 3, seed=3).double()
@@ -208,3 +211,81 @@ def test_cpu_info_names_the_forward_mode(monkeypatch):
     monkeypatch.setenv(cpu.ENV_VAR, "fp32")
     assert binwslt.cpu_info()["matmul"] == "fp32"
     assert "forward GEMM fp32" in cpu.version_line()
+
+
+def _spy_fused(monkeypatch):
+    """Record the frame layout (``(C, inner)``) every fused forward and backward of the torch backend ran on."""
+    seen = {"forward": [], "backward": []}
+    for name, key in (("_fused_forward", "forward"), ("_fused_backward", "backward")):
+        fn = getattr(torch_backend, name)
+
+        def spy(ext, y, *args, _fn=fn, _key=key):
+            seen[_key].append(torch_backend._frame_layout(y))
+            return _fn(ext, y, *args)
+
+        monkeypatch.setattr(torch_backend, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("neuron", NEURONS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_epilogue_odd_shapes(monkeypatch, layout, neuron):
+    """The compiled epilogue (current, scan, spikes, int16 y; BPTT, sums, BatchNorm fold) on frames laid out
+    either way, 67 channels (blocks of 64 neurons cross channels), odd pixels, with BatchNorm and a residual:
+    spikes identical to the reference, every gradient close; and it is the compiled pass that ran."""
+    if torch_backend._cpu_ext.load() is None:
+        pytest.skip("the CPU extension did not build here")
+    from binwslt import cpu
+
+    monkeypatch.setenv(cpu.ENV_VAR, "fp32")  # the fp32 GEMM keeps the input's layout for y
+    seen = _spy_fused(monkeypatch)
+    T, N, C_in, C_out, H, W = 3, 2, 5, 67, 5, 3
+    x = spikes(T, N, C_in, H, W, seed=11)
+    if layout == "channels_last":
+        x = mark_spikes(x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape))
+    weight, scores = randn(C_out, C_in, 3, 3, seed=12), randn(C_out, C_in, 3, 3, seed=13)
+    kw = dict(padding=1, neuron=neuron, scale=randn(C_out, seed=14, scale=0.1) + (3.0 if neuron.decay_input else 1.0),
+              shift=randn(C_out, seed=15, scale=0.1), residual=randn(T, N, C_out, H, W, seed=16, scale=0.3),
+              batch_norm=True, running_mean=torch.zeros(C_out), running_var=torch.ones(C_out), momentum=0.2)
+    _compare("binw_conv2d_lif", x, weight, scores, 0.4, **kw)
+    inner = 1 if layout == "channels_last" else H * W
+    assert seen["forward"] == [(C_out, inner)] and seen["backward"] == [(C_out, inner)]
+
+
+@pytest.mark.usefixtures("scan_impl")
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid", "triangle"])
+@pytest.mark.parametrize("case", ["direct", "linear", "analog-linear", "no-bn"])
+def test_fused_epilogue_cases(monkeypatch, case, surrogate):
+    """Direct encoding (one y for every step, G summed over T), linear frames (inner 1, 67 features), analog
+    input (y saved in float) and no BatchNorm (the plain scale fold), with the compiled pass and eager ops."""
+    neuron = LIFConfig(decay=0.8, threshold=0.6, surrogate=surrogate, v_reset=None if case == "no-bn" else 0.0)
+    bn = dict(batch_norm=True, running_mean=torch.zeros(67), running_var=torch.ones(67))
+    scale, shift = randn(67, seed=21, scale=0.1) + 1.0, randn(67, seed=22, scale=0.1)
+    if case == "direct":
+        x, weight, scores = randn(2, 3, 5, 7, seed=23), randn(67, 3, 3, 3, seed=24), randn(67, 3, 3, 3, seed=25)
+        _compare("binw_conv2d_lif", x, weight, scores, 0.4, padding=1, timesteps=3, neuron=neuron, scale=scale,
+                 shift=shift, residual=randn(3, 2, 67, 5, 7, seed=26, scale=0.3), **bn)
+        return
+    x = randn(3, 4, 29, seed=27).abs() if case == "analog-linear" else spikes(3, 4, 29, seed=27)
+    weight, scores = randn(67, 29, seed=28), randn(67, 29, seed=29)
+    extra = {} if case == "no-bn" else bn
+    _compare("binw_linear_lif", x, weight, scores, 0.3, neuron=neuron, scale=scale * (0.5 if case == "no-bn" else 1),
+             shift=shift, residual=randn(3, 4, 67, seed=30, scale=0.2), **extra)
+
+
+def test_fused_bits_round_trip():
+    """The compiled bit packing writes binwslt.bits.pack_bits' layout; unpacking restores frames of any dtype."""
+    ext = torch_backend._cpu_ext.load()
+    if ext is None:
+        pytest.skip("the CPU extension did not build here")
+    from binwslt.bits import pack_bits
+    for shape in [(3, 5, 7, 2), (1, 1, 1, 1), (2, 67, 3, 3)]:
+        frames = spikes(*shape, seed=31)
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            f = frames.contiguous(memory_format=memory_format)
+            bits = torch_backend._pack_frames(f)
+            assert torch.equal(bits, pack_bits(torch_backend._physical(f)))
+            cl = torch_backend._is_channels_last(f)
+            for dtype in (torch.float32, torch.bfloat16, torch.uint8):
+                back = torch_backend._unpack_frames(bits, shape, cl, dtype)
+                assert back.dtype == dtype and torch.equal(back.float(), frames)

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -27,34 +29,101 @@ __attribute__((always_inline)) inline scalar_t surrogate_slope(scalar_t x, int s
 
 constexpr int64_t kBlock = 64;  // neurons scanned together: the inner loops run over them and vectorise
 
-// One block of `n` neurons over T steps. `in` points at the block's first neuron at t = 0 (step stride `st`,
-// 0 for a direct-encoded input), `out` likewise with step stride `M`. Multiversioned for the vector widths.
+// The neuron's constants in the scan's precision.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void forward_block(const scalar_t* in, scalar_t* out, int64_t n, int64_t T,
-                                                         int64_t st, int64_t M, scalar_t d, scalar_t th,
-                                                         scalar_t gain, bool hard, scalar_t vr, bool decay_input) {
-  scalar_t v[kBlock];
-  for (int64_t j = 0; j < n; ++j) v[j] = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* x = in + t * st;
-    scalar_t* s = out + t * M;
+struct Lif {
+  scalar_t d, th, gain, vr, alpha;
+  bool hard, decay_input, detach_reset;
+  int surrogate;
+};
+
+template <typename scalar_t>
+Lif<scalar_t> make_lif(double decay, double threshold, c10::optional<double> v_reset, bool decay_input,
+                       int64_t surrogate = 0, double alpha = 0.0, bool detach_reset = false) {
+  return Lif<scalar_t>{static_cast<scalar_t>(decay), static_cast<scalar_t>(threshold),
+                       static_cast<scalar_t>(1.0 - decay), static_cast<scalar_t>(v_reset.value_or(0.0)),
+                       static_cast<scalar_t>(alpha), v_reset.has_value(), decay_input, detach_reset,
+                       static_cast<int>(surrogate)};
+}
+
+// One time step of n neurons: the membrane v (after reset) advances on the current x; the spike goes to
+// `fired` and, when kRecord, the pre-reset membrane to u.
+template <typename scalar_t, typename fired_t, bool kRecord>
+__attribute__((always_inline)) inline void lif_step(const scalar_t* x, scalar_t* v, scalar_t* u, fired_t* fired,
+                                                    int64_t n, const Lif<scalar_t>& p) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t dv = p.d * v[j];
+    const scalar_t uu = p.decay_input ? dv + p.gain * x[j] : dv + x[j];
+    const bool fire = uu >= p.th;
+    if (kRecord) u[j] = uu;
+    fired[j] = fire ? fired_t(1) : fired_t(0);
+    v[j] = fire ? (p.hard ? p.vr : uu - p.th) : uu;
+  }
+}
+
+// dS/dU at the membranes u of one step, into sl (the surrogate chosen outside the loop, so it vectorises).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void slopes(const scalar_t* u, scalar_t* sl, int64_t n, const Lif<scalar_t>& p) {
+  switch (p.surrogate) {
+    case kAtan:
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kAtan, p.alpha);
+      break;
+    case kSigmoid:
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kSigmoid, p.alpha);
+      break;
+    default:
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kTriangle, p.alpha);
+  }
+}
+
+template <typename scalar_t, bool kHard, bool kDetach>
+__attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const char* s, const scalar_t* gs, int64_t gstride,
+                                                      int64_t n, int64_t T, const Lif<scalar_t>& p) {
+  scalar_t grad_v[kBlock], sl[kBlock];  // grad_v: dL/dV[t], carried backwards in time
+  for (int64_t j = 0; j < n; ++j) grad_v[j] = 0;
+  const scalar_t k = p.decay_input ? p.gain : scalar_t(1);  // dU/dI
+  for (int64_t t = T - 1; t >= 0; --t) {
+    scalar_t* ut = u + t * kBlock;
+    const char* st = s + t * kBlock;
+    const scalar_t* g = gs + t * gstride;
+    slopes<scalar_t>(ut, sl, n, p);
     for (int64_t j = 0; j < n; ++j) {
-      const scalar_t dv = d * v[j];
-      const scalar_t u = decay_input ? dv + gain * x[j] : dv + x[j];
-      const bool fire = u >= th;
-      s[j] = fire ? scalar_t(1) : scalar_t(0);
-      v[j] = fire ? (hard ? vr : u - th) : u;
+      scalar_t grad_s = g[j];
+      if (!kDetach) grad_s = kHard ? grad_s + grad_v[j] * (p.vr - ut[j]) : grad_s - p.th * grad_v[j];
+      scalar_t grad_u = (kHard && st[j]) ? scalar_t(0) : grad_v[j];
+      grad_u = grad_u + grad_s * sl[j];
+      ut[j] = k * grad_u;
+      grad_v[j] = p.d * grad_u;
     }
   }
 }
 
+// BPTT of one block of n neurons, in place: u ([T][kBlock] pre-reset membranes, s the spikes) becomes dL/dI.
+// gs: dL/dS at t = 0 for the block's first neuron, step stride gstride.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void bptt_block(scalar_t* u, const char* s, const scalar_t* gs, int64_t gstride,
+                                                      int64_t n, int64_t T, const Lif<scalar_t>& p) {
+  if (p.hard)
+    p.detach_reset ? bptt_steps<scalar_t, true, true>(u, s, gs, gstride, n, T, p)
+                   : bptt_steps<scalar_t, true, false>(u, s, gs, gstride, n, T, p);
+  else
+    p.detach_reset ? bptt_steps<scalar_t, false, true>(u, s, gs, gstride, n, T, p)
+                   : bptt_steps<scalar_t, false, false>(u, s, gs, gstride, n, T, p);
+}
+
+// One block of `n` neurons over T steps. `in` points at the block's first neuron at t = 0 (step stride `st`,
+// 0 for a direct-encoded input), `out` likewise with step stride `M`. Multiversioned for the vector widths.
 #define BINWSLT_FORWARD_RUN(scalar_t)                                                                          \
   __attribute__((target_clones("avx512f", "avx2", "default"))) void forward_run(                              \
       const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, int64_t T, int64_t st, int64_t M,          \
-      scalar_t d, scalar_t th, scalar_t gain, bool hard, scalar_t vr, bool decay_input) {                     \
-    for (int64_t m = begin; m < end; m += kBlock)                                                             \
-      forward_block<scalar_t>(in + m, out + m, std::min(kBlock, end - m), T, st, M, d, th, gain, hard, vr,    \
-                              decay_input);                                                                   \
+      const Lif<scalar_t>& p) {                                                                               \
+    scalar_t v[kBlock];                                                                                       \
+    for (int64_t m = begin; m < end; m += kBlock) {                                                           \
+      const int64_t n = std::min(kBlock, end - m);                                                            \
+      for (int64_t j = 0; j < n; ++j) v[j] = 0;                                                               \
+      for (int64_t t = 0; t < T; ++t)                                                                         \
+        lif_step<scalar_t, scalar_t, false>(in + m + t * st, v, nullptr, out + m + t * M, n, p);              \
+    }                                                                                                         \
   }
 BINWSLT_FORWARD_RUN(float)
 BINWSLT_FORWARD_RUN(double)
@@ -68,71 +137,28 @@ torch::Tensor lif_forward(torch::Tensor current, double decay, double threshold,
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_forward", [&] {
     const scalar_t* in = current.data_ptr<scalar_t>();
     scalar_t* out = spikes.data_ptr<scalar_t>();
-    const scalar_t d = static_cast<scalar_t>(decay), th = static_cast<scalar_t>(threshold);
-    const scalar_t gain = static_cast<scalar_t>(1.0 - decay);
-    const bool hard = v_reset.has_value();
-    const scalar_t vr = static_cast<scalar_t>(hard ? *v_reset : 0.0);
+    const auto p = make_lif<scalar_t>(decay, threshold, v_reset, decay_input);
     at::parallel_for(0, (M + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
-      const int64_t begin = b0 * kBlock, end = std::min(M, b1 * kBlock);
-      forward_run(in, out, begin, end, T, st, M, d, th, gain, hard, vr, decay_input);
+      forward_run(in, out, b0 * kBlock, std::min(M, b1 * kBlock), T, st, M, p);
     });
   });
   return spikes;
 }
 
-// BPTT of one block of `n` neurons: recompute U and S forward (kept in `u`, `s`: [T][kBlock]), then go back.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void backward_block(const scalar_t* in, const scalar_t* gs, scalar_t* gi,
-                                                          int64_t n, int64_t T, int64_t st, int64_t M, scalar_t d,
-                                                          scalar_t th, scalar_t gain, bool hard, scalar_t vr,
-                                                          bool decay_input, int surrogate, scalar_t a,
-                                                          bool detach_reset, scalar_t* u, char* s) {
-  scalar_t v[kBlock], grad_v[kBlock];
-  for (int64_t j = 0; j < n; ++j) v[j] = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* x = in + t * st;
-    scalar_t* ut = u + t * kBlock;
-    char* st_ = s + t * kBlock;
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t dv = d * v[j];
-      const scalar_t uu = decay_input ? dv + gain * x[j] : dv + x[j];
-      const bool fire = uu >= th;
-      ut[j] = uu;
-      st_[j] = fire;
-      v[j] = fire ? (hard ? vr : uu - th) : uu;
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) grad_v[j] = 0;  // dL/dV[t], carried backwards in time
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const scalar_t* g = gs + t * M;
-    scalar_t* out = gi + t * M;
-    const scalar_t* ut = u + t * kBlock;
-    const char* sf = s + t * kBlock;
-    for (int64_t j = 0; j < n; ++j) {
-      scalar_t grad_s = g[j];
-      scalar_t grad_u;
-      if (hard) {
-        if (!detach_reset) grad_s += grad_v[j] * (vr - ut[j]);
-        grad_u = sf[j] ? scalar_t(0) : grad_v[j];
-      } else {
-        if (!detach_reset) grad_s -= th * grad_v[j];
-        grad_u = grad_v[j];
-      }
-      grad_u += grad_s * surrogate_slope<scalar_t>(ut[j] - th, surrogate, a);
-      out[j] = decay_input ? gain * grad_u : grad_u;
-      grad_v[j] = d * grad_u;
-    }
-  }
-}
-
+// BPTT over blocks: recompute U and S forward (kept in `u`, `s`: [T][kBlock]), then go back.
 #define BINWSLT_BACKWARD_RUN(scalar_t)                                                                         \
   __attribute__((target_clones("avx512f", "avx2", "default"))) void backward_run(                             \
       const scalar_t* in, const scalar_t* gs, scalar_t* gi, int64_t begin, int64_t end, int64_t T, int64_t st,  \
-      int64_t M, scalar_t d, scalar_t th, scalar_t gain, bool hard, scalar_t vr, bool decay_input,              \
-      int surrogate, scalar_t a, bool detach_reset, scalar_t* u, char* s) {                                   \
-    for (int64_t m = begin; m < end; m += kBlock)                                                             \
-      backward_block<scalar_t>(in + m, gs + m, gi + m, std::min(kBlock, end - m), T, st, M, d, th, gain, hard, \
-                               vr, decay_input, surrogate, a, detach_reset, u, s);                            \
+      int64_t M, const Lif<scalar_t>& p, scalar_t* u, char* s) {                                              \
+    scalar_t v[kBlock];                                                                                       \
+    for (int64_t m = begin; m < end; m += kBlock) {                                                           \
+      const int64_t n = std::min(kBlock, end - m);                                                            \
+      for (int64_t j = 0; j < n; ++j) v[j] = 0;                                                               \
+      for (int64_t t = 0; t < T; ++t)                                                                         \
+        lif_step<scalar_t, char, true>(in + m + t * st, v, u + t * kBlock, s + t * kBlock, n, p);             \
+      bptt_block<scalar_t>(u, s, gs + m, M, n, T, p);                                                         \
+      for (int64_t t = 0; t < T; ++t) std::copy(u + t * kBlock, u + t * kBlock + n, gi + m + t * M);          \
+    }                                                                                                         \
   }
 BINWSLT_BACKWARD_RUN(float)
 BINWSLT_BACKWARD_RUN(double)
@@ -149,17 +175,11 @@ torch::Tensor lif_backward(torch::Tensor current, torch::Tensor grad_spikes, dou
     const scalar_t* in = current.data_ptr<scalar_t>();
     const scalar_t* gs = grad_spikes.data_ptr<scalar_t>();
     scalar_t* gi = grad_current.data_ptr<scalar_t>();
-    const scalar_t d = static_cast<scalar_t>(decay), th = static_cast<scalar_t>(threshold);
-    const scalar_t gain = static_cast<scalar_t>(1.0 - decay), a = static_cast<scalar_t>(alpha);
-    const bool hard = v_reset.has_value();
-    const scalar_t vr = static_cast<scalar_t>(hard ? *v_reset : 0.0);
-    const int sg = static_cast<int>(surrogate);
+    const auto p = make_lif<scalar_t>(decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset);
     at::parallel_for(0, (M + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
-      const int64_t begin = b0 * kBlock, end = std::min(M, b1 * kBlock);
       std::vector<scalar_t> u(T * kBlock);
       std::vector<char> s(T * kBlock);
-      backward_run(in, gs, gi, begin, end, T, st, M, d, th, gain, hard, vr, decay_input, sg, a, detach_reset,
-                   u.data(), s.data());
+      backward_run(in, gs, gi, b0 * kBlock, std::min(M, b1 * kBlock), T, st, M, p, u.data(), s.data());
     });
   });
   return grad_current;
@@ -213,10 +233,380 @@ std::vector<torch::Tensor> channel_moments(torch::Tensor y, int64_t channels, in
   return {sum, sumsq};
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// The fused epilogue of a binary conv/linear layer: from the exact pre-activation y (any dense memory order),
+// the current I = a[c]·y + b[c] (+ residual) in registers, the LIF scan over T, the spikes and the saved state
+// in one pass; the backward recomputes I, runs the BPTT and reduces Σg, Σg·y per channel in the same pass.
+//
+// Layout: y is flat in its memory order, F frames of `frame` values each; the channel of flat index q (within
+// a frame) is (q / inner) % C (inner = H·W for contiguous NCHW frames, 1 for channels-last or linear frames).
+// Step t covers S = N·frame values of y (y step stride S), or all of y at every step for a direct-encoded
+// input (step stride 0). Spikes, residual and grad-spikes are [T, S] flat in the same order.
+
+// Per-block channel coefficients: av/bv/cj[j] for the neurons m .. m+n-1 of a step.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void block_channels(int64_t m, int64_t n, int64_t C, int64_t inner,
+                                                          const scalar_t* a, const scalar_t* b, scalar_t* av,
+                                                          scalar_t* bv, int32_t* cj) {
+  const int64_t q = m / inner;
+  int64_t c = q % C, r = m - q * inner;
+  for (int64_t j = 0; j < n; ++j) {
+    av[j] = a[c];
+    bv[j] = b ? b[c] : scalar_t(0);
+    cj[j] = static_cast<int32_t>(c);
+    if (++r == inner) {
+      r = 0;
+      if (++c == C) c = 0;
+    }
+  }
+}
+
+// I[j] for one step of one block, rounded as the eager y*a (+ b) (+ residual) is: each op separately.
+template <typename scalar_t, typename y_t>
+__attribute__((always_inline)) inline void block_current(const y_t* y, const scalar_t* res, const scalar_t* av,
+                                                         const scalar_t* bv, bool has_b, int64_t n, scalar_t* cur) {
+  for (int64_t j = 0; j < n; ++j) cur[j] = static_cast<scalar_t>(y[j]) * av[j];
+  if (has_b)
+    for (int64_t j = 0; j < n; ++j) cur[j] = cur[j] + bv[j];
+  if (res)
+    for (int64_t j = 0; j < n; ++j) cur[j] = cur[j] + res[j];
+}
+
+struct Geometry {
+  int64_t T, S, ystep, C, inner;  // ystep: S, or 0 (direct encoding)
+};
+
+#define BINWSLT_EPILOGUE_FORWARD_RUN(scalar_t, ysave_t)                                                        \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_forward_run(                     \
+      const scalar_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, scalar_t* out,             \
+      ysave_t* ysave, int64_t begin, int64_t end, const Geometry& g, const Lif<scalar_t>& p) {                \
+    scalar_t av[kBlock], bv[kBlock], cur[kBlock], v[kBlock];                                                  \
+    int32_t cj[kBlock];                                                                                       \
+    for (int64_t m = begin; m < end; m += kBlock) {                                                           \
+      const int64_t n = std::min(kBlock, end - m);                                                            \
+      block_channels<scalar_t>(m, n, g.C, g.inner, a, b, av, bv, cj);                                         \
+      for (int64_t j = 0; j < n; ++j) v[j] = 0;                                                               \
+      for (int64_t t = 0; t < g.T; ++t) {                                                                     \
+        const scalar_t* yt = y + t * g.ystep + m;                                                             \
+        block_current<scalar_t, scalar_t>(yt, res ? res + t * g.S + m : nullptr, av, bv, b != nullptr, n, cur); \
+        if (ysave && (t == 0 || g.ystep != 0))                                                                \
+          for (int64_t j = 0; j < n; ++j) ysave[t * g.ystep + m + j] = static_cast<ysave_t>(yt[j]);          \
+        lif_step<scalar_t, scalar_t, false>(cur, v, nullptr, out + t * g.S + m, n, p);                        \
+      }                                                                                                       \
+    }                                                                                                         \
+  }
+BINWSLT_EPILOGUE_FORWARD_RUN(float, int16_t)
+BINWSLT_EPILOGUE_FORWARD_RUN(float, int32_t)
+BINWSLT_EPILOGUE_FORWARD_RUN(double, int16_t)
+BINWSLT_EPILOGUE_FORWARD_RUN(double, int32_t)
+
+Geometry make_geometry(const torch::Tensor& y, int64_t T, bool direct, int64_t C, int64_t inner) {
+  TORCH_CHECK(y.dim() == 1 && y.is_contiguous(), "epilogue: y must be flat (its memory order)");
+  TORCH_CHECK(T > 0 && C > 0 && inner > 0, "epilogue: T, C and inner must be positive");
+  const int64_t total = y.numel();
+  TORCH_CHECK(total % (C * inner) == 0, "epilogue: y does not split into channels");
+  TORCH_CHECK(direct || total % T == 0, "epilogue: y does not split into T steps");
+  const int64_t S = direct ? total : total / T;
+  return Geometry{T, S, direct ? 0 : S, C, inner};
+}
+
+void check_flat(const c10::optional<torch::Tensor>& t, int64_t numel, c10::ScalarType dtype, const char* what) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->is_contiguous() && t->numel() == numel && t->scalar_type() == dtype, "epilogue: ", what,
+              " must be a flat contiguous tensor of ", numel, " values of the current's dtype");
+}
+
+// Forward. y: flat float32/float64 (see above); a: [C], b: [C] or None, of y's dtype; residual: [T·S] or None.
+// y_save: None, or an int16/int32 flat tensor of y's size that receives y (exact integers). Returns spikes [T·S].
+torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<torch::Tensor> b,
+                               c10::optional<torch::Tensor> residual, int64_t T, bool direct, int64_t C,
+                               int64_t inner, double decay, double threshold, c10::optional<double> v_reset,
+                               bool decay_input, c10::optional<torch::Tensor> y_save) {
+  const Geometry g = make_geometry(y, T, direct, C, inner);
+  check_flat(a, C, y.scalar_type(), "a");
+  check_flat(b, C, y.scalar_type(), "b");
+  check_flat(residual, T * g.S, y.scalar_type(), "residual");
+  if (y_save.has_value())
+    TORCH_CHECK(y_save->is_contiguous() && y_save->numel() == y.numel() &&
+                    (y_save->scalar_type() == torch::kShort || y_save->scalar_type() == torch::kInt),
+                "epilogue_forward: y_save must be a flat int16/int32 tensor of y's size");
+  auto spikes = torch::empty({T * g.S}, y.options());
+  const bool wide = y_save.has_value() && y_save->scalar_type() == torch::kInt;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "epilogue_forward", [&] {
+    const auto p = make_lif<scalar_t>(decay, threshold, v_reset, decay_input);
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = spikes.data_ptr<scalar_t>();
+    int16_t* ys16 = y_save.has_value() && !wide ? y_save->data_ptr<int16_t>() : nullptr;
+    int32_t* ys32 = wide ? y_save->data_ptr<int32_t>() : nullptr;
+    at::parallel_for(0, (g.S + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t begin = b0 * kBlock, end = std::min(g.S, b1 * kBlock);
+      if (wide)
+        epilogue_forward_run(yp, ap, bp, rp, out, ys32, begin, end, g, p);
+      else
+        epilogue_forward_run(yp, ap, bp, rp, out, ys16, begin, end, g, p);
+    });
+  });
+  return spikes;
+}
+
+// Adds the block's per-neuron sums (lanes) into the per-channel sums.
+__attribute__((always_inline)) inline void scatter_lanes(const double* lg, const double* lgy, const int32_t* cj,
+                                                         int64_t n, int64_t C, double* sg, double* sgy) {
+  const int32_t c0 = cj[0];
+  if (cj[n - 1] == c0) {  // one channel (contiguous frames)
+    double x = 0, z = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x += lg[j];
+      z += lgy[j];
+    }
+    sg[c0] += x;
+    sgy[c0] += z;
+  } else if (c0 + n <= C && cj[n - 1] == c0 + n - 1) {  // consecutive channels (channels-last frames)
+    for (int64_t j = 0; j < n; ++j) {
+      sg[c0 + j] += lg[j];
+      sgy[c0 + j] += lgy[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      sg[cj[j]] += lg[j];
+      sgy[cj[j]] += lgy[j];
+    }
+  }
+}
+
+// BPTT of one block: recompute I, U and S forward, go back in time; write G = dL/dI (summed over T for a
+// direct-encoded input) and dL/dresidual, and add Σ G and Σ G·y per channel into sg / sgy.
+template <typename scalar_t, typename y_t>
+__attribute__((always_inline)) inline void epilogue_backward_block(
+    const y_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, const scalar_t* gs, scalar_t* G,
+    scalar_t* gres, int64_t m, int64_t n, const Geometry& g, const Lif<scalar_t>& p, scalar_t* u, char* s,
+    double* sg, double* sgy) {
+  scalar_t av[kBlock], bv[kBlock], cur[kBlock], v[kBlock];
+  double lg[kBlock], lgy[kBlock];
+  int32_t cj[kBlock];
+  block_channels<scalar_t>(m, n, g.C, g.inner, a, b, av, bv, cj);
+  const int64_t T = g.T;
+  for (int64_t j = 0; j < n; ++j) v[j] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    block_current<scalar_t, y_t>(y + t * g.ystep + m, res ? res + t * g.S + m : nullptr, av, bv, b != nullptr, n,
+                                 cur);
+    lif_step<scalar_t, char, true>(cur, v, u + t * kBlock, s + t * kBlock, n, p);
+  }
+  bptt_block<scalar_t>(u, s, gs + m, g.S, n, T, p);  // u[t] := dL/dI[t]
+  if (gres)
+    for (int64_t t = 0; t < T; ++t) std::copy(u + t * kBlock, u + t * kBlock + n, gres + t * g.S + m);
+  for (int64_t j = 0; j < n; ++j) lg[j] = lgy[j] = 0;
+  if (g.ystep == 0) {  // direct: G = Σ_t dL/dI[t], in time order as the eager sum(0)
+    for (int64_t j = 0; j < n; ++j) cur[j] = u[j];
+    for (int64_t t = 1; t < T; ++t)
+      for (int64_t j = 0; j < n; ++j) cur[j] = cur[j] + u[t * kBlock + j];
+    const y_t* yt = y + m;
+    for (int64_t j = 0; j < n; ++j) {
+      G[m + j] = cur[j];
+      lg[j] = cur[j];
+      lgy[j] = static_cast<double>(cur[j]) * static_cast<double>(yt[j]);
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* ut = u + t * kBlock;
+      const y_t* yt = y + t * g.S + m;
+      scalar_t* Gt = G + t * g.S + m;
+      for (int64_t j = 0; j < n; ++j) {
+        Gt[j] = ut[j];
+        lg[j] += ut[j];
+        lgy[j] += static_cast<double>(ut[j]) * static_cast<double>(yt[j]);
+      }
+    }
+  }
+  scatter_lanes(lg, lgy, cj, n, g.C, sg, sgy);
+}
+
+#define BINWSLT_EPILOGUE_BACKWARD_RUN(scalar_t, y_t)                                                           \
+  __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_backward_run(                    \
+      const y_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, const scalar_t* gs, scalar_t* G, \
+      scalar_t* gres, int64_t begin, int64_t end, const Geometry& g, const Lif<scalar_t>& p, scalar_t* u,      \
+      char* s, double* sg, double* sgy) {                                                                     \
+    for (int64_t m = begin; m < end; m += kBlock)                                                             \
+      epilogue_backward_block<scalar_t, y_t>(y, a, b, res, gs, G, gres, m, std::min(kBlock, end - m), g, p, u, \
+                                             s, sg, sgy);                                                     \
+  }
+BINWSLT_EPILOGUE_BACKWARD_RUN(float, float)
+BINWSLT_EPILOGUE_BACKWARD_RUN(float, int16_t)
+BINWSLT_EPILOGUE_BACKWARD_RUN(float, int32_t)
+BINWSLT_EPILOGUE_BACKWARD_RUN(double, double)
+BINWSLT_EPILOGUE_BACKWARD_RUN(double, int16_t)
+BINWSLT_EPILOGUE_BACKWARD_RUN(double, int32_t)
+
+template <typename scalar_t, typename y_t>
+void epilogue_backward_typed(const torch::Tensor& y, const torch::Tensor& a, const c10::optional<torch::Tensor>& b,
+                             const c10::optional<torch::Tensor>& residual, const torch::Tensor& grad_spikes,
+                             torch::Tensor& G, c10::optional<torch::Tensor>& gres, const Geometry& g,
+                             const Lif<scalar_t>& p, torch::Tensor& sums) {
+  const y_t* yp = y.data_ptr<y_t>();
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gp = grad_spikes.data_ptr<scalar_t>();
+  scalar_t* Gp = G.data_ptr<scalar_t>();
+  scalar_t* rg = gres.has_value() ? gres->data_ptr<scalar_t>() : nullptr;
+  const int64_t C = g.C, nblocks = (g.S + kBlock - 1) / kBlock;
+  const int nthreads = std::max<int>(1, at::get_num_threads());
+  std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    double* sg = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+    std::vector<scalar_t> u(g.T * kBlock);
+    std::vector<char> s(g.T * kBlock);
+    epilogue_backward_run(yp, ap, bp, rp, gp, Gp, rg, b0 * kBlock, std::min(g.S, b1 * kBlock), g, p, u.data(),
+                          s.data(), sg, sg + C);
+  });
+  double* out = sums.data_ptr<double>();
+  for (int t = 0; t < nthreads; ++t)
+    for (int64_t c = 0; c < 2 * C; ++c) out[c] += partial[static_cast<size_t>(t) * 2 * C + c];
+}
+
+// Backward. y: flat, float (the current's dtype) or the int16/int32 saved copy; a, b, residual as in the
+// forward; grad_spikes [T·S] of the current's dtype. Returns G = dL/dI ([F·frame] like y; summed over T for a
+// direct-encoded input), the float64 sums [2, C] (Σ G, Σ G·y per channel) and dL/dresidual [T·S] if asked.
+std::vector<torch::Tensor> epilogue_backward(torch::Tensor y, torch::Tensor a, c10::optional<torch::Tensor> b,
+                                             c10::optional<torch::Tensor> residual, torch::Tensor grad_spikes,
+                                             int64_t T, bool direct, int64_t C, int64_t inner, double decay,
+                                             double threshold, c10::optional<double> v_reset, bool decay_input,
+                                             int64_t surrogate, double alpha, bool detach_reset,
+                                             bool want_grad_residual) {
+  const Geometry g = make_geometry(y, T, direct, C, inner);
+  const auto dtype = a.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kDouble, "epilogue_backward: a must be float32/float64");
+  TORCH_CHECK(y.scalar_type() == dtype || y.scalar_type() == torch::kShort || y.scalar_type() == torch::kInt,
+              "epilogue_backward: y must be of a's dtype or int16/int32");
+  check_flat(a, C, dtype, "a");
+  check_flat(b, C, dtype, "b");
+  check_flat(residual, T * g.S, dtype, "residual");
+  check_flat(grad_spikes, T * g.S, dtype, "grad_spikes");
+  auto G = torch::empty({y.numel()}, a.options());
+  c10::optional<torch::Tensor> gres;
+  if (want_grad_residual) gres = torch::empty({T * g.S}, a.options());
+  auto sums = torch::zeros({2, C}, a.options().dtype(torch::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "epilogue_backward", [&] {
+    const auto nr = make_lif<scalar_t>(decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset);
+    switch (y.scalar_type()) {
+      case torch::kShort:
+        epilogue_backward_typed<scalar_t, int16_t>(y, a, b, residual, grad_spikes, G, gres, g, nr, sums);
+        break;
+      case torch::kInt:
+        epilogue_backward_typed<scalar_t, int32_t>(y, a, b, residual, grad_spikes, G, gres, g, nr, sums);
+        break;
+      default:
+        epilogue_backward_typed<scalar_t, scalar_t>(y, a, b, residual, grad_spikes, G, gres, g, nr, sums);
+    }
+  });
+  std::vector<torch::Tensor> result{G, sums};
+  if (gres.has_value()) result.push_back(*gres);
+  return result;
+}
+
+// In place over G (flat, like y): G = c1[c]·G + c2[c]·y + c3[c], the BatchNorm fold (c2, c3 may be None: then
+// G = c1[c]·G, the plain per-channel scale).
+template <typename scalar_t, typename y_t>
+void fold_typed(scalar_t* G, const y_t* y, const scalar_t* c1, const scalar_t* c2, const scalar_t* c3,
+                int64_t total, int64_t C, int64_t inner) {
+  at::parallel_for(0, (total + kBlock - 1) / kBlock, 64, [&](int64_t b0, int64_t b1) {
+    scalar_t k1[kBlock], k2[kBlock], k3[kBlock];
+    int32_t cj[kBlock];
+    for (int64_t m = b0 * kBlock; m < std::min(total, b1 * kBlock); m += kBlock) {
+      const int64_t n = std::min(kBlock, total - m);
+      block_channels<scalar_t>(m % (C * inner), n, C, inner, c1, c2, k1, k2, cj);
+      scalar_t* Gm = G + m;
+      if (c2) {
+        for (int64_t j = 0; j < n; ++j) k3[j] = c3[cj[j]];
+        const y_t* ym = y + m;
+        for (int64_t j = 0; j < n; ++j) Gm[j] = (Gm[j] * k1[j] + k3[j]) + static_cast<scalar_t>(ym[j]) * k2[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) Gm[j] = Gm[j] * k1[j];
+      }
+    }
+  });
+}
+
+void epilogue_fold(torch::Tensor G, torch::Tensor y, torch::Tensor c1, c10::optional<torch::Tensor> c2,
+                   c10::optional<torch::Tensor> c3, int64_t C, int64_t inner) {
+  TORCH_CHECK(G.dim() == 1 && G.is_contiguous() && y.dim() == 1 && y.is_contiguous() && G.numel() == y.numel(),
+              "epilogue_fold: G and y must be flat of one size");
+  TORCH_CHECK(G.numel() % (C * inner) == 0, "epilogue_fold: G does not split into channels");
+  TORCH_CHECK(c2.has_value() == c3.has_value(), "epilogue_fold: c2 and c3 come together");
+  check_flat(c1, C, G.scalar_type(), "c1");
+  check_flat(c2, C, G.scalar_type(), "c2");
+  check_flat(c3, C, G.scalar_type(), "c3");
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "epilogue_fold", [&] {
+    scalar_t* Gp = G.data_ptr<scalar_t>();
+    const scalar_t* p1 = c1.data_ptr<scalar_t>();
+    const scalar_t* p2 = c2.has_value() ? c2->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* p3 = c3.has_value() ? c3->data_ptr<scalar_t>() : nullptr;
+    switch (y.scalar_type()) {
+      case torch::kShort:
+        fold_typed<scalar_t, int16_t>(Gp, y.data_ptr<int16_t>(), p1, p2, p3, G.numel(), C, inner);
+        break;
+      case torch::kInt:
+        fold_typed<scalar_t, int32_t>(Gp, y.data_ptr<int32_t>(), p1, p2, p3, G.numel(), C, inner);
+        break;
+      default:
+        TORCH_CHECK(y.scalar_type() == G.scalar_type(), "epilogue_fold: y must be of G's dtype or int16/int32");
+        fold_typed<scalar_t, scalar_t>(Gp, y.data_ptr<scalar_t>(), p1, p2, p3, G.numel(), C, inner);
+    }
+  });
+}
+
+// Bits of a flat tensor (value != 0), 8 per byte, little-endian: the layout of binwslt.bits.pack_bits.
+torch::Tensor pack_nonzero(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "pack_nonzero: x must be flat");
+  const int64_t n = x.numel(), nbytes = (n + 7) / 8;
+  auto out = torch::empty({nbytes}, x.options().dtype(torch::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  AT_DISPATCH_ALL_TYPES_AND2(at::ScalarType::Bool, at::ScalarType::BFloat16, x.scalar_type(), "pack_nonzero", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    at::parallel_for(0, nbytes, 4096, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        uint8_t byte = 0;
+        const int64_t k = std::min<int64_t>(8, n - 8 * i);
+        for (int64_t j = 0; j < k; ++j) byte |= static_cast<uint8_t>(p[8 * i + j] != scalar_t(0)) << j;
+        o[i] = byte;
+      }
+    });
+  });
+  return out;
+}
+
+// Inverse of pack_nonzero: `numel` values 0/1 of `dtype`, flat (eight at a time from a table of the 256 bytes).
+torch::Tensor unpack_to(torch::Tensor bits, int64_t numel, c10::ScalarType dtype) {
+  TORCH_CHECK(bits.dim() == 1 && bits.is_contiguous() && bits.scalar_type() == torch::kByte &&
+                  bits.numel() * 8 >= numel, "unpack_to: bits must be flat uint8 holding numel bits");
+  auto out = torch::empty({numel}, bits.options().dtype(dtype));
+  const uint8_t* p = bits.data_ptr<uint8_t>();
+  AT_DISPATCH_ALL_TYPES_AND2(at::ScalarType::Bool, at::ScalarType::BFloat16, dtype, "unpack_to", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    std::unique_ptr<scalar_t[]> table(new scalar_t[256 * 8]);  // (no std::vector<bool>)
+    for (int byte = 0; byte < 256; ++byte)
+      for (int j = 0; j < 8; ++j) table[byte * 8 + j] = static_cast<scalar_t>(static_cast<float>((byte >> j) & 1));
+    const int64_t whole = numel / 8;
+    at::parallel_for(0, whole, 4096, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) std::memcpy(o + 8 * i, table.get() + 8 * p[i], 8 * sizeof(scalar_t));
+    });
+    for (int64_t q = 8 * whole; q < numel; ++q) o[q] = table[8 * p[whole] + (q - 8 * whole)];
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_forward", &lif_forward, "fused LIF forward scan over T (CPU)");
   m.def("lif_backward", &lif_backward, "fused LIF BPTT scan over T (CPU)");
   m.def("channel_moments", &channel_moments, "per-channel float64 sum and sum of squares (CPU)");
+  m.def("epilogue_forward", &epilogue_forward, "fused current + LIF scan + spikes + saved y (CPU)");
+  m.def("epilogue_backward", &epilogue_backward, "fused current + BPTT + per-channel sums (CPU)");
+  m.def("epilogue_fold", &epilogue_fold, "in-place BatchNorm gradient fold c1*G + c2*y + c3 (CPU)");
+  m.def("pack_nonzero", &pack_nonzero, "bits of a flat tensor, 8 per byte, little-endian (CPU)");
+  m.def("unpack_to", &unpack_to, "bits to 0/1 values of a dtype (CPU)");
 }
