@@ -136,6 +136,7 @@ def collect_specs(module_filter=None):
     import triton
 
     package = _kernel_package()
+    jit_function = importlib.import_module(f"{package}.optional").jit_function
     problems = []
     try:
         all_specs = importlib.import_module(f"{package}.specs").compile_specs()
@@ -157,7 +158,8 @@ def collect_specs(module_filter=None):
         except Exception as exc:
             problems.append(f"{name}: import failed: {type(exc).__name__}: {exc}")
             continue
-        for fn_name, fn in sorted(vars(module).items()):
+        for fn_name, obj in sorted(vars(module).items()):
+            fn = jit_function(obj)
             if isinstance(fn, triton.runtime.JITFunction) and fn.__module__ == module.__name__ \
                     and fn_name.endswith("_kernel") and (module.__name__, fn_name) not in covered:
                 problems.append(f"{name}: kernel {fn_name} has no entry in kernels/specs.py")

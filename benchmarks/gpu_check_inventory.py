@@ -96,6 +96,7 @@ def jit_functions(package: str = "binwslt.kernels") -> List[tuple]:
     """``[(module_name, fn_name, JITFunction)]`` of every ``@triton.jit`` function in the kernel package."""
     import triton
     pkg = importlib.import_module(package)
+    jit_function = importlib.import_module(f"{package}.optional").jit_function  # under @triton.heuristics
     found = []
     for path in sorted(pathlib.Path(pkg.__file__).parent.glob("*.py")):
         if path.stem == "__init__":
@@ -104,7 +105,8 @@ def jit_functions(package: str = "binwslt.kernels") -> List[tuple]:
             module = importlib.import_module(f"{package}.{path.stem}")
         except Exception:
             continue
-        for name, value in vars(module).items():
+        for name, obj in vars(module).items():
+            value = jit_function(obj)
             if isinstance(value, triton.runtime.JITFunction) and value.__module__ == module.__name__:
                 found.append((path.stem, name, value))
     return found

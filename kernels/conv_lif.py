@@ -13,6 +13,10 @@ as it is), ``y`` as int16 (int32 when the fan-in exceeds 32767; fp32 for an anal
 the backward scan rather than stored: recomputing is one cheap elementwise pass per step, storing it would cost 4
 bytes per neuron per step. About 0.09-0.11 of the reference backend's saved bytes on a 16->16 channel layer.
 
+No spike counter: binwslt.energy needs each layer's input firing rate, which this layer's output count equals only
+when nothing (pooling) sits between two layers, and it must give the same figures on every backend, so it measures
+the rates itself; the kernels count nothing (the former ``spike_counts`` argument is gone).
+
 Layout: every kernel works channels-last (see ``conv_lif_fwd``); the returned spikes are ``[T, N, C_out, OH, OW]``
 with channels-last strides, which the next fused layer reads without a copy.
 
@@ -40,7 +44,7 @@ from .launch import INT32_LIMIT, bn_forward, check_float64, derived, epilogue_ba
     kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
-from .lif import check_spike_counts, neuron_params
+from .lif import neuron_params
 from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, scan_config, \
     stats_fit_int32
 
@@ -155,14 +159,12 @@ class ConvLIFState:
 # ------------------------------------------------------------------------------------------------ forward
 def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                      timesteps, batch_norm, running_mean, running_var, momentum, eps, need_y=False,
-                     spike_counts=None, memory="auto", subnet=None):
+                     memory="auto", subnet=None):
     """Run the fused forward. Returns ``(spikes, state)``.
 
     ``spikes``: ``[T, N, C_out, OH, OW]`` in x's dtype, with channels-last strides (memory ``[T, N, OH, OW, C_out]``:
     the layout the kernels write coalesced, and the one the next fused layer reads without a copy). ``state``: the
-    `ConvLIFState` backward needs (None unless ``need_y``). ``spike_counts``: optional integer tensor ``[C_out]``
-    that the per-channel number of output spikes of this call is added to. ``memory``: "auto" | "save" | "recompute"
-    (kernels/memory.py): with "recompute" the state holds no ``y`` and the backward rebuilds it.
+    `ConvLIFState` backward needs (None unless ``need_y``). ``memory``: "auto" | "save" | "recompute" (kernels/memory.py): with "recompute" the state holds no ``y`` and the backward rebuilds it.
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     device = x.device
@@ -173,7 +175,6 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     out_cl = torch.empty(geo.cl_out_shape, dtype=spike_output_dtype(x.dtype), device=device)
     _check_int32(x_cl, out_cl)
     res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
-    count = torch.zeros(geo.C_out, dtype=torch.int32, device=device) if spike_counts is not None else None
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
@@ -182,8 +183,6 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     y = None
     if store_y:
         y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=device)
-    dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     common = dict(T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH,
                   OW=geo.OW, SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
                   decay=p["decay"], threshold=p["threshold"], v_reset=p["v_reset"],
@@ -192,31 +191,20 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     bn_state = None
     if not batch_norm:
         a, b = plain_affine(scale, shift, geo.C_out, device)
-        binary_conv_lif_fwd_kernel[grid](
-            x_cl, tern_cl, alpha, a, b, res_cl if res_cl is not None else dummy_f32, out_cl,
-            y if y is not None else dummy_i32, count if count is not None else dummy_i32, dummy_i32,
-            FIRE=True, HAS_RES=res_cl is not None, STORE_Y=store_y, COUNT=count is not None, STATS=False, **common)
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, a, b, res_cl, out_cl, y, None, **common)
     else:
         stat_dtype = torch.int64 if is_spike else torch.float32
         stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
-        binary_conv_lif_fwd_kernel[grid](
-            x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, out_cl, y, dummy_i32, stats,
-            FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
-            STATS_I32=stats_fit_int32(geo.fan_in, cfg["BLOCK_M"]), **common)
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, None, None, None, None, y, stats,
+                                         STATS_I32=stats_fit_int32(geo.fan_in, cfg["BLOCK_M"]), **common)
         # mean/var of alpha*y over (T, N, OH, OW) from the exact per-tile sums (binwslt.batchnorm).
         a, b, bn_state = bn_forward(stats, geo.T_y * geo.M, geo.T * geo.M, alpha, scale, shift, running_mean,
                                     running_var, momentum, eps)
         scfg = scan_config(geo.C_out, geo.M)
         sgrid = (triton.cdiv(geo.M, scfg["BLOCK_M"]), triton.cdiv(geo.C_out, scfg["BLOCK_N"]))
         conv_lif_scan_kernel[sgrid](
-            y, alpha, a, b, res_cl if res_cl is not None else dummy_f32, out_cl,
-            count if count is not None else dummy_i32, geo.T, geo.M, geo.C_out,
-            p["decay"], p["threshold"], p["v_reset"],
-            DIRECT=geo.direct, HAS_RES=res_cl is not None, COUNT=count is not None,
-            HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
-    if spike_counts is not None:
-        with torch.no_grad():
-            spike_counts.add_(count.to(spike_counts.dtype))
+            y, alpha, a, b, res_cl, out_cl, geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"],
+            DIRECT=geo.direct, HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
     spikes = mark_spikes(from_channels_last(out_cl))
     state = None
     if need_y:
@@ -245,14 +233,11 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x_cl.device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
-    dummy = torch.empty(1, dtype=torch.int32, device=x_cl.device)
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=x_cl.device)
     binary_conv_lif_fwd_kernel[grid](
-        x_cl, tern_cl, alpha, dummy_f32, dummy_f32, dummy_f32, dummy_f32, y, dummy, dummy,
+        x_cl, tern_cl, alpha, None, None, None, None, y, None,
         T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
         SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW, decay=0.0, threshold=1.0, v_reset=0.0,
-        KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, FIRE=False, HAS_RES=False,
-        STORE_Y=True, COUNT=False, STATS=False, HARD_RESET=True, DECAY_INPUT=False, **launch_kwargs(cfg))
+        KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, HARD_RESET=True, DECAY_INPUT=False, **launch_kwargs(cfg))
     return y
 
 
@@ -284,7 +269,6 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
         y = _gemm_y(_saved_input(state), state.tern.permute(2, 3, 0, 1).contiguous(), alpha, geo,
                     state.is_spike, state.saved_x.dtype == torch.float16)
     bn = state.bn
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
@@ -296,10 +280,8 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
     conv_lif_bwd_scan_kernel[grid](
-        y, alpha, a, b, mult, res_cl if res_cl is not None else dummy_f32, gout_cl, g,
-        gres_cl if gres_cl is not None else dummy_f32, part,
-        geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"], p["alpha"],
-        DIRECT=geo.direct, HAS_RES=res_cl is not None, GRAD_RES=gres_cl is not None,
+        y, alpha, a, b, mult, res_cl, gout_cl, g, gres_cl, part,
+        geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"], p["alpha"], DIRECT=geo.direct,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
         SURROGATE=p["SURROGATE"], **launch_kwargs(cfg))
     grad_res = from_channels_last(gres_cl).to(state.res_dtype) if gres_cl is not None else None
@@ -356,16 +338,13 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
     shape = (split,) + tuple(weight.shape)
     gs = torch.empty(shape, dtype=torch.float32, device=device) if need_s else None
     gw = torch.empty(shape, dtype=torch.float32, device=device) if need_w else None
-    dummy = torch.empty(1, dtype=torch.float32, device=device)
-    w_in = weight.detach().to(torch.float32).contiguous()  # the epilogue reads fp32 weight and scores
-    s_in = scores.detach().to(torch.float32).contiguous()
+    # the epilogue reads fp32 weight and scores (only for the scores' gradient)
+    w_in = weight.detach().to(torch.float32).contiguous() if need_s else None
+    s_in = scores.detach().to(torch.float32).contiguous() if need_s else None
     grid = (geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]), split)
     conv_grad_weight_kernel[grid](
-        x_cl, g_frames, w_in, s_in, state.tern, state.alpha,
-        gs if gs is not None else dummy, gw if gw is not None else dummy,
-        P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
-        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w,
-        SPLIT=state.split, **launch_kwargs(cfg))
+        x_cl, g_frames, w_in, s_in, state.tern, state.alpha, gs, gw, P, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, p_per_split,
+        geo.SH, geo.SW, geo.PH, geo.PW, KH=geo.KH, KW=geo.KW, SPLIT=state.split, **launch_kwargs(cfg))
     grad_s = gs.sum(0).to(scores.dtype) if gs is not None else None
     grad_w = gw.sum(0).to(weight.dtype) if gw is not None else None
     return grad_w, grad_s
@@ -380,14 +359,13 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, stride,
-                padding, neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory,
-                subnet):
+                padding, neuron, timesteps, batch_norm, momentum, eps, grad_precision, memory, subnet):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = conv_lif_forward(
             x, weight, scores, prune_rate, stride=stride, padding=padding, scale=scale, shift=shift,
             residual=residual, neuron=neuron, timesteps=timesteps, batch_norm=batch_norm,
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
-            spike_counts=spike_counts, memory=memory, subnet=subnet)
+            memory=memory, subnet=subnet)
         if need_grad:
             saved_res, res_bits = residual, False
             if residual is not None and is_spikes(residual):
@@ -420,20 +398,18 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         state = replace(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                         alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])
-        return grads + (None,) * 14
+        return grads + (None,) * 13
 
 
 def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps, spike_counts=None, grad_precision="split",
-                    memory="auto", subnet=None):
+                    batch_norm, running_mean, running_var, momentum, eps, grad_precision="split", memory="auto",
+                    subnet=None):
     """Fused binary-subnet conv2d + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: spikes ``[T, N, C_in, H, W]`` (float; 0/1, or analog values) or an analog image ``[N, C_in, H, W]`` with
     ``timesteps=T``; weight/scores ``[C_out, C_in, KH, KW]`` float; stride/padding pairs of ints; scale/shift
     ``[C_out]`` float or None; residual ``[T, N, C_out, OH, OW]`` or None; neuron a LIFConfig; batch_norm uses
-    batch statistics over (T, N, OH, OW) (running stats updated in place). ``spike_counts`` (extra, optional): an
-    integer ``[C_out]`` tensor the per-channel output spike counts are added to. ``grad_precision``: "split"
-    (backward GEMMs with the fp32 gradient as three bf16 terms) or "bf16" (one term), kernels/gemm.py.
+    batch statistics over (T, N, OH, OW) (running stats updated in place). ``grad_precision``: "split" (backward GEMMs with the fp32 gradient as three bf16 terms) or "bf16" (one term), kernels/gemm.py.
     ``memory``: "auto" | "save" | "recompute", whether y is kept for backward or rebuilt there (kernels/memory.py).
     ``subnet``: the layer's cached `binwslt.subnet.Subnet` (kernels/subnet.py make_subnet) or None to select now.
     Spike-ness of x and residual from their dtype or mark (binwslt.spikes.is_spikes); float64 x is an error (the
@@ -443,8 +419,7 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
-    check_spike_counts(spike_counts, weight.shape[0])
     check_float64(x, "conv")
     return mark_spikes(BinWConv2dLIFFunction.apply(
         x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, tuple(stride),
-        tuple(padding), neuron, timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, memory, subnet))
+        tuple(padding), neuron, timesteps, batch_norm, momentum, eps, grad_precision, memory, subnet))

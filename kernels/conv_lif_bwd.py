@@ -23,8 +23,10 @@ import triton.language as tl
 from .conv_lif_fwd import tile_offsets, tile_ptrs
 from .gemm import split_dot_both, split_dot_exact_a, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
+from .optional import optional_tensors
 
 
+@optional_tensors(HAS_RES="res_ptr", GRAD_RES="gres_ptr")
 @triton.jit
 def conv_lif_bwd_scan_kernel(
         y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, gout_ptr, g_ptr, gres_ptr, part_ptr,
@@ -36,7 +38,8 @@ def conv_lif_bwd_scan_kernel(
 
     All of ``y``, ``res``, ``gout`` (dL/dspikes), ``g``, ``gres`` are channels-last ``[T, M, C_out]`` (``y``:
     ``[1, M, C_out]`` when DIRECT). Writes ``g`` (fp32; only slot 0 when DIRECT), ``gres`` (when GRAD_RES) and
-    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and dL/dI * y).
+    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and dL/dI * y). HAS_RES / GRAD_RES:
+    ``res`` / ``gres`` passed (not None).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -171,6 +174,7 @@ def conv_grad_input_kernel(
         tl.store(dx_ptrs, (acc * alpha).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@optional_tensors(GRAD_SCORES=("gs_ptr", "w_ptr", "s_ptr"), GRAD_WEIGHT="gw_ptr")
 @triton.jit
 def conv_grad_weight_kernel(
         x_ptr, g_ptr, w_ptr, s_ptr, tern_ptr, alpha_ptr, gs_ptr, gw_ptr,
@@ -183,7 +187,7 @@ def conv_grad_weight_kernel(
 
     ``x`` channels-last ``[F, H, W, C_in]`` (int8 spikes or float); ``g`` fp32 ``[F, M, C_out]``. Writes the
     straight-through gradients of split ``program_id(2)`` into ``gs`` / ``gw`` ``[SPLIT, C_out, C_in, KH, KW]``
-    (fp32). EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0. Tensor-core dots (kernels/gemm.py): g split
+    (fp32); GRAD_SCORES: ``gs`` passed (with ``w``, ``s``), GRAD_WEIGHT: ``gw`` passed. EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0. Tensor-core dots (kernels/gemm.py): g split
     into bf16 hi + lo when SPLIT, hi alone otherwise; int8 spikes are exact in bf16, an analog ``x`` is split too
     (three dots when SPLIT).
     """

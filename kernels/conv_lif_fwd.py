@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .gemm import split_dot_exact_b
 from .lif import lif_step
+from .optional import optional_tensors
 
 
 @triton.jit
@@ -131,23 +132,24 @@ def fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, 
     """One LIF step of an output tile: current from ``y``, update membrane ``v``, store the spikes at ``off`` of
     ``out`` (channels-last ``[T, M, C_out]``, like ``res``).
 
-    Returns ``(spike, v)`` with ``spike`` fp32 0/1 (masked-out entries are 0).
+    Returns the membrane ``v`` after the step.
     """
     cur = (y.to(tl.float32) * alpha) * a[None, :] + b[None, :]
     if HAS_RES:
         cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
     u, spike, v = lif_step(v, cur, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
     tl.store(tile_ptrs(out_ptr, off, EVEN_N), spike.to(out_ptr.dtype.element_ty), mask=mask)
-    return tl.where(mask, spike, 0.0), v
+    return v
 
 
+@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stat_ptr")
 @triton.jit
 def binary_conv_lif_fwd_kernel(
-        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, count_ptr, stat_ptr,
+        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stat_ptr,
         T, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
         decay, threshold, v_reset,
         KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr,
-        FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, COUNT: tl.constexpr, STATS: tl.constexpr,
+        FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_I32: tl.constexpr = False):
     """Fused conv + LIF over all T steps; each program owns a ``[BLOCK_M pixels, BLOCK_N channels]`` tile.
@@ -155,8 +157,10 @@ def binary_conv_lif_fwd_kernel(
     FIRE: run the LIF scan in registers and store spikes (the float current never reaches memory).
     STORE_Y: also store the exact pre-activation y for backward / the BatchNorm second pass.
     STATS (BatchNorm pass 1, FIRE off): per-program partial sums of y and y^2 per channel into
-    ``stat_ptr`` ``[2, cdiv(M, BLOCK_M), C_out]``. COUNT: atomically add per-channel spike counts to ``count_ptr``.
+    ``stat_ptr`` ``[2, cdiv(M, BLOCK_M), C_out]``.
     DIRECT: the input has no time axis; the convolution runs once and drives all T steps.
+    The four flags follow from which tensors the launch passes (None: absent; kernels/optional.py): FIRE from
+    ``out`` (with ``a, b``), HAS_RES from ``res``, STORE_Y from ``y``, STATS from ``stat``.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -168,7 +172,6 @@ def binary_conv_lif_fwd_kernel(
         a = tl.load(a_ptr + offs_n, mask=n_ok, other=0.0)
         b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    count = tl.zeros([BLOCK_N], dtype=tl.float32)
     if IS_SPIKE:
         sum_y = tl.zeros([BLOCK_N], dtype=tl.int64)
         sum_yy = tl.zeros([BLOCK_N], dtype=tl.int64)
@@ -185,9 +188,8 @@ def binary_conv_lif_fwd_kernel(
         if FIRE:
             for t in range(T):
                 off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
-                spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
-                                     HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
-                count += tl.sum(spike, 0)
+                v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                              HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
     else:
         for t in range(T):
             y = conv_tile(x_ptr, w_ptr, t * N, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
@@ -196,26 +198,25 @@ def binary_conv_lif_fwd_kernel(
             sum_y, sum_yy = store_y_and_stats(y, y_ptr, off, mask, sum_y, sum_yy, STORE_Y, STATS, IS_SPIKE, EVEN_N,
                                                STATS_I32)
             if FIRE:
-                spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
-                                     HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
-                count += tl.sum(spike, 0)
+                v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                              HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
     if STATS:
         num_pid_m = tl.num_programs(0)
         tl.store(stat_ptr + pid_m * C_out + offs_n, sum_y, mask=n_ok)
         tl.store(stat_ptr + (num_pid_m + pid_m) * C_out + offs_n, sum_yy, mask=n_ok)
-    if COUNT:
-        tl.atomic_add(count_ptr + offs_n, count.to(tl.int32), mask=n_ok)
 
 
+@optional_tensors(HAS_RES="res_ptr")
 @triton.jit
 def conv_lif_scan_kernel(
-        y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, count_ptr,
+        y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr,
         T, M, C_out, decay, threshold, v_reset,
-        DIRECT: tl.constexpr, HAS_RES: tl.constexpr, COUNT: tl.constexpr,
+        DIRECT: tl.constexpr, HAS_RES: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """LIF scan over a stored pre-activation y ``[T_y, M, C_out]`` (BatchNorm pass 2): same epilogue as the fused
-    kernel, with the batch statistics already folded into ``a, b`` by the host."""
+    kernel, with the batch statistics already folded into ``a, b`` by the host. HAS_RES: ``res`` passed (not
+    None)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,7 +226,6 @@ def conv_lif_scan_kernel(
     a = tl.load(a_ptr + offs_n, mask=n_ok, other=0.0)
     b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    count = tl.zeros([BLOCK_N], dtype=tl.float32)
     if DIRECT:
         off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
         y = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0)
@@ -233,10 +233,7 @@ def conv_lif_scan_kernel(
         off, mask = tile_offsets(t, offs_m, offs_n, M, C_out, EVEN_N)
         if not DIRECT:
             y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0)
-        spike, v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
-                             HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
-        count += tl.sum(spike, 0)
-    if COUNT:
-        tl.atomic_add(count_ptr + offs_n, count.to(tl.int32), mask=n_ok)
+        v = fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, v_reset,
+                      HAS_RES, HARD_RESET, DECAY_INPUT, EVEN_N)
 
 

@@ -239,15 +239,5 @@ def lif(x_seq, neuron):
 
 
 __all__ = ["lif_step", "lif_grad_step", "surrogate_grad", "lif", "lif_forward", "lif_backward", "LIFFunction",
-           "neuron_params", "surrogate_code", "SURROGATE_CODES", "check_spike_counts"]
+           "neuron_params", "surrogate_code", "SURROGATE_CODES"]
 
-
-def check_spike_counts(spike_counts, channels: int) -> None:
-    """Validate the optional per-channel spike counter of the fused layers: None or an integer ``[channels]``."""
-    if spike_counts is None:
-        return
-    if not isinstance(spike_counts, torch.Tensor) or spike_counts.shape != (channels,) \
-            or spike_counts.is_floating_point():
-        raise ValueError(f"spike_counts must be an integer tensor of shape [{channels}], got "
-                         f"{getattr(spike_counts, 'dtype', type(spike_counts))} "
-                         f"{tuple(getattr(spike_counts, 'shape', ()))}")

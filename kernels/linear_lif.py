@@ -43,7 +43,7 @@ from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .launch import bn_forward, check_float64, check_int32, epilogue_backward, grad_multiplier, \
     kernel_input_dtype, plain_affine, subnet_operands, y_dtype
-from .lif import check_spike_counts, neuron_params
+from .lif import neuron_params
 from .conv_lif_bwd import bn_grad_fold_kernel
 from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_grad_input_kernel, \
     linear_grad_weight_kernel, linear_lif_bwd_scan_kernel, linear_lif_scan_kernel
@@ -98,11 +98,8 @@ def _prepare_input(x, direct):
 
 
 def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                       running_mean, running_var, momentum, eps, need_state=False, spike_counts=None, subnet=None):
-    """Fused forward. Returns ``(spikes [T, N, C], state)``; state (a `LinearLIFState`) only when ``need_state``.
-
-    ``spike_counts``: optional integer ``[C]`` tensor that this call's per-channel spike counts are added to.
-    """
+                       running_mean, running_var, momentum, eps, need_state=False, subnet=None):
+    """Fused forward. Returns ``(spikes [T, N, C], state)``; state (a `LinearLIFState`) only when ``need_state``."""
     direct = timesteps is not None
     T = int(timesteps) if direct else x.shape[0]
     N, K = x.shape[-2], x.shape[-1]
@@ -115,11 +112,8 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     check_int32("linear", x=x_k.numel(), output=T * N * C, weight=C * K)
     out = torch.empty((T, N, C), dtype=spike_output_dtype(x.dtype), device=device)
     res = _io(residual)
-    count = torch.zeros(C, dtype=torch.int32, device=device) if spike_counts is not None else None
     store_y = need_state or batch_norm
     y = torch.empty((T_y, N, C), dtype=y_dtype(is_spike, K), device=device) if store_y else None
-    dummy_i32 = torch.empty(1, dtype=torch.int32, device=device)
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     cfg = linear_forward_config(is_spike, dot_fp16)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_N"]))
     flags = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, HARD_RESET=p["HARD_RESET"],
@@ -127,30 +121,21 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     bn_state = None
     if not batch_norm:
         a, b = plain_affine(scale, shift, C, device)
-        binary_linear_lif_fwd_kernel[grid](
-            x_k, tern, alpha, a, b, res if res is not None else dummy_f32, out,
-            y if y is not None else dummy_i32, count if count is not None else dummy_i32, dummy_i32,
-            T, N, K, C, p["decay"], p["threshold"], p["v_reset"],
-            FIRE=True, HAS_RES=res is not None, STORE_Y=store_y, COUNT=count is not None, STATS=False, **flags)
+        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, a, b, res, out, y, None,
+                                           T, N, K, C, p["decay"], p["threshold"], p["v_reset"], **flags)
     else:
         stats = torch.empty((2, grid[0], C), dtype=torch.int64 if is_spike else torch.float32, device=device)
-        binary_linear_lif_fwd_kernel[grid](
-            x_k, tern, alpha, dummy_f32, dummy_f32, dummy_f32, out, y, dummy_i32, stats,
-            T, N, K, C, p["decay"], p["threshold"], p["v_reset"],
-            FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True, **flags)
+        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, None, None, None, None, y, stats,
+                                           T, N, K, C, p["decay"], p["threshold"], p["v_reset"], **flags)
         # Batch statistics of alpha*y over (T, N) (a direct input's T copies share one frame).
         a, b, bn_state = bn_forward(stats, T_y * N, T * N, alpha, scale, shift, running_mean, running_var, momentum,
                                     eps)
         scfg = linear_scan_config()
         sgrid = (triton.cdiv(N, scfg["BLOCK_M"]), triton.cdiv(C, scfg["BLOCK_N"]))
         linear_lif_scan_kernel[sgrid](
-            y, alpha, a, b, res if res is not None else dummy_f32, out, count if count is not None else dummy_i32,
-            T, N, C, p["decay"], p["threshold"], p["v_reset"],
-            DIRECT=direct, HAS_RES=res is not None, COUNT=count is not None, HARD_RESET=p["HARD_RESET"],
+            y, alpha, a, b, res, out, T, N, C, p["decay"], p["threshold"], p["v_reset"],
+            DIRECT=direct, HARD_RESET=p["HARD_RESET"],
             DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
-    if spike_counts is not None:
-        with torch.no_grad():
-            spike_counts.add_(count.to(spike_counts.dtype))
     state = None
     if need_state:
         saved_x = pack_bits(x_k != 0) if is_spike else x_k
@@ -168,7 +153,6 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     p = neuron_params(state.neuron)
     y, alpha, a, b, bn = state.y, state.alpha, state.a, state.b, state.bn
     grad_spikes = grad_spikes.contiguous()
-    dummy_f32 = torch.empty(1, dtype=torch.float32, device=device)
     mult = grad_multiplier(scale, bn, C, device)
     g = torch.empty((T, N, C), dtype=torch.float32, device=device)
     grad_res = torch.empty((T, N, C), dtype=residual.dtype, device=device) \
@@ -178,10 +162,8 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     grid = (triton.cdiv(N, scfg["BLOCK_M"]), triton.cdiv(C, scfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], C), dtype=torch.float32, device=device)
     linear_lif_bwd_scan_kernel[grid](
-        y, alpha, a, b, mult, res if res is not None else dummy_f32, grad_spikes, g,
-        grad_res if grad_res is not None else dummy_f32, part, T, N, C,
-        p["decay"], p["threshold"], p["v_reset"], p["alpha"],
-        DIRECT=direct, HAS_RES=res is not None, GRAD_RES=grad_res is not None, HARD_RESET=p["HARD_RESET"],
+        y, alpha, a, b, mult, res, grad_spikes, g, grad_res, part, T, N, C,
+        p["decay"], p["threshold"], p["v_reset"], p["alpha"], DIRECT=direct, HARD_RESET=p["HARD_RESET"],
         DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"], SURROGATE=p["SURROGATE"],
         **launch_kwargs(scfg))
     T_y = y.shape[0]
@@ -206,9 +188,9 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
         gs = torch.empty((C, K), dtype=scores.dtype, device=device) if need_s else None
         gw = torch.empty((C, K), dtype=weight.dtype, device=device) if need_w else None
         linear_grad_weight_kernel[(triton.cdiv(C, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
-            state.saved_x, g_frames, weight.detach().contiguous(), scores.detach().contiguous(), state.tern,
-            alpha, gs if gs is not None else dummy_f32, gw if gw is not None else dummy_f32, R, C, K,
-            X_BITS=state.is_spike, GRAD_SCORES=need_s, GRAD_WEIGHT=need_w, SPLIT=state.split,
+            state.saved_x, g_frames, weight.detach().contiguous() if need_s else None,
+            scores.detach().contiguous() if need_s else None, state.tern, alpha, gs, gw, R, C, K,
+            X_BITS=state.is_spike, SPLIT=state.split,
             **launch_kwargs(gcfg))
         grad_w, grad_s = gw, gs
     if scale is not None and grad_scale is not None:
@@ -221,12 +203,12 @@ class BinWLinearLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var, prune_rate, neuron,
-                timesteps, batch_norm, momentum, eps, spike_counts, grad_precision, subnet):
+                timesteps, batch_norm, momentum, eps, grad_precision, subnet):
         need_grad = any(ctx.needs_input_grad[:6])
         spikes, state = linear_lif_forward(
             x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
             timesteps=timesteps, batch_norm=batch_norm, running_mean=running_mean, running_var=running_var,
-            momentum=momentum, eps=eps, need_state=need_grad, spike_counts=spike_counts, subnet=subnet)
+            momentum=momentum, eps=eps, need_state=need_grad, subnet=subnet)
         if need_grad:
             bn = state.bn
             tensors = [state.saved_x, state.y, *pack_ternary(state.tern), state.alpha, state.a, state.b, weight,
@@ -245,17 +227,16 @@ class BinWLinearLIFFunction(torch.autograd.Function):
         state = replace(ctx.state, saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b,
                      bn=None if mean is None else BatchStats(mean, rstd))
         grads = linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, ctx.needs_input_grad[:6])
-        return grads + (None,) * 11
+        return grads + (None,) * 10
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps, spike_counts=None, subnet=None, grad_precision="split"):
+                    running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
     """Fused binary-subnet linear + LIF (backend="triton"; arguments validated by `binwslt.functional`).
 
     x: ``[T, N, K]`` float (spikes 0/1 or analog) or an analog ``[N, K]`` with ``timesteps=T``; weight/scores
     ``[C, K]`` float; scale/shift ``[C]`` float or None; residual ``[T, N, C]`` or None; neuron a LIFConfig;
     batch_norm: training-mode BatchNorm over (T, N) per channel (running stats updated in place).
-    ``spike_counts`` (extra, optional): integer ``[C]`` tensor the per-channel output spike counts are added to.
     ``subnet``: the layer's cached `binwslt.subnet.Subnet` or None to select now. ``grad_precision``: "split" or
     "bf16", the backward GEMMs' precision (kernels/gemm.py).
     Spike-ness of x from its dtype or mark (binwslt.spikes.is_spikes); float64 x is an error (the backend
@@ -265,11 +246,10 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
     """
     if not isinstance(neuron, LIFConfig):
         raise TypeError(f"neuron must be a LIFConfig, got {type(neuron).__name__}")
-    check_spike_counts(spike_counts, weight.shape[0])
     check_float64(x, "linear")
     return mark_spikes(BinWLinearLIFFunction.apply(x, weight, scores, scale, shift, residual, running_mean,
                                                    running_var, prune_rate, neuron, timesteps, batch_norm, momentum,
-                                                   eps, spike_counts, grad_precision, subnet))
+                                                   eps, grad_precision, subnet))
 
 
 __all__ = ["binw_linear_lif", "BinWLinearLIFFunction", "LinearLIFState", "linear_lif_forward", "linear_lif_backward"]

@@ -13,12 +13,16 @@ outputs, residual and the pre-activation y ``[T, N, C]`` (C-contiguous).
 - ``linear_grad_input_kernel`` / ``linear_grad_weight_kernel``: dx = alpha * g @ tern; dW_eff = g^T @ x with the
   straight-through epilogue for the scores (and the weight). Both on bf16 tensor cores with the fp32 gradient split
   into three bf16 terms (SPLIT, ``grad_precision="split"``) or one (kernels/gemm.py).
+Optional tensors (residual, y, statistics, the gradients nobody asked for) are passed as None and the kernels'
+FIRE / HAS_RES / STORE_Y / STATS / GRAD_RES / GRAD_SCORES / GRAD_WEIGHT flags follow from
+them (``@optional_tensors``, kernels/optional.py).
 """
 import triton
 import triton.language as tl
 
 from .gemm import split_dot_both, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
+from .optional import optional_tensors
 
 
 @triton.jit
@@ -49,10 +53,10 @@ def linear_tile(x_ptr, tern_ptr, frame, offs_m, offs_n, N, K, C, IS_SPIKE: tl.co
 
 
 @triton.jit
-def linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr, count,
-                     decay, threshold, v_reset, HAS_RES: tl.constexpr, COUNT: tl.constexpr,
+def linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr,
+                     decay, threshold, v_reset, HAS_RES: tl.constexpr,
                      HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
-    """Current (alpha*y)*a + b (+ residual[t]) -> one LIF step; stores spikes[t]; returns (v, count)."""
+    """Current (alpha*y)*a + b (+ residual[t]) -> one LIF step; stores spikes[t]; returns v."""
     mask = (offs_m < N)[:, None] & (offs_n < C)[None, :]
     off = (t * N + offs_m.to(tl.int64))[:, None] * C + offs_n[None, :]
     cur = (y.to(tl.float32) * alpha) * a[None, :] + b[None, :]
@@ -60,9 +64,7 @@ def linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_pt
         cur += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u, spike, v = lif_step(v, cur, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
     tl.store(out_ptr + off, spike.to(out_ptr.dtype.element_ty), mask=mask)
-    if COUNT:
-        count += tl.sum(tl.where(mask, spike, 0.0).to(tl.int32), axis=0)
-    return v, count
+    return v
 
 
 @triton.jit
@@ -85,12 +87,13 @@ def linear_y_epilogue(y, t, offs_m, offs_n, N, C, y_ptr, sum_y, sum_yy,
     return sum_y, sum_yy
 
 
+@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stats_ptr")
 @triton.jit
 def binary_linear_lif_fwd_kernel(
-        x_ptr, tern_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, count_ptr, stats_ptr,
+        x_ptr, tern_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stats_ptr,
         T, N, K, C, decay, threshold, v_reset,
         IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr, FIRE: tl.constexpr,
-        HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, COUNT: tl.constexpr, STATS: tl.constexpr,
+        HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grid: (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)); every program runs all T steps of its tile.
@@ -113,15 +116,14 @@ def binary_linear_lif_fwd_kernel(
         sum_y = tl.zeros([BLOCK_N], dtype=tl.float32)
         sum_yy = tl.zeros([BLOCK_N], dtype=tl.float32)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    count = tl.zeros([BLOCK_N], dtype=tl.int32)
     if DIRECT:
         y = linear_tile(x_ptr, tern_ptr, 0, offs_m, offs_n, N, K, C, IS_SPIKE, DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
         sum_y, sum_yy = linear_y_epilogue(y, 0, offs_m, offs_n, N, C, y_ptr, sum_y, sum_yy, IS_SPIKE, STORE_Y,
                                           STATS)
         if FIRE:
             for t in range(T):
-                v, count = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr, count,
-                                            decay, threshold, v_reset, HAS_RES, COUNT, HARD_RESET, DECAY_INPUT)
+                v = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr,
+                                     decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
     else:
         for t in range(T):
             y = linear_tile(x_ptr, tern_ptr, t, offs_m, offs_n, N, K, C, IS_SPIKE, DOT_FP16,
@@ -129,21 +131,20 @@ def binary_linear_lif_fwd_kernel(
             sum_y, sum_yy = linear_y_epilogue(y, t, offs_m, offs_n, N, C, y_ptr, sum_y, sum_yy, IS_SPIKE, STORE_Y,
                                               STATS)
             if FIRE:
-                v, count = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr, count,
-                                            decay, threshold, v_reset, HAS_RES, COUNT, HARD_RESET, DECAY_INPUT)
+                v = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr,
+                                     decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
     if STATS:
         # stats layout [2, grid_m, C]: partials per program row, summed on the host (deterministic).
         base = pid_m.to(tl.int64) * C + offs_n
         tl.store(stats_ptr + base, sum_y, mask=n_mask)
         tl.store(stats_ptr + tl.num_programs(0).to(tl.int64) * C + base, sum_yy, mask=n_mask)
-    if COUNT:
-        tl.atomic_add(count_ptr + offs_n, count, mask=n_mask)
 
 
+@optional_tensors(HAS_RES="res_ptr")
 @triton.jit
-def linear_lif_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, count_ptr, T, N, C,
+def linear_lif_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, T, N, C,
                            decay, threshold, v_reset,
-                           DIRECT: tl.constexpr, HAS_RES: tl.constexpr, COUNT: tl.constexpr,
+                           DIRECT: tl.constexpr, HAS_RES: tl.constexpr,
                            HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # BatchNorm pass 2: LIF over the stored y [T_y, N, C] with the folded per-channel a, b.
@@ -156,19 +157,17 @@ def linear_lif_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, cou
     a = tl.load(a_ptr + offs_n, mask=offs_n < C, other=0.0)
     b = tl.load(b_ptr + offs_n, mask=offs_n < C, other=0.0)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    count = tl.zeros([BLOCK_N], dtype=tl.int32)
     y_off = offs_m.to(tl.int64)[:, None] * C + offs_n[None, :]
     if DIRECT:
         y = tl.load(y_ptr + y_off, mask=mask, other=0)
     for t in range(T):
         if not DIRECT:
             y = tl.load(y_ptr + t * N * C + y_off, mask=mask, other=0)
-        v, count = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr, count,
-                                    decay, threshold, v_reset, HAS_RES, COUNT, HARD_RESET, DECAY_INPUT)
-    if COUNT:
-        tl.atomic_add(count_ptr + offs_n, count, mask=offs_n < C)
+        v = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr,
+                             decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
 
 
+@optional_tensors(HAS_RES="res_ptr", GRAD_RES="grad_res_ptr")
 @triton.jit
 def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, grad_spike_ptr, g_ptr,
                                grad_res_ptr, part_ptr, T, N, C, decay, threshold, v_reset, sg_alpha,
@@ -255,6 +254,7 @@ def linear_grad_input_kernel(g_ptr, tern_ptr, alpha_ptr, dx_ptr, R, C, K,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@optional_tensors(GRAD_SCORES=("gs_ptr", "weight_ptr", "scores_ptr"), GRAD_WEIGHT="gw_ptr")
 @triton.jit
 def linear_grad_weight_kernel(x_ptr, g_ptr, weight_ptr, scores_ptr, tern_ptr, alpha_ptr, gs_ptr, gw_ptr, R, C, K,
                               X_BITS: tl.constexpr, GRAD_SCORES: tl.constexpr, GRAD_WEIGHT: tl.constexpr,

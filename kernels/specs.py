@@ -18,6 +18,7 @@ import functools
 import itertools
 
 from .lif import SURROGATE_CODES
+from .optional import absent_for, jit_function
 from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, SUBNET_BLOCK, SUBNET_NUM_WARPS, forward_config, \
     grad_input_config, grad_weight_config, linear_forward_config, linear_gemm_config, linear_scan_config, \
     scan_config
@@ -83,10 +84,9 @@ def with_divisible_twins(specs):
     return specs + twins
 
 
-_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "count_ptr",
-             "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
+_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
              "decay", "threshold", "v_reset"]
-_CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "count_ptr", "T", "M", "C_out",
+_CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "T", "M", "C_out",
               "decay", "threshold", "v_reset"]
 # input kind -> (x pointer, y pointer, stats pointer, DOT_FP16, DIRECT)
 _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "*i32", "*i64", False, False),
@@ -116,10 +116,10 @@ def conv_forward_specs():
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
             fire, store_y, stats, stats_i32 = _MODES[mode]
             types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                     "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type, "count_ptr": "*i32",
+                     "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type,
                      "stat_ptr": stat_type, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
             constexprs = {"KH": kh, "KW": kw, "IS_SPIKE": is_spike, "DOT_FP16": fp16, "DIRECT": direct,
-                          "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "COUNT": True, "STATS": stats,
+                          "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "STATS": stats,
                           "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
                           "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                           "BLOCK_K": cfg["BLOCK_K"], "STATS_I32": stats_i32}
@@ -133,9 +133,9 @@ def conv_forward_specs():
                                (False, True), ("fp32", "fp16", "bf16")])
     for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
         types = {"y_ptr": "*" + y_name, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                 "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "count_ptr": "*i32", "decay": "fp32",
+                 "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "decay": "fp32",
                  "threshold": "fp32", "v_reset": "fp32"}
-        constexprs = {"DIRECT": direct, "HAS_RES": True, "COUNT": True, "HARD_RESET": hard,
+        constexprs = {"DIRECT": direct, "HAS_RES": True, "HARD_RESET": hard,
                       "DECAY_INPUT": decay_input, "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"],
                       "BLOCK_N": cfg["BLOCK_N"]}
         specs.append(make_spec(
@@ -213,10 +213,9 @@ def conv_backward_specs():
 
 def _linear_fwd_signature(x_type, out_type, y_type, stats_type):
     return {"x_ptr": x_type, "tern_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-            "res_ptr": "*fp32", "out_ptr": out_type, "y_ptr": y_type, "count_ptr": "*i32", "stats_ptr": stats_type,
+            "res_ptr": "*fp32", "out_ptr": out_type, "y_ptr": y_type, "stats_ptr": stats_type,
             "T": "i32", "N": "i32", "K": "i32", "C": "i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
-            **{k: "constexpr" for k in ("IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "COUNT",
-                                        "STATS", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+            **{k: "constexpr" for k in ("IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "STATS", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
 
 
 def _hints(signature, *ints):
@@ -256,36 +255,36 @@ def linear_specs():
         # BatchNorm pass 1: no firing; the neuron flags are unused.
         specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},bn-stats]", "fn": binary_linear_lif_fwd_kernel,
                       "signature": _linear_fwd_signature(x_type, "*" + out_types[0], y_type, stats_type),
-                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, COUNT=False, STATS=True,
+                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=True,
                                          HARD_RESET=True, DECAY_INPUT=False),
                       "num_warps": nw, "num_stages": ns})
-        for (out_t, store_y, has_res, count), (hard, decay_input) in _covering(
-                (out_types, (False, True), (False, True), (False, True)), ((True, False), (False, True))):
+        for (out_t, store_y, has_res), (hard, decay_input) in _covering(
+                (out_types, (False, True), (False, True)), ((True, False), (False, True))):
             specs.append({
                 "name": (f"binary_linear_lif_fwd_kernel[{name},out={out_t},store_y={store_y},res={has_res},"
-                         f"count={count},hard={hard},decay_input={decay_input}]"),
+                         f"hard={hard},decay_input={decay_input}]"),
                 "fn": binary_linear_lif_fwd_kernel,
                 "signature": _linear_fwd_signature(x_type, "*" + out_t, y_type, stats_type),
-                "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, COUNT=count, STATS=False,
+                "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, STATS=False,
                                    HARD_RESET=hard, DECAY_INPUT=decay_input),
                 "num_warps": nw, "num_stages": ns})
     scan = linear_scan_config(interpret=False)
     snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
-    for (y_t, out_t, direct, has_res, count), (hard, decay_input) in _covering(
-            (("fp32", "i16"), ("fp32", "fp16", "bf16"), (True, False), (False, True), (False, True)),
+    for (y_t, out_t, direct, has_res), (hard, decay_input) in _covering(
+            (("fp32", "i16"), ("fp32", "fp16", "bf16"), (True, False), (False, True)),
             ((True, False), (False, True))):
         if direct and y_t == "i16":
             continue
         specs.append({
-            "name": (f"linear_lif_scan_kernel[y={y_t},out={out_t},direct={direct},res={has_res},count={count},"
+            "name": (f"linear_lif_scan_kernel[y={y_t},out={out_t},direct={direct},res={has_res},"
                      f"hard={hard},decay_input={decay_input}]"),
             "fn": linear_lif_scan_kernel,
             "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                          "res_ptr": "*fp32", "out_ptr": f"*{out_t}", "count_ptr": "*i32", "T": "i32", "N": "i32",
+                          "res_ptr": "*fp32", "out_ptr": f"*{out_t}", "T": "i32", "N": "i32",
                           "C": "i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
-                          **{k: "constexpr" for k in ("DIRECT", "HAS_RES", "COUNT", "HARD_RESET", "DECAY_INPUT",
-                                                      "BLOCK_M", "BLOCK_N")}},
-            "constexprs": dict(DIRECT=direct, HAS_RES=has_res, COUNT=count, HARD_RESET=hard, DECAY_INPUT=decay_input,
+                          **{k: "constexpr" for k in ("DIRECT", "HAS_RES", "HARD_RESET", "DECAY_INPUT", "BLOCK_M",
+                                                      "BLOCK_N")}},
+            "constexprs": dict(DIRECT=direct, HAS_RES=has_res, HARD_RESET=hard, DECAY_INPUT=decay_input,
                                **scan),
             "num_warps": snw, "num_stages": sns})
     for (y_t, direct, res_mode), (hard, decay_input, detach, surrogate) in _covering(
@@ -343,7 +342,7 @@ def linear_specs():
             "linear_lif_bwd_scan_kernel": ("C",), "bn_grad_fold_kernel": ("C_out",),
             "linear_grad_input_kernel": ("C", "K"), "linear_grad_weight_kernel": ("C", "K")}
     for spec in specs:
-        spec["divisible_by_16"] = _hints(spec["signature"], *ints[spec["fn"].__name__])
+        spec["divisible_by_16"] = _hints(spec["signature"], *ints[jit_function(spec["fn"]).__name__])
     return specs
 
 
@@ -449,9 +448,21 @@ SPEC_BUILDERS = {"conv_lif_fwd": conv_forward_specs, "conv_lif_bwd": conv_backwa
                  "gemm": gemm_specs}
 
 
+def with_absent_tensors(spec):
+    """``spec`` as the launch it describes compiles: the tensors its flags say are absent typed ``"constexpr"`` with
+    value None (as Triton specialises a None argument, kernels/optional.py), ``fn`` the bare ``@triton.jit``
+    function that ``ASTSource`` takes."""
+    absent = absent_for(spec["fn"], spec["constexprs"])
+    out = dict(spec, fn=jit_function(spec["fn"]), signature={**spec["signature"], **{a: "constexpr" for a in absent}},
+               constexprs={**spec["constexprs"], **absent})
+    if "divisible_by_16" in spec:
+        out["divisible_by_16"] = [a for a in spec["divisible_by_16"] if a not in absent]
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _specs_of(module_name):
-    return tuple(SPEC_BUILDERS[module_name]())
+    return tuple(with_absent_tensors(spec) for spec in SPEC_BUILDERS[module_name]())
 
 
 def compile_specs(modules=None):

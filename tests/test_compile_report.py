@@ -70,3 +70,27 @@ def test_grad_input_gemm_on_tensor_cores(tmp_path):
         assert "BF16" in opcodes
         assert (tmp_path / "cub" / row["cubin"]).stat().st_size > 0
     assert any("HGMMA" in "".join(r["mma"]) for r in rows if r["arch"] == 90)  # the 64-row tiles: wgmma
+
+
+def test_absent_tensors_compile_as_constexpr_none(tmp_path):
+    """A launch passes an absent tensor as None and the kernel's flag follows from it (kernels/optional.py); the
+    compile specs describe that launch the way Triton specialises it (type "constexpr", value None), and
+    ASTSource compiles it for sm_80 and sm_90 with the flag's path gone (no load of the residual)."""
+    from binwslt.kernels.specs import compile_specs
+
+    by_name = {spec["name"]: spec for _, spec in compile_specs(["linear_lif_kernels"])}
+    base = "linear_lif_scan_kernel[y=fp32,out=fp32,direct=True,res={},hard=True,decay_input=False]"
+    without, with_res = by_name[base.format(False)], by_name[base.format(True)]
+    assert without["signature"]["res_ptr"] == "constexpr" and without["constexprs"]["res_ptr"] is None
+    assert without["constexprs"]["HAS_RES"] is False and "res_ptr" not in without["divisible_by_16"]
+    assert with_res["signature"]["res_ptr"] == "*fp32" and with_res["constexprs"]["HAS_RES"] is True
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--module",
+                           "linear_lif_kernels", "--filter", base.split("res=")[0], "--jobs", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(r["name"], r["arch"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 4
+    for arch in (80, 90):
+        assert rows[without["name"], arch]["instructions"] < rows[with_res["name"], arch]["instructions"]

@@ -135,25 +135,6 @@ def test_conv_lif_batch_norm_train(kind, affine):
     _compare(x, weight, scores, 0.4, kw, exact=False)
 
 
-def test_conv_lif_spike_counts_equal_reference_sums():
-    """The per-channel spike counts accumulated by the kernels equal the reference's spike sums."""
-    from binwslt.kernels.conv_lif import binw_conv2d_lif
-
-    x, weight, scores, kw = _conv_case(3, 2, 5, 19, 7, 7, 3, 1, 1, seed=51)
-    neuron = LIFConfig(decay=0.75)
-    want = Fn.binw_conv2d_lif(x, weight, scores, 0.4, neuron=neuron, backend="reference", **kw)
-    counts = torch.full((19,), 7, dtype=torch.int64)
-    for bn in (False, True):
-        counts.fill_(7)
-        out = binw_conv2d_lif(x, weight, scores, 0.4, stride=(1, 1), padding=(1, 1), scale=kw["scale"],
-                              shift=kw["shift"], residual=None, neuron=neuron, timesteps=None, batch_norm=bn,
-                              running_mean=None, running_var=None, momentum=0.1, eps=1e-5, spike_counts=counts)
-        if not bn:
-            assert torch.equal(out, want)
-        assert 0 < out.mean() < 1
-        assert torch.equal(counts - 7, out.sum(dim=(0, 1, 3, 4)).long())
-
-
 def test_conv_lif_long_sequence_and_fp16_image():
     """T = 16 steps in one program (forward only), and a direct-encoded fp16 image (fp16 dot) = its fp32 twin."""
     neuron = LIFConfig(decay=0.75)
@@ -196,16 +177,6 @@ def test_conv_lif_weight_gradient_for_fine_tuning():
     assert grads["reference"][0].abs().sum() > 0
     for got, want in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
-def test_conv_lif_spike_counts_rejects_bad_buffer():
-    from binwslt.kernels.conv_lif import binw_conv2d_lif
-
-    x, weight, scores, kw = _conv_case(1, 1, 3, 5, 5, 5, 3, 1, 1, seed=52)
-    with pytest.raises(ValueError, match="spike_counts"):
-        binw_conv2d_lif(x, weight, scores, 0.4, stride=(1, 1), padding=(1, 1), scale=None, shift=None,
-                        residual=None, neuron=LIFConfig(), timesteps=None, batch_norm=False, running_mean=None,
-                        running_var=None, momentum=0.1, eps=1e-5, spike_counts=torch.zeros(4))
 
 
 @pytest.mark.parametrize("bn,spike_residual", [(True, False), (False, True)])

@@ -112,8 +112,8 @@ def test_conv_grad_weight_kernel_split_vs_float64(analog):
         gs = torch.empty((1,) + shape)
         P = F * OH * OW
         conv_grad_weight_kernel[(K * K * triton.cdiv(C_in, 16), triton.cdiv(C_out, 16), 1)](
-            x, g_cl, weight, scores, tern, alpha, gs, gs, P, C_in, C_out, H, W, OH, OW, P, 1, 1, 1, 1,
-            KH=K, KW=K, GRAD_SCORES=True, GRAD_WEIGHT=False, EVEN_M=False, EVEN_N=False,
+            x, g_cl, weight, scores, tern, alpha, gs, None, P, C_in, C_out, H, W, OH, OW, P, 1, 1, 1, 1,
+            KH=K, KW=K, EVEN_M=False, EVEN_N=False,
             BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT=split)
         results.append(_relative(gs[0], want))
     assert results[0] < 1e-6

@@ -118,24 +118,6 @@ def test_linear_lif_single_sample_and_t1():
     _compare(x, weight, scores, 0.2, kw, exact=True)
 
 
-def test_linear_lif_spike_counts_equal_reference_sums():
-    from binwslt.kernels.linear_lif import binw_linear_lif
-
-    x, weight, scores, kw = _layer_case(3, 5, 37, 19, direct=False, analog=False, scale=True, shift=True,
-                                        residual=False, dyadic=True, bn=False, seed=51)
-    neuron = LIFConfig(decay=0.75)
-    want = Fn.binw_linear_lif(x, weight, scores, 0.4, neuron=neuron, backend="reference", **kw)
-    counts = torch.full((19,), 7, dtype=torch.int64)
-    for bn in (False, True):
-        counts.fill_(7)
-        out = binw_linear_lif(x, weight, scores, 0.4, scale=kw["scale"], shift=kw["shift"], residual=None,
-                              neuron=neuron, timesteps=None, batch_norm=bn, running_mean=None, running_var=None,
-                              momentum=0.1, eps=1e-5, spike_counts=counts)
-        if not bn:
-            assert torch.equal(out, want)
-        assert torch.equal(counts - 7, out.sum(dim=(0, 1)).long())
-
-
 def test_linear_lif_saved_bytes_small():
     """Distinct bytes saved for backward, parameters not counted: spikes as bits, y as int16, the mask bits and
     per-channel statistics - nothing else."""
