@@ -51,28 +51,32 @@ Lif<scalar_t> make_lif(double decay, double threshold, c10::optional<double> v_r
 template <typename scalar_t, typename fired_t, bool kRecord>
 __attribute__((always_inline)) inline void lif_step(const scalar_t* x, scalar_t* v, scalar_t* u, fired_t* fired,
                                                     int64_t n, const Lif<scalar_t>& p) {
+  // locals, not p's fields: the stores below (char ones included) could alias p and stop the vectoriser
+  const scalar_t d = p.d, gain = p.gain, th = p.th, vr = p.vr;
+  const bool hard = p.hard, decay_input = p.decay_input;
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t dv = p.d * v[j];
-    const scalar_t uu = p.decay_input ? dv + p.gain * x[j] : dv + x[j];
-    const bool fire = uu >= p.th;
+    const scalar_t dv = d * v[j];
+    const scalar_t uu = decay_input ? dv + gain * x[j] : dv + x[j];
+    const bool fire = uu >= th;
     if (kRecord) u[j] = uu;
     fired[j] = fire ? fired_t(1) : fired_t(0);
-    v[j] = fire ? (p.hard ? p.vr : uu - p.th) : uu;
+    v[j] = fire ? (hard ? vr : uu - th) : uu;
   }
 }
 
 // dS/dU at the membranes u of one step, into sl (the surrogate chosen outside the loop, so it vectorises).
 template <typename scalar_t>
 __attribute__((always_inline)) inline void slopes(const scalar_t* u, scalar_t* sl, int64_t n, const Lif<scalar_t>& p) {
+  const scalar_t th = p.th, a = p.alpha;
   switch (p.surrogate) {
     case kAtan:
-      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kAtan, p.alpha);
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - th, kAtan, a);
       break;
     case kSigmoid:
-      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kSigmoid, p.alpha);
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - th, kSigmoid, a);
       break;
     default:
-      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - p.th, kTriangle, p.alpha);
+      for (int64_t j = 0; j < n; ++j) sl[j] = surrogate_slope<scalar_t>(u[j] - th, kTriangle, a);
   }
 }
 
@@ -82,6 +86,7 @@ __attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const char* s
   scalar_t grad_v[kBlock], sl[kBlock];  // grad_v: dL/dV[t], carried backwards in time
   for (int64_t j = 0; j < n; ++j) grad_v[j] = 0;
   const scalar_t k = p.decay_input ? p.gain : scalar_t(1);  // dU/dI
+  const scalar_t d = p.d, th = p.th, vr = p.vr;
   for (int64_t t = T - 1; t >= 0; --t) {
     scalar_t* ut = u + t * kBlock;
     const char* st = s + t * kBlock;
@@ -89,11 +94,11 @@ __attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const char* s
     slopes<scalar_t>(ut, sl, n, p);
     for (int64_t j = 0; j < n; ++j) {
       scalar_t grad_s = g[j];
-      if (!kDetach) grad_s = kHard ? grad_s + grad_v[j] * (p.vr - ut[j]) : grad_s - p.th * grad_v[j];
+      if (!kDetach) grad_s = kHard ? grad_s + grad_v[j] * (vr - ut[j]) : grad_s - th * grad_v[j];
       scalar_t grad_u = (kHard && st[j]) ? scalar_t(0) : grad_v[j];
       grad_u = grad_u + grad_s * sl[j];
       ut[j] = k * grad_u;
-      grad_v[j] = p.d * grad_u;
+      grad_v[j] = d * grad_u;
     }
   }
 }
