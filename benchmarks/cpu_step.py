@@ -157,16 +157,25 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line these CPU benchmarks share: ``--out`` (JSON path) and ``--rounds``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON path (a .md table is written beside it)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds per case (default 5)")
-    args = parser.parse_args(argv)
-    result = run(args.rounds)
-    _write(args.out, json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    _write(args.out.with_suffix(".md"), table)
+    return parser
+
+
+def save(out: Path, result: dict, table: str) -> None:
+    """``result`` as JSON at ``out`` and the Markdown ``table`` beside it (``.md``), atomically; prints the table."""
+    _write(out, json.dumps(result, indent=1) + "\n")
+    _write(out.with_suffix(".md"), table)
     print(table)
+
+
+def main(argv=None) -> int:
+    args = arguments(__doc__).parse_args(argv)
+    result = run(args.rounds)
+    save(args.out, result, markdown(result))
     return 0
 
 

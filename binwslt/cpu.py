@@ -3,7 +3,14 @@
 The forward GEMM of a fused layer over spikes is exact in low precision (0/1 spikes times a -1/0/+1 weight,
 integer sums): it runs as an int8 oneDNN convolution / linear with an fp32 output where the CPU has int8 dot
 instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch has oneDNN; in fp32 channels-last elsewhere.
-``BINWSLT_CPU_MATMUL`` overrides the choice: ``auto`` (default), ``int8`` or ``fp32``.
+``BINWSLT_CPU_MATMUL`` overrides the choice: ``auto`` (default), ``int8`` or ``fp32``. A bf16 channels-last
+forward is exact only while every |y| < 256 (a bf16 output); with that check and the cast back to fp32 it measured
+slower than int8 on every Conv-4 layer (benchmarks/cpu_gemm.py), so it is not offered.
+
+The backward GEMMs (`BACKWARD_GEMM`) are fp32 channels-last on every CPU: PyTorch's CPU bf16 convolutions round
+their output to bf16 (no fp32-output bf16 convolution or matmul is exposed), so a bf16 high + low split of g cannot
+be exact; the exact int8 split (benchmarks/cpu_gemm.py: g per frame as three 8-bit digit planes, each an int8
+oneDNN convolution, or ``torch._int_mm`` for grad-weight) costs more than fp32 once g is split and recombined.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from pathlib import Path
 import torch
 
 MATMUL_MODES = ("auto", "int8", "fp32")
+BACKWARD_GEMM = "fp32"  # grad_precision="split" on CPU; "bf16" runs grad-input as one bf16 term
 ENV_VAR = "BINWSLT_CPU_MATMUL"
 _FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
@@ -61,20 +69,23 @@ def matmul_mode() -> str:
 
 
 def cpu_info() -> dict:
-    """A summary for version lines and benchmark JSON: ``{"capability", "flags", "matmul", "threads"}``.
+    """A summary for version lines and benchmark JSON: ``{"capability", "flags", "matmul", "backward",
+    "threads"}``.
 
     capability: torch's ATen CPU kernel level (e.g. "AVX512"); flags: the detected feature flags of interest;
-    matmul: the mode `matmul_mode` picks now; threads: torch's intra-op thread count.
+    matmul: the forward mode `matmul_mode` picks now; backward: `BACKWARD_GEMM`; threads: torch's intra-op
+    thread count.
     """
     return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": sorted(cpu_flags()),
-            "matmul": matmul_mode(), "threads": torch.get_num_threads()}
+            "matmul": matmul_mode(), "backward": BACKWARD_GEMM, "threads": torch.get_num_threads()}
 
 
 def cpu_info_line() -> str:
-    """`cpu_info` as one line, e.g. ``cpu: AVX512 (avx512_bf16 avx512_vnni), forward GEMM int8, 2 threads``."""
+    """`cpu_info` as one line, e.g. ``cpu: AVX512 (avx512_bf16 avx512_vnni), forward GEMM int8, backward fp32,
+    2 threads``."""
     info = cpu_info()
     return (f"cpu: {info['capability']} ({' '.join(info['flags']) or 'no flags read'}), "
-            f"forward GEMM {info['matmul']}, {info['threads']} threads")
+            f"forward GEMM {info['matmul']}, backward {info['backward']}, {info['threads']} threads")
 
 
 def version_line() -> str:

@@ -10,11 +10,13 @@ float64 channel sums (binwslt.batchnorm holds the formulas); the LIF scan is a `
 hand-written BPTT backward, a compiled loop vectorised over blocks of neurons on any dense step layout
 (binwslt/csrc/lif_scan.cpp, built once per source/torch/Python; eager PyTorch ops where it cannot be built or
 for other devices and dtypes). Backward GEMMs: fp32 channels-last for ``grad_precision="split"`` (PyTorch's
-CPU bf16 convolutions round their output to bf16, so a bf16 high + low split would lose its low term there),
-one bf16 term for ``"bf16"``. What a fused layer saves for backward is compact: input spikes as packed bits
-(in memory order), the pre-activation as the exact integer ``y = conv(X, M·sign(w))`` in int16, the mask as
-bits (or the cached subnet itself); nothing at all under ``no_grad``. Analog inputs (a direct-encoded image,
-pooled features) are saved as they are, and their ``y`` in float.
+CPU bf16 convolutions round their output to bf16, so a bf16 high + low split would lose its low term there, and
+the exact int8 split of g measured slower than fp32 here: benchmarks/cpu_gemm.py); ``"bf16"`` runs grad-input as
+one bf16 term and keeps grad-weight in fp32 (the bf16 weight-gradient convolution measured slower). What a fused
+layer saves for backward is compact: input spikes as packed bits (in memory order), the pre-activation as the
+exact integer ``y = conv(X, M·sign(w))`` in int16, the mask as bits (or the cached subnet itself); nothing at all
+under ``no_grad``. Analog inputs (a direct-encoded image, pooled features) are saved as they are, and their ``y``
+in float.
 """
 from __future__ import annotations
 
@@ -429,7 +431,7 @@ def _unpack_frames(bits, shape, channels_last, dtype):
 
 
 def _low_precision_grads(dtype, grad_precision) -> Optional[torch.dtype]:
-    """bf16 for the backward GEMMs in the one-term ``grad_precision="bf16"`` mode (fp32/fp64 layers), else None.
+    """bf16 for the grad-input GEMM in the one-term ``grad_precision="bf16"`` mode (fp32/fp64 layers), else None.
 
     ``"split"`` runs them in the layer's dtype: PyTorch's CPU bf16 convolutions round their output to bf16, so a
     high + low split of g would still lose the low bits there; fp32 (channels-last) keeps the reference's
@@ -518,8 +520,8 @@ class _BinWLIF(torch.autograd.Function):
         grad_scale = grad_scale if ctx.needs_input_grad[3] else None
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
-        low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once, the other operand exact
-        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, low or dtype) if ctx.spiking_input \
+        low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once for grad-input, the weight exact
+        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, dtype) if ctx.spiking_input \
             else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -532,10 +534,7 @@ class _BinWLIF(torch.autograd.Function):
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            if low is not None and ctx.spiking_input:
-                grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur.to(low))
-            else:
-                grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
+            grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
             grad_weight, grad_scores = straight_through_grads(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,

@@ -263,3 +263,41 @@ def test_layer_inputs_are_marked_spikes():
         shape = shapes.LayerShape("m", 0, kind, 3, 6, 6, 6, 3, 1, 1, direct=direct)
         x, _ = cases.layer_inputs(shape, 2, 2, "cpu")
         assert is_spikes(x) is not direct, (kind, direct)
+
+
+@pytest.mark.parametrize("case", [(3, 5, 7, 9, 3, 1), (2, 19, 3, 5, 3, 0), (4, 6, 9, 7, 1, 0), (2, 3, 6, 8, 5, 2)],
+                         ids=str)
+def test_int8_split_gemms_match_float64(case):
+    """benchmarks/cpu_gemm.py's exact int8 split (the candidate measured against fp32): grad-input and grad-weight
+    of a stride-1 conv against float64 on odd shapes, with g badly scaled (frames and channels decades apart):
+    within 1e-5 (a tenth of the gradient tests' rtol) of the largest |result| of each frame (grad-input) or output
+    channel (grad-weight); a per-tensor scale would leave the small frames and channels at ~1e9 times that."""
+    from benchmarks import cpu_gemm
+
+    frames, C_in, C_out, H, k, padding = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = (torch.rand(frames, C_in, H, H + 1, generator=gen) < 0.3).float()
+    tern = torch.randint(-1, 2, (C_out, C_in, k, k), generator=gen).to(torch.int8)
+    Ho, Wo = H + 2 * padding - k + 1, H + 1 + 2 * padding - k + 1
+    scale = torch.logspace(-6, 3, frames).view(-1, 1, 1, 1) * torch.logspace(0, -4, C_out).view(1, -1, 1, 1)
+    g = torch.randn(frames, C_out, Ho, Wo, generator=gen) * scale
+    gd, xd, wd = g.double(), x.double(), tern.double()
+    got_x = cpu_gemm.split_grad_input(g.contiguous(memory_format=torch.channels_last), tern, padding)
+    want_x = torch.nn.grad.conv2d_input(x.shape, wd, gd, padding=padding)
+    err_x = (got_x.double() - want_x).abs().amax((1, 2, 3)) / want_x.abs().amax((1, 2, 3))
+    assert err_x.max() < 1e-5, err_x
+    got_w = cpu_gemm.split_grad_weight(x, g, k, padding)
+    want_w = torch.nn.grad.conv2d_weight(xd, wd.shape, gd, padding=padding)
+    err_w = (got_w.double() - want_w).abs().amax((1, 2, 3)) / want_w.abs().amax((1, 2, 3))
+    assert err_w.max() < 1e-5, err_w
+
+
+def test_cpu_gemm_quick_run_records_every_form(tmp_path):
+    from benchmarks import cpu_gemm
+
+    assert cpu_gemm.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "g.json")]) == 0
+    result = json.loads((tmp_path / "g.json").read_text())
+    (case,) = result["cases"]
+    assert {"forward int8", "grad-input int8 split", "grad-weight int8 split"} <= set(case["times"])
+    assert all(err < 1e-5 for name, err in case["max_error_relative_to_max"].items() if "bf16" not in name)
+    assert "| grad-weight fp32 |" in (tmp_path / "g.md").read_text()

@@ -169,13 +169,15 @@ def test_forward_gemm_mode_is_checked(monkeypatch):
 
 
 def test_grad_precision_bf16_is_one_rounded_term():
-    """grad_precision="bf16": same spikes, gradients within bf16's rounding of g (not the split's 1e-4)."""
+    """grad_precision="bf16": same spikes, grad-input within bf16's rounding of g (not the split's 1e-4); the
+    layer's score gradient stays at the split's tolerance (its grad-weight GEMM is not rounded on CPU)."""
     x, weight, scores, geo = _conv_inputs(CONV_CASES[0], seed=2)
     kw = dict(neuron=LIFConfig(decay=0.9, threshold=0.5), scale=randn(5, seed=3, scale=0.1) + 0.8, **geo)
     got = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, grad_precision="bf16", **dict(kw))
     want = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **dict(kw))
     assert torch.equal(got[0], want[0])
     assert_close_grads(got[1], want[1], rtol=2e-2, atol=2e-2)
+    assert_close_grads({"scores": got[1]["scores"]}, {"scores": want[1]["scores"]})
     with pytest.raises(ValueError, match="grad_precision"):
         Fn.binw_conv2d_lif(x, weight, scores, 0.4, grad_precision="fp8", **geo)
 
@@ -209,8 +211,8 @@ def test_cpu_info_names_the_forward_mode(monkeypatch):
     info = binwslt.cpu_info()
     assert info["matmul"] in ("int8", "fp32") and isinstance(info["flags"], list)
     monkeypatch.setenv(cpu.ENV_VAR, "fp32")
-    assert binwslt.cpu_info()["matmul"] == "fp32"
-    assert "forward GEMM fp32" in cpu.version_line()
+    assert binwslt.cpu_info()["matmul"] == "fp32" and info["backward"] == cpu.BACKWARD_GEMM
+    assert f"forward GEMM fp32, backward {cpu.BACKWARD_GEMM}" in cpu.version_line()
 
 
 def _spy_fused(monkeypatch):
