@@ -45,8 +45,8 @@ from .launch import INT32_LIMIT, bn_forward, check_float64, derived, epilogue_ba
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
 from .lif import neuron_params
-from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, scan_config, \
-    stats_fit_int32
+from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, \
+    recompute_scan_config, scan_config, stats_fit_int32
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _out_size(size, k, stride, pad):
@@ -178,7 +178,8 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
-                           y_bytes=torch.empty(0, dtype=y_dtype(is_spike, geo.fan_in)).element_size())
+                           y_bytes=torch.empty(0, dtype=y_dtype(is_spike, geo.fan_in)).element_size(),
+                           batch_norm=batch_norm, gy=scale is not None and scale.requires_grad)
     store_y = (need_y and not choice.recompute) or batch_norm
     y = None
     if store_y:
@@ -229,7 +230,8 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
 
 def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     """y = conv(X, tern) ``[T_y, M, C_out]`` by the forward kernel with FIRE off (the benchmark baseline, and the
-    recompute of ``memory="recompute"``): channels-last ``x_cl``, K-major ``tern_cl`` ``[KH, KW, C_out, C_in]``."""
+    recompute of ``memory="recompute"`` with BatchNorm): channels-last ``x_cl``, K-major ``tern_cl``
+    ``[KH, KW, C_out, C_in]``."""
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x_cl.device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
@@ -264,11 +266,15 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     geo = state.geo
     device = grad_spikes.device
     p = neuron_params(state.neuron)
-    y, alpha, a, b = state.y, state.alpha, state.a, state.b
-    if y is None:  # memory="recompute": the exact y again, by the forward's GEMM
-        y = _gemm_y(_saved_input(state), state.tern.permute(2, 3, 0, 1).contiguous(), alpha, geo,
-                    state.is_spike, state.saved_x.dtype == torch.float16)
-    bn = state.bn
+    y, alpha, a, b, bn = state.y, state.alpha, state.a, state.b, state.bn
+    # memory="recompute": the backward scan rebuilds y with the forward's GEMM (RECOMPUTE) so y never reaches
+    # memory; with BatchNorm the grad fold needs y at every element after a reduction over all tiles, so there y is
+    # rebuilt once by the forward kernel before the scan (_gemm_y) and the scan reads it.
+    fused = y is None and bn is None
+    w_kmajor = state.tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in], as the forward reads it
+    if y is None and not fused:
+        y = _gemm_y(_saved_input(state), w_kmajor, alpha, geo, state.is_spike,
+                    state.saved_x.dtype == torch.float16)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
@@ -276,14 +282,22 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     gres_cl = None
     if need_res and res_cl is not None:
         gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state.res_dtype), device=device)
-    cfg = scan_config(geo.C_out, geo.M)
+    if fused:
+        cfg = recompute_scan_config(state.is_spike, geo.C_in, geo.C_out, geo.M)
+        x_in, w_in = _saved_input(state), w_kmajor  # passed: RECOMPUTE (kernels/optional.py)
+        gemm_flags = dict(KH=geo.KH, KW=geo.KW, IS_SPIKE=state.is_spike, DOT_FP16=x_in.dtype == torch.float16)
+    else:
+        cfg = scan_config(geo.C_out, geo.M)
+        x_in = w_in = None
+        gemm_flags = {}
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], geo.C_out), dtype=torch.float32, device=device)
     conv_lif_bwd_scan_kernel[grid](
-        y, alpha, a, b, mult, res_cl, gout_cl, g, gres_cl, part,
-        geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"], p["alpha"], DIRECT=geo.direct,
+        y, x_in, w_in, alpha, a, b, mult, res_cl, gout_cl, g, gres_cl, part,
+        geo.T, geo.N, geo.M, geo.C_in, geo.C_out, geo.H, geo.W, geo.OH, geo.OW, geo.SH, geo.SW, geo.PH, geo.PW,
+        p["decay"], p["threshold"], p["v_reset"], p["alpha"], DIRECT=geo.direct,
         HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], DETACH_RESET=p["DETACH_RESET"],
-        SURROGATE=p["SURROGATE"], **launch_kwargs(cfg))
+        SURROGATE=p["SURROGATE"], GY=bn is not None or need_scale, **gemm_flags, **launch_kwargs(cfg))
     grad_res = from_channels_last(gres_cl).to(state.res_dtype) if gres_cl is not None else None
     g_frames = g[: geo.T_y]  # direct: slot 0 holds sum_t dL/dI[t]
     coeffs = epilogue_backward(part, alpha, scale, bn, geo.T_y * geo.M)
@@ -295,7 +309,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
                                                               geo.C_out, BLOCK=FOLD_BLOCK, num_warps=4)
     grad_x = None
     if need_x:
-        grad_x = _grad_input(state, g_frames, geo, device)
+        grad_x = _grad_input(state, g_frames, w_kmajor, geo, device)
     grad_w = grad_s = None
     if need_w or need_s:
         grad_w, grad_s = _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device)
@@ -304,10 +318,9 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     return grad_x, grad_w, grad_s, grad_scale, grad_shift, grad_res
 
 
-def _grad_input(state, g_frames, geo, device):
+def _grad_input(state, g_frames, tern_t, geo, device):
     frames = geo.T_y * geo.N
     dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=_io_dtype(state.out_dtype), device=device)
-    tern_t = state.tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in]
     P = frames * geo.H * geo.W
     cfg = grad_input_config(geo.C_in, geo.C_out, P)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))

@@ -8,6 +8,8 @@ Pipeline (launched by ``conv_lif.py``); every tensor channels-last and contiguou
    same pass it writes dL/dresidual and the per-channel partial sums of dL/dI and dL/dI * y that scale, shift and
    BatchNorm's backward need. For a direct-encoded input the T gradients are summed in registers and only
    ``sum_t dL/dI[t]`` is stored (slot 0 of ``g``): the image's gradient and the weight gradient both use the sum.
+   With ``memory="recompute"`` and no BatchNorm (RECOMPUTE) the same kernel rebuilds each ``y[t]`` with the
+   forward's implicit GEMM (``conv_lif_fwd.conv_tile``) instead of loading it, so ``y`` never reaches memory.
 2. ``bn_grad_fold_kernel`` (training BatchNorm only): ``g = c1[c] * g + c2[c] * y + c3[c]`` in place, the backward
    of normalising with batch statistics once the host reduced the partial sums.
 3. ``conv_grad_input_kernel``: transposed implicit GEMM ``dX = alpha * g (*) tern`` (strides and padding handled by
@@ -20,26 +22,49 @@ Pipeline (launched by ``conv_lif.py``); every tensor channels-last and contiguou
 import triton
 import triton.language as tl
 
-from .conv_lif_fwd import tile_offsets, tile_ptrs
+from .conv_lif_fwd import conv_tile, tile_offsets, tile_ptrs
 from .gemm import split_dot_both, split_dot_exact_a, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
 from .optional import optional_tensors
 
 
-@optional_tensors(HAS_RES="res_ptr", GRAD_RES="gres_ptr")
+@triton.jit
+def scan_y(y_ptr, x_ptr, w_ptr, t, off, mask, offs_m, offs_n, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
+           RECOMPUTE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr,
+           DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pre-activation tile ``y[t]`` as fp32 (``t = 0`` for a direct input): loaded from the saved ``y``, or
+    with RECOMPUTE rebuilt by the forward's own implicit GEMM (``conv_tile``, the forward's tiles: the same exact
+    integers for spikes, the same rounding for an analog input)."""
+    if RECOMPUTE:
+        y = conv_tile(x_ptr, w_ptr, t * N, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
+                      KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0)
+    return y.to(tl.float32)
+
+
+@optional_tensors(HAS_RES="res_ptr", GRAD_RES="gres_ptr", RECOMPUTE=("x_ptr", "w_ptr"))
 @triton.jit
 def conv_lif_bwd_scan_kernel(
-        y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, gout_ptr, g_ptr, gres_ptr, part_ptr,
-        T, M, C_out, decay, threshold, v_reset, sg_alpha,
-        DIRECT: tl.constexpr, HAS_RES: tl.constexpr, GRAD_RES: tl.constexpr,
-        HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
-        SURROGATE: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        y_ptr, x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, gout_ptr, g_ptr, gres_ptr, part_ptr,
+        T, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW, decay, threshold, v_reset, sg_alpha,
+        DIRECT: tl.constexpr, HAS_RES: tl.constexpr, GRAD_RES: tl.constexpr, RECOMPUTE: tl.constexpr,
+        GY: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+        SURROGATE: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KH: tl.constexpr = 1, KW: tl.constexpr = 1, IS_SPIKE: tl.constexpr = True, DOT_FP16: tl.constexpr = False,
+        EVEN_K: tl.constexpr = True, BLOCK_K: tl.constexpr = 32):
     """Recompute + reverse LIF scan of one ``[BLOCK_M, BLOCK_N]`` output tile (see module docstring, step 1).
 
     All of ``y``, ``res``, ``gout`` (dL/dspikes), ``g``, ``gres`` are channels-last ``[T, M, C_out]`` (``y``:
     ``[1, M, C_out]`` when DIRECT). Writes ``g`` (fp32; only slot 0 when DIRECT), ``gres`` (when GRAD_RES) and
-    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and dL/dI * y). HAS_RES / GRAD_RES:
-    ``res`` / ``gres`` passed (not None).
+    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and, when GY, of dL/dI * y; zeros
+    without GY: only the scale gradient and BatchNorm read them). HAS_RES / GRAD_RES: ``res`` / ``gres`` passed
+    (not None). RECOMPUTE: ``x`` and ``w`` passed (``memory="recompute"``), ``y`` None: every ``y[t]`` is rebuilt
+    from the forward's input ``x`` (channels-last, as the forward read it) and K-major ternary weight ``w`` by the
+    forward's GEMM (``conv_tile``; KH..BLOCK_K and the geometry ints as the forward launched it), once per step in
+    the forward sweep and, with GY, once more in the reverse sweep, so ``y`` never reaches memory. Without
+    RECOMPUTE the geometry ints and GEMM constexprs are unused.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -52,7 +77,8 @@ def conv_lif_bwd_scan_kernel(
     mult = tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)
     if DIRECT:
         off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
-        y0 = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
+        y0 = scan_y(y_ptr, x_ptr, w_ptr, 0, off0, mask0, offs_m, offs_n, N, M, C_in, C_out, H, W, OH, OW, SH, SW,
+                    PH, PW, RECOMPUTE, KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
         base = (y0 * alpha) * a[None, :] + b[None, :]
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t in range(T):
@@ -60,7 +86,8 @@ def conv_lif_bwd_scan_kernel(
         if DIRECT:
             cur = base
         else:
-            y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0).to(tl.float32)
+            y = scan_y(y_ptr, x_ptr, w_ptr, t, off, mask, offs_m, offs_n, N, M, C_in, C_out, H, W, OH, OW, SH, SW,
+                       PH, PW, RECOMPUTE, KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
             cur = (y * alpha) * a[None, :] + b[None, :]
         if HAS_RES:
             cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
@@ -85,14 +112,20 @@ def conv_lif_bwd_scan_kernel(
             tl.store(tile_ptrs(gres_ptr, off, EVEN_N), grad_cur.to(gres_ptr.dtype.element_ty), mask=mask)
         acc_g += grad_cur
         if not DIRECT:
-            y = tl.load(tile_ptrs(y_ptr, off, EVEN_N), mask=mask, other=0).to(tl.float32)
-            acc_gy += grad_cur * y
+            if GY:
+                y = scan_y(y_ptr, x_ptr, w_ptr, t, off, mask, offs_m, offs_n, N, M, C_in, C_out, H, W, OH, OW, SH,
+                           SW, PH, PW, RECOMPUTE, KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
+                           BLOCK_K)
+                acc_gy += grad_cur * y
             tl.store(tile_ptrs(g_ptr, off, EVEN_N), grad_cur * mult[None, :], mask=mask)
+    off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
     if DIRECT:
-        # reload y rather than keep it live across both scans
-        off0, mask0 = tile_offsets(0, offs_m, offs_n, M, C_out, EVEN_N)
-        y0 = tl.load(tile_ptrs(y_ptr, off0, EVEN_N), mask=mask0, other=0).to(tl.float32)
-        acc_gy = acc_g * y0
+        if GY:
+            # reload (or rebuild) y rather than keep it live across both scans
+            y0 = scan_y(y_ptr, x_ptr, w_ptr, 0, off0, mask0, offs_m, offs_n, N, M, C_in, C_out, H, W, OH, OW, SH,
+                        SW, PH, PW, RECOMPUTE, KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
+            acc_gy = acc_g * y0
         tl.store(tile_ptrs(g_ptr, off0, EVEN_N), acc_g * mult[None, :], mask=mask0)
     sum_g = tl.sum(acc_g, 0)
     sum_gy = tl.sum(acc_gy, 0)

@@ -21,7 +21,7 @@ from .lif import SURROGATE_CODES
 from .optional import absent_for, jit_function
 from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, SUBNET_BLOCK, SUBNET_NUM_WARPS, forward_config, \
     grad_input_config, grad_weight_config, linear_forward_config, linear_gemm_config, linear_scan_config, \
-    scan_config
+    recompute_scan_config, scan_config
 
 # Layer sizes the tile policy is enumerated over: channel counts (odd and tile multiples) and pixel counts.
 _SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
@@ -161,24 +161,46 @@ def conv_backward_specs():
         conv_lif_bwd_scan_kernel
 
     specs = []
-    scan_args = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr", "gres_ptr",
-                 "part_ptr", "T", "M", "C_out", "decay", "threshold", "v_reset", "sg_alpha"]
+    scan_args = ["y_ptr", "x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "gout_ptr", "g_ptr",
+                 "gres_ptr", "part_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
+                 "decay", "threshold", "v_reset", "sg_alpha"]
+
+    def scan_spec(name, cfg, y_type, x_type, w_type, neuron, io_type, constexprs):
+        hard, detach, surrogate, decay_input = neuron
+        types = {"y_ptr": "*" + y_type, "x_ptr": "*" + x_type, "w_ptr": "*" + w_type,
+                 "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
+        for arg in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
+            types[arg] = "*fp32"
+        for arg in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
+            types[arg] = "*" + io_type
+        constexprs = {"HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard, "DECAY_INPUT": decay_input,
+                      "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate], **constexprs}
+        return make_spec(f"conv_lif_bwd_scan_kernel[{name},hard={hard},detach={detach},{surrogate},"
+                         f"decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
+                         conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg)
+
+    neuron_flags = [(True, False), (False, True), tuple(SURROGATE_CODES), (False, True)]
+    # y saved ("save", and "recompute" with BatchNorm): the elementwise scan tiles
     scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _BWD_PIXELS))
     scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                                (False, True), tuple(SURROGATE_CODES), (False, True), ("fp32", "fp16", "bf16")])
-    for cfg, ((y_name, direct), hard, detach, surrogate, decay_input, io_type) in variants(scan_cfgs, scan_flags):
-        types = {"y_ptr": "*" + y_name, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
-        for name in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "g_ptr", "part_ptr"):
-            types[name] = "*fp32"
-        for name in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
-            types[name] = "*" + io_type
-        constexprs = {"DIRECT": direct, "HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard,
-                      "DECAY_INPUT": decay_input, "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate],
-                      **_tile_constexprs(cfg)}
-        specs.append(make_spec(
-            f"conv_lif_bwd_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},detach={detach},"
-            f"{surrogate},decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
-            conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg))
+                                *neuron_flags, ("fp32", "fp16", "bf16")])
+    for cfg, ((y_name, direct), gy, *neuron, io_type) in variants(scan_cfgs, scan_flags):
+        constexprs = {"DIRECT": direct, "GY": gy, "RECOMPUTE": False, "KH": 1, "KW": 1, "IS_SPIKE": True,
+                      "DOT_FP16": False, "EVEN_K": True, "BLOCK_K": 32, **_tile_constexprs(cfg)}
+        specs.append(scan_spec(f"{y_name}{',direct' if direct else ''},gy={gy}", cfg, y_name, "fp32", "fp32",
+                               neuron, io_type, constexprs))
+    # memory="recompute" without BatchNorm: the forward's GEMM inside the scan
+    for is_spike in (True, False):
+        cfgs = distinct(recompute_scan_config(is_spike, ci, co, m, interpret=False)
+                        for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
+        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike and k != "spike-y32"]
+        flags = one_at_a_time([kinds, (True, False), ((3, 3), (1, 1)), *neuron_flags, ("fp32", "fp16", "bf16")])
+        for cfg, (kind, gy, (kh, kw), *neuron, io_type) in variants(cfgs, flags):
+            x_type, _, _, fp16, direct = _KINDS[kind]
+            constexprs = {"DIRECT": direct, "GY": gy, "RECOMPUTE": True, "KH": kh, "KW": kw, "IS_SPIKE": is_spike,
+                          "DOT_FP16": fp16, "y_ptr": None, **_tile_constexprs(cfg)}  # y: None, not stored
+            specs.append(scan_spec(f"recompute-{kind},gy={gy},{kh}x{kw}", cfg, "fp32", x_type[1:], "i8",
+                                   neuron, io_type, constexprs))
     for y_name in ("i16", "i32", "fp32"):
         types = {"g_ptr": "*fp32", "y_ptr": "*" + y_name, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32"}
         specs.append(make_spec(f"bn_grad_fold_kernel[{y_name}]", bn_grad_fold_kernel, types,

@@ -14,21 +14,41 @@ pytest.importorskip("triton")
 from binwslt.kernels.memory import choose_memory  # noqa: E402
 
 
-@pytest.mark.parametrize("kind,bn", [("spike", False), ("spike", True), ("direct", False)])
-def test_recompute_gradients_match_reference(kind, bn):
+@pytest.mark.parametrize("kind,bn", [("spike", False), ("spike", True), ("direct", False), ("analog", False),
+                                     ("spike-noscale", False)])
+def test_recompute_gradients_match_reference(kind, bn, monkeypatch):
+    """Without BatchNorm the backward scan rebuilds y itself (RECOMPUTE: the forward's GEMM inside the scan, once
+    per step and again in the reverse sweep for the scale gradient; "spike-noscale" skips the second); with it, y is
+    rebuilt by one forward-kernel launch before the scan. "analog": an fp32 input (dyadic values, exact in the
+    split GEMM) with a residual and stride 2."""
     T, N, C_in, C_out, H = 3, 1, 5, 19, 7
-    x = randn(N, C_in, H, H, seed=31) if kind == "direct" else spikes(T, N, C_in, H, H, seed=31)
+    if kind == "direct":
+        x = randn(N, C_in, H, H, seed=31)
+    elif kind == "analog":
+        x = torch.randint(-4, 5, (T, N, C_in, H, H), generator=torch.Generator().manual_seed(31)).float() / 4
+    else:
+        x = spikes(T, N, C_in, H, H, seed=31)
     weight, scores = randn(C_out, C_in, 3, 3, seed=32, scale=0.3), randn(C_out, C_in, 3, 3, seed=33)
-    kw = dict(stride=(1, 1), padding=(1, 1), timesteps=T if kind == "direct" else None, batch_norm=bn,
+    stride = (2, 2) if kind == "analog" else (1, 1)
+    kw = dict(stride=stride, padding=(1, 1), timesteps=T if kind == "direct" else None, batch_norm=bn,
               scale=randn(C_out, seed=34, scale=0.2) + 1.0, shift=randn(C_out, seed=35, scale=0.2) + 0.25,
               neuron=LIFConfig(decay=0.75))
+    if kind == "spike-noscale":
+        kw.pop("scale")
+    if kind == "analog":
+        out = (H + 2 - 3) // 2 + 1
+        kw["residual"] = randn(T, N, C_out, out, out, seed=36, scale=0.5)
     if bn:
         kw.update(running_mean=torch.zeros(C_out), running_var=torch.ones(C_out))
+    else:  # y is rebuilt inside the backward scan: the separate GEMM launch must not run
+        from binwslt.kernels import conv_lif
+        monkeypatch.setattr(conv_lif, "_gemm_y", lambda *args: pytest.fail("y rebuilt outside the scan"))
     s_ref, g_ref, _ = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **dict(kw))
     s_rec, g_rec, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, memory="recompute",
                                 **dict(kw))
     s_sav, g_sav, _ = run_layer("binw_conv2d_lif", "triton", x, weight, scores, 0.4, memory="save", **dict(kw))
     assert torch.equal(s_rec, s_sav)
+    assert g_rec.keys() == g_sav.keys() == g_ref.keys()
     for name in g_ref:
         torch.testing.assert_close(g_rec[name], g_sav[name], rtol=0, atol=0)  # the same exact y, the same math
     assert torch.equal(s_rec, s_ref)
@@ -63,6 +83,12 @@ def test_auto_chooses_from_the_modelled_costs_and_says_why():
     assert small.recompute_s < small.save_s and deep.recompute_s > deep.save_s
     assert "fan-in 288" in small.reason and "recompute" in small.reason and "save" in deep.reason
     assert choose_memory("save", is_spike=True, fan_in=9, y_bytes=2).recompute is False
+    # the second GEMM of the reverse sweep (the scale gradient's sums of dL/dI * y) moves the break-even point
+    for fan_in, gy, recompute in ((618, True, True), (619, True, False), (824, False, True), (825, False, False)):
+        assert choose_memory("auto", is_spike=True, fan_in=fan_in, y_bytes=2, gy=gy).recompute is recompute
+    # BatchNorm: y is rebuilt before the scan and then read like a saved y, so recomputing never saves time
+    bn = choose_memory("auto", is_spike=True, fan_in=9, y_bytes=2, batch_norm=True)
+    assert not bn.recompute and bn.recompute_s > bn.save_s and "BatchNorm" in bn.reason
 
 
 def test_memory_keyword_errors():
