@@ -32,7 +32,7 @@ from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
 from .spikes import is_spikes, mark_spikes
-from .subnet import Subnet, straight_through_grads, ternary_subnet
+from .subnet import Subnet, n_pruned, straight_through_grads, ternary_subnet
 from .surrogate import surrogate_grad_
 
 
@@ -210,9 +210,28 @@ def lif(x_seq: torch.Tensor, neuron: LIFConfig) -> torch.Tensor:
 def make_subnet(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float) -> Subnet:
     """The layer's `Subnet` for this backend: ``ternary`` int8 with the shape of ``weight`` (M⊙sign(w)),
     ``alpha`` 0-dim float32 on the weight's device. The fused ops reuse it (and the int8 weights prepacked from
-    it, kept in ``Subnet.derived``) instead of recomputing."""
+    it, kept in ``Subnet.derived``) instead of recomputing. float32 CPU weights and scores take one compiled
+    pass after the selection (`binwslt.subnet.ternary_subnet`'s values)."""
+    k = n_pruned(scores.numel(), prune_rate)
+    ext = _ext_for(weight, (torch.float32,)) if scores.dtype == torch.float32 and scores.device == weight.device \
+        and weight.shape == scores.shape else None
+    if ext is not None:
+        compiled = ext.ternary_subnet(weight.detach().contiguous(), scores.detach().contiguous(), k)
+        if compiled:  # else a NaN score: the eager selection decides
+            return Subnet(compiled[0], compiled[1])
     tern, alpha = ternary_subnet(weight, scores, prune_rate)
     return Subnet(tern, alpha)
+
+
+def _straight_through(grad_weff, weight, scores, tern, alpha, needs):
+    """`binwslt.subnet.straight_through_grads`, the score gradient in one compiled pass for float32 CPU tensors."""
+    ext = _ext_for(grad_weff, (torch.float32,)) if needs[1] and weight.dtype == scores.dtype == torch.float32 \
+        else None
+    if ext is None:
+        return straight_through_grads(grad_weff, weight, scores, tern, alpha, needs)
+    grad_w = straight_through_grads(grad_weff, weight, scores, tern, alpha, (True, False))[0] if needs[0] else None
+    grad_s = ext.score_grad(grad_weff.contiguous(), weight.detach().contiguous(), scores.detach().contiguous())
+    return grad_w, grad_s.view(scores.shape)
 
 
 _ONEDNN_KW = dict(output_scale=1.0, output_zero_point=0, output_dtype=torch.float32)
@@ -535,7 +554,7 @@ class _BinWLIF(torch.autograd.Function):
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
-            grad_weight, grad_scores = straight_through_grads(
+            grad_weight, grad_scores = _straight_through(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,
                 None, None, None, None, None, None, None, None, None, None, None, None, None)

@@ -291,3 +291,26 @@ def test_fused_bits_round_trip():
             for dtype in (torch.float32, torch.bfloat16, torch.uint8):
                 back = torch_backend._unpack_frames(bits, shape, cl, dtype)
                 assert back.dtype == dtype and torch.equal(back.float(), frames)
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 3, 3), (67, 29), (128, 64, 3, 3), (256, 2048)], ids=str)
+@pytest.mark.parametrize("prune_rate", [0.0, 0.4, 0.95])
+def test_compiled_subnet_equals_ternary_subnet(shape, prune_rate):
+    """make_subnet's compiled pass (selection, ternary, α) and score gradient equal binwslt.subnet's, ties in
+    the scores (pruned in index order) and zero weights included."""
+    if torch_backend._cpu_ext.load() is None:
+        pytest.skip("the CPU extension did not build here")
+    from binwslt.subnet import straight_through_grads, ternary_subnet
+    weight = randn(*shape, seed=41)
+    weight.view(-1)[::7] = 0.0
+    scores = randn(*shape, seed=42).round(decimals=1)  # many ties
+    got = torch_backend.make_subnet(weight, scores, prune_rate)
+    tern, alpha = ternary_subnet(weight, scores, prune_rate)
+    assert got.ternary.dtype == torch.int8 and torch.equal(got.ternary, tern)
+    assert got.alpha.dtype == torch.float32 and got.alpha.dim() == 0 and torch.equal(got.alpha, alpha)
+    grad = randn(*shape, seed=43)
+    for needs in ((False, True), (True, True)):
+        want = straight_through_grads(grad, weight, scores, tern, alpha, needs)
+        have = torch_backend._straight_through(grad, weight, scores, tern, alpha, needs)
+        for h, w in zip(have, want):
+            assert (h is None and w is None) or torch.equal(h, w)

@@ -603,6 +603,78 @@ torch::Tensor unpack_to(torch::Tensor bits, int64_t numel, c10::ScalarType dtype
   return out;
 }
 
+// The subnet of binwslt.subnet.ternary_subnet in one pass after a selection: the k smallest |scores| pruned
+// (ties at the threshold pruned in index order), tern = M·sign(w) (int8), α = Σ|w|·M / ΣM (summed in float64,
+// compensated, rounded to float32). weight, scores: float32, contiguous, one size. Returns {} (the caller's
+// eager path then runs) when a score is NaN, whose order the selection does not define alike.
+std::vector<torch::Tensor> ternary_subnet(torch::Tensor weight, torch::Tensor scores, int64_t k) {
+  TORCH_CHECK(weight.is_contiguous() && scores.is_contiguous() && weight.scalar_type() == torch::kFloat &&
+                  scores.scalar_type() == torch::kFloat && weight.numel() == scores.numel(),
+              "ternary_subnet: weight and scores must be contiguous float32 of one size");
+  const int64_t n = weight.numel();
+  TORCH_CHECK(k >= 0 && k < n, "ternary_subnet: k must lie in [0, numel)");
+  const float* w = weight.data_ptr<float>();
+  const float* sc = scores.data_ptr<float>();
+  auto tern = torch::empty(weight.sizes(), weight.options().dtype(torch::kChar));
+  int8_t* t = tern.data_ptr<int8_t>();
+  float threshold = -1.0f;  // below every |score|: nothing pruned when k == 0
+  int64_t tied_to_prune = 0;
+  if (k > 0) {
+    std::vector<float> mag(n);
+    for (int64_t i = 0; i < n; ++i) {
+      mag[i] = std::abs(sc[i]);
+      if (std::isnan(mag[i])) return {};
+    }
+    std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end());
+    threshold = mag[k - 1];
+    int64_t less = 0;
+    for (int64_t i = 0; i < n; ++i) less += std::abs(sc[i]) < threshold;
+    tied_to_prune = k - less;
+  }
+  double sum = 0.0, comp = 0.0;
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = std::abs(sc[i]);
+    bool keep = m > threshold;
+    if (m == threshold) keep = tied_to_prune-- <= 0;
+    const float wi = w[i];
+    t[i] = keep ? static_cast<int8_t>((wi > 0.0f) - (wi < 0.0f)) : int8_t(0);
+    if (keep) {
+      const double yv = static_cast<double>(std::abs(wi)) - comp;  // Kahan: the sum is (almost) order-free
+      const double tv = sum + yv;
+      comp = (tv - sum) - yv;
+      sum = tv;
+      ++kept;
+    }
+  }
+  auto alpha = torch::full({}, static_cast<float>(sum / static_cast<double>(kept)),
+                           weight.options().dtype(torch::kFloat));
+  return {tern, alpha};
+}
+
+// MPT's straight-through gradient to the scores, dL/ds = (dL/dW_eff · w) · sign(s), in one pass
+// (float32, contiguous, one size): the values of binwslt.subnet.straight_through_grads.
+torch::Tensor score_grad(torch::Tensor grad_weff, torch::Tensor weight, torch::Tensor scores) {
+  TORCH_CHECK(grad_weff.is_contiguous() && weight.is_contiguous() && scores.is_contiguous() &&
+                  grad_weff.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
+                  scores.scalar_type() == torch::kFloat && grad_weff.numel() == weight.numel() &&
+                  scores.numel() == weight.numel(),
+              "score_grad: grad_weff, weight and scores must be contiguous float32 of one size");
+  auto out = torch::empty_like(grad_weff);
+  const float* g = grad_weff.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* sc = scores.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, grad_weff.numel(), 16384, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float s = sc[i];
+      const float sign = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : (s == 0.0f ? 0.0f : s));  // NaN stays NaN
+      o[i] = (g[i] * w[i]) * sign;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -614,4 +686,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("epilogue_fold", &epilogue_fold, "in-place BatchNorm gradient fold c1*G + c2*y + c3 (CPU)");
   m.def("pack_nonzero", &pack_nonzero, "bits of a flat tensor, 8 per byte, little-endian (CPU)");
   m.def("unpack_to", &unpack_to, "bits to 0/1 values of a dtype (CPU)");
+  m.def("ternary_subnet", &ternary_subnet, "ternary weight and alpha of the subnet in one pass (CPU)");
+  m.def("score_grad", &score_grad, "straight-through gradient to the scores in one pass (CPU)");
 }
