@@ -413,10 +413,22 @@ def trainable_parameters(model: nn.Module, command: str) -> List[nn.Parameter]:
     return params
 
 
+def _step(optimizer, params) -> None:
+    """``optimizer.step()``, then each parameter's version counter bumped: torch's fused steps update in place
+    without it, and the layers' SubnetCache recomputes only when the scores' version changes."""
+    optimizer.step()
+    if optimizer.defaults.get("fused"):
+        for p in params:
+            torch.autograd.graph.increment_version(p)
+
+
 def _optimizer(cfg: RunConfig, params):
+    # torch's fused CPU step: one pass per tensor instead of a loop of eager ops (Adam 40x faster on Conv-4);
+    # it leaves the version counters alone, which `_step` bumps
+    fused = {"fused": True} if all(p.device.type == "cpu" and p.is_floating_point() for p in params) else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
 
 
 def _scheduler(cfg: RunConfig, optimizer):
@@ -602,7 +614,7 @@ def _run(cfg: RunConfig, dist_info: _Dist, start: float) -> RunResult:
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            _step(optimizer, params)
             loss_sum += float(loss.detach()) * y.numel()
             correct += int((logits.detach().argmax(1) == y).sum())
             count += int(y.numel())

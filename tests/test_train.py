@@ -208,3 +208,23 @@ def test_ddp_two_cpu_processes_hold_identical_scores_and_masks(tmp_path):
     assert not torch.equal(fresh[scores[0]], r0[scores[0]])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+
+
+def test_fused_optimizer_step_refreshes_the_subnet_cache():
+    """torch's fused steps (the CPU default here) leave the version counter alone; `_step` bumps it, so the
+    layer's cached subnet follows the new scores."""
+    from binwslt.nn import BinWConv2dLIF
+    from binwslt.subnet import ternary_subnet
+    from binwslt.train import _step
+
+    torch.manual_seed(0)
+    layer = BinWConv2dLIF(2, 8, 3, padding=1, timesteps=2, backend="torch")
+    layer.weight.requires_grad_(False)
+    x = torch.randn(1, 2, 5, 5)
+    optimizer = torch.optim.Adam([layer.scores], lr=0.5, fused=True)
+    before = layer._subnet(x, "torch").ternary.clone()
+    layer(x).sum().backward()
+    _step(optimizer, [layer.scores])
+    want = ternary_subnet(layer.weight, layer.scores, layer.prune_rate)[0]
+    assert not torch.equal(want, before), "the step must change the mask for this test to mean anything"
+    assert torch.equal(layer._subnet(x, "torch").ternary, want)
