@@ -33,7 +33,6 @@ CL = torch.channels_last
 # fp32 numbers in [2^23, 2^24) carry an integer in their low 23 bits: MAGIC + i (|i| < 2^21) holds the balanced
 # base-256 digits of i as bytes 0x80 + d0, 0x80 + d1, 0x40 + d2 (and the exponent byte 0x4B)
 MAGIC = float(0xC08080)
-_OFFSETS = (128, 128, 64)
 _EXPONENT_BYTE = 0x4B
 SHAPES = ((128, 64, 64, 32), (128, 64, 128, 16), (128, 128, 128, 16))  # frames, C_in, C_out, H (=W), Conv-4
 QUICK_SHAPES = ((6, 5, 7, 9),)
@@ -50,15 +49,20 @@ def _pow2(c: torch.Tensor) -> torch.Tensor:
 
 def split_grad_input(g: torch.Tensor, tern: torch.Tensor, padding: int, gemm_only=None) -> torch.Tensor:
     """dL/dx of a stride-1 conv from g ``[F, C_out, H', W']`` (fp32) and the ternary weight ``[C_out, C_in, k, k]``
-    (int8): g per frame as s·(d2·2^16 + d1·2^8 + d0), each digit plane an exact int8 oneDNN convolution with the
-    flipped, transposed weight. ``gemm_only``: a dict to keep the planes and packed weight in (timing)."""
+    (int8): g per frame as s·(d2·2^16 + d1·2^8 + d0), the three digit planes through one exact int8 oneDNN
+    convolution (3F frames) with the flipped, transposed weight, then recombined. ``gemm_only``: a dict to keep
+    the convolution's inputs in (to time it alone)."""
     Fr, C, Ho, Wo = g.shape
     k = tern.shape[-1]
     q = k - 1 - padding
     c = _exponents(torch.linalg.vector_norm(g, float("inf"), dim=(1, 2, 3)))
-    buf = torch.full((Fr, Ho + 2 * q, Wo + 2 * q, C), MAGIC)
-    torch.mul(g, _pow2(c).view(Fr, 1, 1, 1), out=buf[:, q:q + Ho, q:q + Wo].permute(0, 3, 1, 2)).add_(MAGIC)
-    planes = buf.view(torch.uint8).view(-1, 4)[:, :3].t().contiguous()  # [3, F·Hp·Wp·C], digits + offsets
+    buf = torch.empty(Fr, Ho + 2 * q, Wo + 2 * q, C)
+    if q:  # the transposed convolution's zero padding, as digit zero
+        for border in (buf[:, :q], buf[:, q + Ho:], buf[:, q:q + Ho, :q], buf[:, q:q + Ho, q + Wo:]):
+            border.fill_(MAGIC)
+    torch.addcmul(torch.tensor(MAGIC), g, _pow2(c).view(Fr, 1, 1, 1),
+                  out=buf[:, q:q + Ho, q:q + Wo].permute(0, 3, 1, 2))
+    planes = buf.view(torch.uint8).view(-1, 4)[:, :3].t().contiguous()  # [3, F·Hp·Wp·C]: digits + offsets
     planes = planes.view(3 * Fr, Ho + 2 * q, Wo + 2 * q, C).permute(0, 3, 1, 2)
     wt = tern.flip(2, 3).transpose(0, 1).contiguous()  # [C_in, C_out, k, k]
     C_in = wt.shape[0]
@@ -66,9 +70,9 @@ def split_grad_input(g: torch.Tensor, tern: torch.Tensor, padding: int, gemm_onl
     if gemm_only is not None:
         gemm_only.update(planes=planes, packed=packed, C_in=C_in)
     o = _plane_conv(planes, packed, C_in).view(3, Fr, C_in, Ho + 2 * q - k + 1, Wo + 2 * q - k + 1)
-    wsum = wt.sum((1, 2, 3), dtype=torch.int32).float().view(1, C_in, 1, 1)
-    out = torch.add(o[0], o[1], alpha=256.0).sub_(wsum * (_OFFSETS[0] + 256 * _OFFSETS[1]))
-    out.add_(o[2].sub_(wsum * _OFFSETS[2]), alpha=65536.0)
+    wsum = wt.sum((1, 2, 3), dtype=torch.int32).float().view(1, C_in, 1, 1)  # the byte offsets 128, 128, 64 out
+    out = torch.add(o[0], o[1], alpha=256.0).sub_(wsum * (128 + 256 * 128))
+    out.add_(o[2].sub_(wsum * 64), alpha=65536.0)
     return out.mul_(_pow2(-c).view(Fr, 1, 1, 1))
 
 
@@ -89,9 +93,11 @@ def split_grad_weight(x: torch.Tensor, g: torch.Tensor, k: int, padding: int) ->
     rows = -(-Fr * Hp * Wp // 8) * 8
     tail = (k - 1) * (Wp + 1)
     c = _exponents(torch.linalg.vector_norm(g, float("inf"), dim=(0, 2, 3)))
-    buf = torch.full((rows, C), MAGIC)
-    grid = buf[:Fr * Hp * Wp].view(Fr, Hp, Wp, C)[:, :Ho, :Wo].permute(0, 3, 1, 2)
-    torch.mul(g, _pow2(c).view(1, C, 1, 1), out=grid).add_(MAGIC)
+    buf = torch.empty(rows, C)
+    frames = buf[:Fr * Hp * Wp].view(Fr, Hp, Wp, C)
+    for rest in (buf[Fr * Hp * Wp:], frames[:, Ho:], frames[:, :Ho, Wo:]):
+        rest.fill_(MAGIC)
+    torch.addcmul(torch.tensor(MAGIC), g, _pow2(c).view(1, C, 1, 1), out=frames[:, :Ho, :Wo].permute(0, 3, 1, 2))
     buf.view(torch.int32).bitwise_xor_(0x808080)  # digit bytes as int8: d0, d1, d2 - 64; exponent byte 0x4B
     cin8 = -(-C_in // 8) * 8
     xp = torch.zeros(rows + tail, cin8, dtype=torch.int8)

@@ -547,8 +547,8 @@ class _BinWLIF(torch.autograd.Function):
             if low is None:
                 grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
             else:
-                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low)).to(dtype)
-                grad_x = grad_x * alpha
+                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low))
+                grad_x = grad_x.to(dtype).mul_(alpha)
             if not direct:
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
