@@ -25,7 +25,6 @@ reductions, the BatchNorm fold, then the grad-input and grad-weight implicit GEM
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -40,13 +39,13 @@ from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
-from .launch import INT32_LIMIT, bn_forward, check_float64, derived, epilogue_backward, grad_multiplier, \
-    kernel_input_dtype, plain_affine, subnet_operands, y_dtype
+from .launch import INT32_LIMIT, bn_forward, check_float64, derived, device_sms, epilogue_backward, \
+    grad_multiplier, kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
 from .lif import neuron_params
-from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, launch_kwargs, \
-    recompute_scan_config, scan_config, stats_fit_int32
+from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, grad_weight_split, \
+    launch_kwargs, recompute_scan_config, scan_config, stats_fit_int32
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _out_size(size, k, stride, pad):
@@ -175,7 +174,7 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     out_cl = torch.empty(geo.cl_out_shape, dtype=spike_output_dtype(x.dtype), device=device)
     _check_int32(x_cl, out_cl)
     res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
-    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(device))
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
                            y_bytes=torch.empty(0, dtype=y_dtype(is_spike, geo.fan_in)).element_size(),
@@ -233,7 +232,7 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     recompute of ``memory="recompute"`` with BatchNorm): channels-last ``x_cl``, K-major ``tern_cl``
     ``[KH, KW, C_out, C_in]``."""
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x_cl.device)
-    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M)
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(x_cl.device))
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     binary_conv_lif_fwd_kernel[grid](
         x_cl, tern_cl, alpha, None, None, None, None, y, None,
@@ -244,20 +243,6 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
 
 
 # ------------------------------------------------------------------------------------------------ backward
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _grad_weight_split(tiles, p, block_k, device):
-    """Split of the pixel reduction so a GPU has enough programs; one split under the interpreter / on CPU."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = max(1, (2 * sms) // max(tiles, 1))
-    return max(1, min(want, triton.cdiv(p, 16 * block_k)))
-
-
 def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)`` (None where
     ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides. ``state`` holds what
@@ -345,7 +330,7 @@ def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
     P = geo.T_y * geo.M
     cfg = grad_weight_config(geo.C_in, geo.C_out, P)
     tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])
-    split = _grad_weight_split(tiles, P, cfg["BLOCK_K"], device)
+    split = grad_weight_split(tiles, P, cfg["BLOCK_K"], device_sms(device))
     p_per_split = triton.cdiv(triton.cdiv(P, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(P, p_per_split)
     shape = (split,) + tuple(weight.shape)

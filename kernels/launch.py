@@ -7,6 +7,7 @@ contiguous fp32 per-channel vectors the kernels read.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +24,19 @@ def check_int32(op: str, **sizes: int) -> None:
         if numel > INT32_LIMIT:
             raise ValueError(f"{name} has {numel} elements; the Triton {op} kernels index it with int32 offsets "
                              f"(at most {INT32_LIMIT})")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> Optional[int]:
+    """The SM count the tile policy fills grids to (kernels/tiles.py): the CUDA device's, None on CPU (the
+    interpreter, where every shape gets exactly one config)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def channel_vec(v: Optional[torch.Tensor], channels: int, fill: float, device) -> torch.Tensor:
@@ -122,6 +136,6 @@ def check_float64(x: torch.Tensor, op: str) -> None:
                         "to backend='torch' (binwslt.backends.resolve_backend), call it there")
 
 
-__all__ = ["INT32_LIMIT", "check_int32", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
+__all__ = ["INT32_LIMIT", "check_int32", "device_sms", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
            "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input_dtype",
            "check_float64"]

@@ -41,7 +41,7 @@ from binwslt.config import LIFConfig
 from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 
 from .gemm import SPLIT_BY_PRECISION
-from .launch import bn_forward, check_float64, check_int32, epilogue_backward, grad_multiplier, \
+from .launch import bn_forward, check_float64, check_int32, device_sms, epilogue_backward, grad_multiplier, \
     kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .lif import neuron_params
 from .conv_lif_bwd import bn_grad_fold_kernel
@@ -114,7 +114,7 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     res = _io(residual)
     store_y = need_state or batch_norm
     y = torch.empty((T_y, N, C), dtype=y_dtype(is_spike, K), device=device) if store_y else None
-    cfg = linear_forward_config(is_spike, dot_fp16)
+    cfg = linear_forward_config(is_spike, dot_fp16, N, C, sms=device_sms(device))
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_N"]))
     flags = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, HARD_RESET=p["HARD_RESET"],
                  DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(cfg))
@@ -175,11 +175,12 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
         numel = g_frames.numel()
         bn_grad_fold_kernel[(triton.cdiv(numel, FOLD_BLOCK),)](
             g_frames, y, coeffs.c1, coeffs.c2, coeffs.c3, numel, C, BLOCK=FOLD_BLOCK, num_warps=4)
-    gcfg = linear_gemm_config()
     R = T_y * N
+    sms = device_sms(device)
     grad_x = None
     if need_x:
         dx = torch.empty((R, K), dtype=state.x_dtype, device=device)
+        gcfg = linear_gemm_config(R, K, sms=sms)
         linear_grad_input_kernel[(triton.cdiv(R, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
             g_frames, state.tern, alpha, dx, R, C, K, SPLIT=state.split, **launch_kwargs(gcfg))
         grad_x = dx.view(N, K) if direct else dx.view(T, N, K)
@@ -187,6 +188,7 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     if need_w or need_s:
         gs = torch.empty((C, K), dtype=scores.dtype, device=device) if need_s else None
         gw = torch.empty((C, K), dtype=weight.dtype, device=device) if need_w else None
+        gcfg = linear_gemm_config(C, K, sms=sms)
         linear_grad_weight_kernel[(triton.cdiv(C, gcfg["BLOCK_M"]), triton.cdiv(K, gcfg["BLOCK_N"]))](
             state.saved_x, g_frames, weight.detach().contiguous() if need_s else None,
             scores.detach().contiguous() if need_s else None, state.tern, alpha, gs, gw, R, C, K,

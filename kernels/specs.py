@@ -19,9 +19,9 @@ import itertools
 
 from .lif import SURROGATE_CODES
 from .optional import absent_for, jit_function
-from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, SUBNET_BLOCK, SUBNET_NUM_WARPS, forward_config, \
-    grad_input_config, grad_weight_config, linear_forward_config, linear_gemm_config, linear_scan_config, \
-    recompute_scan_config, scan_config
+from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, LINEAR_GEMM_LADDER, SUBNET_BLOCK, SUBNET_NUM_WARPS, \
+    forward_config, forward_ladder, grad_input_config, grad_weight_config, linear_forward_config, \
+    linear_forward_ladder, linear_gemm_config, linear_scan_config, narrowed, recompute_scan_config, scan_config
 
 # Layer sizes the tile policy is enumerated over: channel counts (odd and tile multiples) and pixel counts.
 _SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
@@ -107,8 +107,9 @@ def conv_forward_specs():
 
     specs = []
     for is_spike in (True, False):
-        cfgs = distinct(forward_config(is_spike, ci, co, m, interpret=False)
-                        for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
+        bases = (forward_config(is_spike, ci, co, m, interpret=False)
+                 for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
+        cfgs = distinct(cfg for base in bases for cfg in narrowed(base, forward_ladder(is_spike, base)))
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
         flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
                                    ("fp32", "fp16", "bf16")])
@@ -268,14 +269,18 @@ def linear_specs():
               ("fp16", False, False, "*fp16", True, ("fp16",)),
               ("direct-fp32", False, True, "*fp32", False, ("fp32", "bf16")),
               ("direct-fp16", False, True, "*fp16", True, ("fp16",))]
-    for name, is_spike, direct, x_type, dot_fp16, out_types in inputs:
-        cfg = linear_forward_config(is_spike, dot_fp16, interpret=False)
+    for (name, is_spike, direct, x_type, dot_fp16, out_types), tiles in (
+            (kind, tiles) for kind in inputs
+            for tiles in narrowed(linear_forward_config(kind[1], kind[4], interpret=False),
+                                  linear_forward_ladder(kind[1]))):
+        cfg = dict(tiles)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},w{nw}"
         y_type = "*i16" if is_spike else "*fp32"
         stats_type = "*i64" if is_spike else "*fp32"
         base = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, **cfg)
         # BatchNorm pass 1: no firing; the neuron flags are unused.
-        specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},bn-stats]", "fn": binary_linear_lif_fwd_kernel,
+        specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},bn-stats,{tile}]", "fn": binary_linear_lif_fwd_kernel,
                       "signature": _linear_fwd_signature(x_type, "*" + out_types[0], y_type, stats_type),
                       "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=True,
                                          HARD_RESET=True, DECAY_INPUT=False),
@@ -284,7 +289,7 @@ def linear_specs():
                 (out_types, (False, True), (False, True)), ((True, False), (False, True))):
             specs.append({
                 "name": (f"binary_linear_lif_fwd_kernel[{name},out={out_t},store_y={store_y},res={has_res},"
-                         f"hard={hard},decay_input={decay_input}]"),
+                         f"hard={hard},decay_input={decay_input},{tile}]"),
                 "fn": binary_linear_lif_fwd_kernel,
                 "signature": _linear_fwd_signature(x_type, "*" + out_t, y_type, stats_type),
                 "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, STATS=False,
@@ -334,22 +339,28 @@ def linear_specs():
             "signature": {"g_ptr": "*fp32", "y_ptr": f"*{y_t}", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
                           "c3_ptr": "*fp32", "numel": "i32", "C_out": "i32", "BLOCK": "constexpr"},
             "constexprs": {"BLOCK": FOLD_BLOCK}, "num_warps": 4, "num_stages": 1})
-    gemm = linear_gemm_config(interpret=False)
-    gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
-    for dx_t, split in (("fp32", True), ("fp16", True), ("bf16", True), ("fp32", False)):
+    gemms = [dict(g) for g in narrowed(linear_gemm_config(interpret=False), LINEAR_GEMM_LADDER)]
+    for gemm, (dx_t, split) in itertools.product(gemms, (("fp32", True), ("fp16", True), ("bf16", True),
+                                                         ("fp32", False))):
+        gemm = dict(gemm)
+        gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
+        tile = f"{gemm['BLOCK_M']}x{gemm['BLOCK_N']}x{gemm['BLOCK_K']},w{gnw}"
         specs.append({
-            "name": f"linear_grad_input_kernel[dx={dx_t},split={split}]", "fn": linear_grad_input_kernel,
+            "name": f"linear_grad_input_kernel[dx={dx_t},split={split},{tile}]", "fn": linear_grad_input_kernel,
             "signature": {"g_ptr": "*fp32", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "dx_ptr": f"*{dx_t}",
                           "R": "i32", "C": "i32", "K": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                           "BLOCK_K": "constexpr", "SPLIT": "constexpr"},
             "constexprs": dict(gemm, SPLIT=split), "num_warps": gnw, "num_stages": gns})
-    for x_t, w_t, gs, gw, split in [c + (True,) for c in itertools.product(
+    for gemm, (x_t, w_t, gs, gw, split) in itertools.product(gemms, [c + (True,) for c in itertools.product(
             ("bits", "fp32", "fp16"), ("fp32", "fp16", "bf16"), (True, False), (True, False))] + [
-            ("bits", "fp32", True, False, False), ("fp32", "fp32", True, False, False)]:
+            ("bits", "fp32", True, False, False), ("fp32", "fp32", True, False, False)]):
         if not (gs or gw):
             continue
+        gemm = dict(gemm)
+        gnw, gns = gemm.pop("num_warps"), gemm.pop("num_stages")
+        tile = f"{gemm['BLOCK_M']}x{gemm['BLOCK_N']}x{gemm['BLOCK_K']},w{gnw}"
         specs.append({
-            "name": f"linear_grad_weight_kernel[x={x_t},w={w_t},scores={gs},weight={gw},split={split}]",
+            "name": f"linear_grad_weight_kernel[x={x_t},w={w_t},scores={gs},weight={gw},split={split},{tile}]",
             "fn": linear_grad_weight_kernel,
             "signature": {"x_ptr": "*u8" if x_t == "bits" else f"*{x_t}", "g_ptr": "*fp32", "weight_ptr": f"*{w_t}",
                           "scores_ptr": f"*{w_t}", "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": f"*{w_t}",

@@ -5,6 +5,14 @@ Each function maps a layer's sizes to a dict of ``BLOCK_*`` / ``EVEN_*`` constex
 every configuration a GPU launch can get. Under the interpreter (TRITON_INTERPRET=1) the pixel/row tiles are taller
 (fewer programs: the interpreter's cost is per program) while the channel tiles and EVEN paths stay the GPU's.
 
+Grid fill on a GPU (``sms``: the device's SM count, ``None`` on CPU and under the interpreter, where exactly one
+config per shape is used): a heuristic, not autotuning (the fused kernels have side effects and their partial-sum
+rows depend on the tile, and every config must be in the compile report). When a layer's grid has fewer programs
+than the GPU has SMs, the launcher takes the next config of a short fixed ladder of narrower tiles
+(:func:`fill_grid`: the fused forward, whose T-step epilogue needs the whole reduction in one program, and the
+linear GEMMs), or splits the reduction (the conv grad-weight GEMM, :func:`grad_weight_split`: fp32 partial results
+per split, summed by the host in a fixed order, so the result is deterministic).
+
 Pure Python: importing this module compiles nothing.
 """
 import os
@@ -35,9 +43,11 @@ def interpreting(override=None):
 INTERPRET_ROWS = 128
 
 
-def forward_config(is_spike, c_in, c_out, m, interpret=None):
+def forward_config(is_spike, c_in, c_out, m, interpret=None, sms=None):
     """Launch config of the fused forward kernel: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, num_warps,
     num_stages)``; the EVEN flags say the channel counts are tile multiples (no channel masks, aligned rows).
+    ``sms``: the GPU's SM count; an int8 tile-multiple layer whose grid is smaller gets narrower tiles
+    (``FORWARD_LADDER``: the T-step epilogue needs the whole reduction in one program, so no split-K here).
 
     Chosen so that every config compiles for sm_80/sm_90 without spilling (benchmarks/compile_report.py). Channel
     counts that are not tile multiples (first layers, odd test shapes) get small unpipelined tiles: their masked,
@@ -55,9 +65,57 @@ def forward_config(is_spike, c_in, c_out, m, interpret=None):
         block_m, block_n, num_warps, num_stages = 32, 16, 4, 1
         even_n = c_out % block_n == 0
     if interpreting(interpret):
-        block_m = INTERPRET_ROWS
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
-            "num_warps": num_warps, "num_stages": num_stages}
+        block_m, sms = INTERPRET_ROWS, None
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": even_k, "EVEN_N": even_n,
+           "num_warps": num_warps, "num_stages": num_stages}
+    return fill_grid(cfg, forward_ladder(is_spike, cfg), lambda c: -(-m // c["BLOCK_M"]) * -(-c_out // c["BLOCK_N"]),
+                     sms)
+
+
+def forward_ladder(is_spike, cfg):
+    """The narrowing steps a forward config can take on a GPU: ``FORWARD_LADDER`` for the int8 tile-multiple path
+    (its channel tiles stay multiples), none for the others (masked or analog tiles are narrow already)."""
+    return FORWARD_LADDER if is_spike and cfg["EVEN_K"] and cfg["EVEN_N"] else ()
+
+
+# Narrower tiles, in order, for a grid smaller than the SM count (each step updates the previous config). Every
+# config on a ladder is in kernels/specs.py (``narrowed``).
+FORWARD_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 32, "num_warps": 4})  # int8 forward, tile-multiple channels
+LINEAR_FORWARD_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 16}, {"BLOCK_N": 16})
+LINEAR_GEMM_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 32})
+
+
+def narrowed(cfg, ladder):
+    """``[cfg, cfg after step 1, cfg after steps 1-2, ...]`` for a ladder of narrowing steps."""
+    out = [dict(cfg)]
+    for step in ladder:
+        out.append({**out[-1], **step})
+    return out
+
+
+def fill_grid(cfg, ladder, programs, sms):
+    """The first config of ``narrowed(cfg, ladder)`` whose grid (``programs(config)`` programs) has at least ``sms``
+    programs, else the narrowest; ``cfg`` itself when ``sms`` is None (CPU, interpreter: one config per shape)."""
+    if sms is None:
+        return cfg
+    options = narrowed(cfg, ladder)
+    for option in options:
+        if programs(option) >= sms:
+            return option
+    return options[-1]
+
+
+MIN_SPLIT_STEPS = 16  # a grad-weight split keeps at least this many BLOCK_K steps of the pixel reduction
+
+
+def grad_weight_split(tiles, p, block_k, sms):
+    """Number of splits of the conv grad-weight's pixel reduction (``p`` pixels, ``BLOCK_K`` per step) for a grid of
+    ``tiles`` output tiles: enough for at least two programs per SM (``ceil(2·sms / tiles)``), each split keeping
+    ``MIN_SPLIT_STEPS`` steps; 1 when ``sms`` is None (CPU, interpreter)."""
+    if sms is None:
+        return 1
+    want = -(-2 * sms // max(tiles, 1))
+    return max(1, min(want, -(-p // (MIN_SPLIT_STEPS * block_k))))
 
 
 def stats_fit_int32(fan_in, block_m):
@@ -152,11 +210,21 @@ _LINEAR_GEMM_GPU = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_sta
 _LINEAR_GEMM_INTERP = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
-def linear_forward_config(is_spike, dot_fp16, interpret=None):
-    """Tile config of binary_linear_lif_fwd_kernel: dict of BLOCK_M/N/K, num_warps, num_stages."""
+def linear_forward_config(is_spike, dot_fp16, rows=1, cols=1, interpret=None, sms=None):
+    """Tile config of binary_linear_lif_fwd_kernel (``rows`` = N, ``cols`` = C: its grid): dict of BLOCK_M/N/K,
+    num_warps, num_stages. With ``sms`` (GPU) a spike layer whose grid is smaller than the SM count gets narrower
+    tiles (``LINEAR_FORWARD_LADDER``; VGG-11's fc 2048->256 at N=128: 16 programs at 32x64, 128 at 16x16)."""
     if interpreting(interpret):
         return dict(_LINEAR_FWD_INTERP)
-    return dict(_LINEAR_FWD_GPU["spike" if is_spike else ("fp16" if dot_fp16 else "fp32")])
+    cfg = dict(_LINEAR_FWD_GPU["spike" if is_spike else ("fp16" if dot_fp16 else "fp32")])
+    return fill_grid(cfg, linear_forward_ladder(is_spike), lambda c: -(-rows // c["BLOCK_M"]) * -(-cols // c["BLOCK_N"]),
+                     sms)
+
+
+def linear_forward_ladder(is_spike):
+    """The narrowing steps of the linear forward on a GPU: ``LINEAR_FORWARD_LADDER`` for spikes (the hidden
+    layers), none for an analog input (a first layer; fp16 needs 8 warps, which a narrow tile cannot use)."""
+    return LINEAR_FORWARD_LADDER if is_spike else ()
 
 
 def linear_scan_config(interpret=None):
@@ -164,9 +232,13 @@ def linear_scan_config(interpret=None):
     return dict(_LINEAR_SCAN_INTERP) if interpreting(interpret) else dict(_LINEAR_SCAN_GPU)
 
 
-def linear_gemm_config(interpret=None):
-    """Tile config of the linear backward GEMMs (grad input, grad weight)."""
-    return dict(_LINEAR_GEMM_INTERP) if interpreting(interpret) else dict(_LINEAR_GEMM_GPU)
+def linear_gemm_config(rows=1, cols=1, interpret=None, sms=None):
+    """Tile config of the linear backward GEMMs (grad input: ``rows`` = T·N, ``cols`` = K; grad weight: ``rows`` =
+    C, ``cols`` = K); with ``sms`` (GPU) narrower tiles while the grid is smaller (``LINEAR_GEMM_LADDER``)."""
+    if interpreting(interpret):
+        return dict(_LINEAR_GEMM_INTERP)
+    return fill_grid(dict(_LINEAR_GEMM_GPU), LINEAR_GEMM_LADDER,
+                     lambda c: -(-rows // c["BLOCK_M"]) * -(-cols // c["BLOCK_N"]), sms)
 
 
 def launch_kwargs(cfg):

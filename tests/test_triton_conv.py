@@ -276,3 +276,24 @@ def test_conv_lif_gpu_layer_sizes(channels, stride, bn):
     if bn:
         kw.update(running_mean=torch.zeros(C_out), running_var=torch.ones(C_out))
     _compare(x, weight, scores, 0.4, kw, exact=False, grad_rtol=1e-3, grad_atol=1e-4, atol_relative=True)
+
+
+def test_conv_lif_grad_weight_split_over_pixels(monkeypatch):
+    """The grad-weight GEMM split over the pixel axis, as a GPU whose grid has few tiles gets it (forced here with a
+    pretend SM count and one K step per split): fp32 partial results per split summed by the host in a fixed
+    order; odd channels, a ragged last split; every gradient as the reference's."""
+    from binwslt.kernels import conv_lif, tiles
+
+    real, splits = conv_lif.grad_weight_split, []
+
+    def recording(*args):
+        splits.append(real(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(conv_lif, "device_sms", lambda device: 8)
+    monkeypatch.setattr(tiles, "MIN_SPLIT_STEPS", 1)
+    monkeypatch.setattr(conv_lif, "grad_weight_split", recording)
+    x, weight, scores, kw = _conv_case(3, 2, 5, 7, 7, 7, 3, 1, 1, dyadic=False, seed=71)
+    kw["neuron"] = LIFConfig(decay=0.75)
+    _compare(x, weight, scores, 0.4, kw, exact=False)
+    assert splits and min(splits) >= 2, splits

@@ -1,0 +1,69 @@
+"""The tile policy (kernels/tiles.py): one config per shape on CPU and under the interpreter, grids filled on a GPU
+(narrower tiles for the fused forward and the linear GEMMs, a split pixel reduction for the conv grad-weight), and
+every config a GPU launch can pick is one the compile report compiles (kernels/specs.py). Pure Python: compiles
+nothing."""
+import itertools
+
+import pytest
+
+pytest.importorskip("triton")
+
+from binwslt.kernels import tiles  # noqa: E402
+from binwslt.kernels.specs import compile_specs  # noqa: E402
+
+H200_SMS, A100_SMS = 132, 108
+
+
+def _programs(cfg, rows, cols):
+    return -(-rows // cfg["BLOCK_M"]) * -(-cols // cfg["BLOCK_N"])
+
+
+def test_grids_filled_on_a_gpu_only():
+    # VGG-11's fc 2048->256 at N=128: 16 programs at the base 32x64 tile, 128 at 16x16.
+    base = tiles.linear_forward_config(True, False, 128, 256, interpret=False)
+    filled = tiles.linear_forward_config(True, False, 128, 256, interpret=False, sms=H200_SMS)
+    assert _programs(base, 128, 256) == 16 and _programs(filled, 128, 256) == 128
+    assert tiles.linear_forward_config(True, False, 128, 256, interpret=True, sms=H200_SMS) == \
+        tiles.linear_forward_config(True, False, 128, 256, interpret=True)
+    # a deep conv layer at a small batch: 64 programs at 64x64, 256 at 32x32; a large one keeps its tile
+    conv = tiles.forward_config(True, 512, 512, 512, interpret=False, sms=H200_SMS)
+    assert _programs(conv, 512, 512) >= H200_SMS and (conv["BLOCK_M"], conv["BLOCK_N"]) == (32, 32)
+    assert tiles.forward_config(True, 64, 64, 131072, interpret=False, sms=H200_SMS) == \
+        tiles.forward_config(True, 64, 64, 131072, interpret=False)
+    # masked or analog paths keep their one config
+    assert tiles.forward_config(True, 48, 48, 512, interpret=False, sms=H200_SMS) == \
+        tiles.forward_config(True, 48, 48, 512, interpret=False)
+    gemm = tiles.linear_gemm_config(256, 256, interpret=False, sms=H200_SMS)
+    assert _programs(gemm, 256, 256) == 64 and gemm["BLOCK_M"] == gemm["BLOCK_N"] == 32
+
+
+def test_grad_weight_split():
+    # VGG-11's 256->256 3x3 layer at T=4, N=128: 144 tiles of 64x64, 32768 pixels: two splits fill 132 SMs twice
+    assert tiles.grad_weight_split(144, 32768, 32, H200_SMS) == 2
+    assert tiles.grad_weight_split(576, 8192, 32, H200_SMS) == 1
+    assert tiles.grad_weight_split(18, 131072, 32, H200_SMS) == 15
+    assert tiles.grad_weight_split(18, 1024, 32, H200_SMS) == 2  # each split keeps MIN_SPLIT_STEPS steps
+    assert tiles.grad_weight_split(18, 131072, 32, None) == 1
+
+
+def _launch(cfg):
+    return ({k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN"))}, cfg["num_warps"], cfg["num_stages"])
+
+
+def _compiled(kernel):
+    return [({k: v for k, v in s["constexprs"].items() if k.startswith(("BLOCK", "EVEN"))}, s["num_warps"],
+             s["num_stages"]) for _, s in compile_specs() if s["fn"].__name__ == kernel]
+
+
+@pytest.mark.parametrize("sms", [None, A100_SMS, H200_SMS])
+def test_every_gpu_config_is_compiled(sms):
+    sizes, rows = (3, 16, 32, 48, 64, 128, 256, 512, 2048), (16, 128, 512, 2048, 8192, 131072)
+    fwd = _compiled("binary_conv_lif_fwd_kernel")
+    for is_spike, ci, co, m in itertools.product((True, False), sizes, sizes, rows):
+        assert _launch(tiles.forward_config(is_spike, ci, co, m, interpret=False, sms=sms)) in fwd, (ci, co, m)
+    lin = _compiled("binary_linear_lif_fwd_kernel")
+    gi, gw = _compiled("linear_grad_input_kernel"), _compiled("linear_grad_weight_kernel")
+    for (is_spike, fp16), n, c in itertools.product(((True, False), (False, True), (False, False)), rows, sizes):
+        assert _launch(tiles.linear_forward_config(is_spike, fp16, n, c, interpret=False, sms=sms)) in lin
+        gemm = _launch(tiles.linear_gemm_config(n, c, interpret=False, sms=sms))
+        assert gemm in gi and gemm in gw
