@@ -13,7 +13,9 @@ from the launchers' tile policy (``kernels/tiles.py``), one dict per config a la
                                   # "*i32", "i32", "i64", "fp32", ... or "constexpr"
      "constexprs": {arg: value},  # a value for every argument typed "constexpr"
      "num_warps": int, "num_stages": int,
-     "divisible_by_16": [arg, ...]}   # optional: args the launch sees 16-divisible (pointers: 16-byte aligned)
+     "divisible_by_16": [arg, ...],   # optional: args the launch sees 16-divisible (pointers: 16-byte aligned)
+     "archs": [90]}               # optional: the only SM versions the launchers pick this config for (e.g. a
+                                  # pipeline depth that spills elsewhere); compiled for those of --arch only
 
 Triton's JIT specialises every pointer that is 16-byte aligned and every int argument divisible by 16
 ("tt.divisibility" = 16), which is what makes loads vectorise; an AOT compile must be told. Without
@@ -62,7 +64,8 @@ KERNELS_DIR = REPO_ROOT / "kernels"
 DEFAULT_ARCHS = (80, 90)
 # Max dynamic shared memory per block (opt-in), bytes.
 MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-SPEC_KEYS = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}  # required; "divisible_by_16" optional
+SPEC_KEYS = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}  # required; "divisible_by_16",
+# "archs" optional
 # Per-SM limits for the occupancy estimate: registers, threads, CTAs, shared memory (bytes; 1 KiB reserved per CTA).
 SM_LIMITS = {80: dict(regs=65536, threads=2048, ctas=32, smem=167936),
              90: dict(regs=65536, threads=2048, ctas=32, smem=233472)}
@@ -123,6 +126,9 @@ def _validate_spec(spec, module_name):
     if set(spec["constexprs"]) != const_args:
         problems.append(f"{spec['name']}: constexprs {sorted(spec['constexprs'])} != args typed constexpr "
                         f"{sorted(const_args)}")
+    archs = spec.get("archs")
+    if archs is not None and (not archs or not all(isinstance(a, int) for a in archs)):
+        problems.append(f"{spec['name']}: archs must be a non-empty list of SM versions, got {archs!r}")
     return problems
 
 
@@ -275,15 +281,18 @@ def cubin_name(spec_name, arch):
 
 
 def is_int8_forward(spec):
-    """True for a forward kernel's vectorised int8 (spike) path, the one that must not byte-transpose an operand:
-    IS_SPIKE with every EVEN flag set (channel counts that are tile multiples). The masked paths (channel counts
-    that are not, e.g. 16 or 48 input channels against BLOCK_K=32) load bytes one by one and so store them to
-    shared memory one by one too (their STS.U8 count is reported, not gated): that is the unvectorised load, not
-    a transpose (both operands are K-major in memory as in shared memory)."""
+    """True for a forward kernel's vectorised int8 (spike) path, the one that must not store bytes to shared
+    memory: IS_SPIKE with every EVEN flag set (channel counts that are tile multiples), or a masked path compiled
+    with 16-divisible input channels (``C_in`` in ``divisible_by_16``: 16 or 48 channels against BLOCK_K=32, whose
+    masked loads the JIT's divisibility specialisation vectorises). The masked paths with other channel counts (3,
+    5, ...) load bytes one by one and so store them to shared memory one by one too (their STS.U8 count is
+    reported, not gated): that is the unvectorised load, not a transpose (both operands are K-major in memory as
+    in shared memory)."""
     fn = getattr(spec["fn"], "__name__", "") or spec["fn"].fn.__name__
     consts = spec["constexprs"]
     evens = [v for k, v in consts.items() if k.startswith("EVEN")]
-    return fn.endswith("_fwd_kernel") and bool(consts.get("IS_SPIKE")) and all(evens)
+    cin16 = "C_in" in (spec.get("divisible_by_16") or ())
+    return fn.endswith("_fwd_kernel") and bool(consts.get("IS_SPIKE")) and (all(evens) or cin16)
 
 
 def divisibility_attrs(spec):
@@ -422,7 +431,8 @@ def main(argv=None):
     keep = args.keep_cubins
     if keep is not None:
         pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
-    tasks = [(module_name, index, arch, keep) for module_name, index, _ in specs for arch in args.arch]
+    tasks = [(module_name, index, arch, keep) for module_name, index, spec in specs for arch in args.arch
+             if arch in spec.get("archs", args.arch)]
 
     print(HEADER)
     rows = []
@@ -433,7 +443,7 @@ def main(argv=None):
                 print(format_row(row), flush=True)
     else:
         for _, _, spec in specs:
-            for arch in args.arch:
+            for arch in (a for a in args.arch if a in spec.get("archs", args.arch)):
                 row = compile_one(spec, arch, keep)
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -441,7 +451,8 @@ def main(argv=None):
     failed = [r for r in rows if not r["ok"]]
     for problem in problems:
         print(f"ERROR: {problem}")
-    print(f"\n{len(rows)} compiles ({len(specs)} specs x {len(args.arch)} archs): "
+    print(f"\n{len(rows)} compiles ({len(specs)} specs x archs {'/'.join(map(str, args.arch))}, a per-arch "
+          f"config for its arch only): "
           f"{len(rows) - len(failed)} ok, {len(failed)} failed; {len(problems)} spec/module problems")
     if args.json:
         target = pathlib.Path(args.json)

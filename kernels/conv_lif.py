@@ -39,7 +39,7 @@ from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
-from .launch import INT32_LIMIT, bn_forward, check_float64, derived, device_sms, epilogue_backward, \
+from .launch import INT32_LIMIT, bn_forward, check_float64, derived, device_arch, device_sms, epilogue_backward, \
     grad_multiplier, kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
@@ -328,7 +328,7 @@ def _saved_input(state):
 def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
     x_cl = _saved_input(state)
     P = geo.T_y * geo.M
-    cfg = grad_weight_config(geo.C_in, geo.C_out, P)
+    cfg = grad_weight_config(geo.C_in, geo.C_out, P, arch=device_arch(device))
     tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])
     split = grad_weight_split(tiles, P, cfg["BLOCK_K"], device_sms(device))
     p_per_split = triton.cdiv(triton.cdiv(P, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]

@@ -39,6 +39,15 @@ def device_sms(device: torch.device) -> Optional[int]:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def device_arch(device: torch.device) -> Optional[int]:
+    """The CUDA device's compute capability as an int (80 for sm_80, 90 for sm_90), None on CPU: the tile policy
+    picks per-arch pipeline depths from it (kernels/tiles.py)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def channel_vec(v: Optional[torch.Tensor], channels: int, fill: float, device) -> torch.Tensor:
     """Contiguous fp32 ``[channels]`` copy of ``v`` (detached), or ``fill`` everywhere when ``v`` is None."""
     if v is None:
@@ -136,6 +145,6 @@ def check_float64(x: torch.Tensor, op: str) -> None:
                         "to backend='torch' (binwslt.backends.resolve_backend), call it there")
 
 
-__all__ = ["INT32_LIMIT", "check_int32", "device_sms", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
+__all__ = ["INT32_LIMIT", "check_int32", "device_sms", "device_arch", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
            "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input_dtype",
            "check_float64"]

@@ -130,7 +130,7 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
         # Batch statistics of alpha*y over (T, N) (a direct input's T copies share one frame).
         a, b, bn_state = bn_forward(stats, T_y * N, T * N, alpha, scale, shift, running_mean, running_var, momentum,
                                     eps)
-        scfg = linear_scan_config()
+        scfg = linear_scan_config(N, C, sms=device_sms(device))
         sgrid = (triton.cdiv(N, scfg["BLOCK_M"]), triton.cdiv(C, scfg["BLOCK_N"]))
         linear_lif_scan_kernel[sgrid](
             y, alpha, a, b, res, out, T, N, C, p["decay"], p["threshold"], p["v_reset"],
@@ -158,7 +158,7 @@ def linear_lif_backward(state, grad_spikes, weight, scores, scale, residual, nee
     grad_res = torch.empty((T, N, C), dtype=residual.dtype, device=device) \
         if (need_res and residual is not None) else None
     res = _io(residual)
-    scfg = linear_scan_config()
+    scfg = linear_scan_config(N, C, sms=device_sms(device))
     grid = (triton.cdiv(N, scfg["BLOCK_M"]), triton.cdiv(C, scfg["BLOCK_N"]))
     part = torch.empty((2, grid[0], C), dtype=torch.float32, device=device)
     linear_lif_bwd_scan_kernel[grid](

@@ -8,7 +8,8 @@ benchmarks/compile_report.py; importing this module traces and compiles nothing)
      "signature": {arg: type},    # EVERY argument of fn ("*fp32", "*i8", "i32", "fp32", ... or "constexpr")
      "constexprs": {arg: value},  # a value for every argument typed "constexpr"
      "num_warps": int, "num_stages": int,
-     "divisible_by_16": [arg, ...]}   # args the launch sees 16-divisible (pointers: 16-byte aligned)
+     "divisible_by_16": [arg, ...],   # args the launch sees 16-divisible (pointers: 16-byte aligned)
+     "archs": [80, 90]}           # optional: the SM versions a per-arch config is picked for (default: all)
 
 The tile configurations come from the launchers' own policy (kernels/tiles.py) enumerated over a grid of layer
 sizes, so a config a launch can pick is a config the report compiles. One function per kernel module
@@ -19,10 +20,11 @@ import itertools
 
 from .lif import SURROGATE_CODES
 from .optional import absent_for, jit_function
-from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, LINEAR_GEMM_LADDER, SUBNET_BLOCK, SUBNET_NUM_WARPS, \
+from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, LINEAR_GEMM_LADDER, LINEAR_SCAN_LADDER, SUBNET_BLOCK, SUBNET_NUM_WARPS, \
     forward_config, forward_ladder, grad_input_config, grad_weight_config, linear_forward_config, \
     linear_forward_ladder, linear_gemm_config, linear_scan_config, narrowed, recompute_scan_config, scan_config
 
+ARCHS = (80, 90)  # the archs a spec is for unless it says ("archs": a config the policy picks per arch)
 # Layer sizes the tile policy is enumerated over: channel counts (odd and tile multiples) and pixel counts.
 _SIZES = (3, 5, 16, 32, 48, 64, 96, 128, 512)
 _FWD_PIXELS = (1024, 60000, 10 ** 6)
@@ -84,6 +86,23 @@ def with_divisible_twins(specs):
     return specs + twins
 
 
+def with_cin16_twins(specs):
+    """For every int8 forward spec on a masked path (channel counts that are not tile multiples), a twin compiled as
+    a launch with 16-divisible input channels gets it (16, 48: the common case): pointers aligned, C_in and the
+    pixel sizes (and C_out when EVEN_N) 16-divisible, which Triton's JIT specialises and which lets the masked
+    tile loads vectorise. Channel counts that are not multiples of 16 (3, 5, ...) launch as the spec itself."""
+    twins = []
+    for spec in specs:
+        consts = spec["constexprs"]
+        evens = [v for k, v in consts.items() if k.startswith("EVEN")]
+        if consts.get("IS_SPIKE") and not all(evens) and jit_function(spec["fn"]).__name__ == "binary_conv_lif_fwd_kernel":
+            sig = spec["signature"]
+            sizes = ["C_in", "M", "H", "W", "OH", "OW"] + (["C_out"] if consts["EVEN_N"] else [])
+            hinted = [a for a, t in sig.items() if t.startswith("*")] + sizes
+            twins.append(dict(spec, name=spec["name"][:-1] + ",cin16]", divisible_by_16=hinted))
+    return twins
+
+
 _CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
              "decay", "threshold", "v_reset"]
 _CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "T", "M", "C_out",
@@ -143,7 +162,7 @@ def conv_forward_specs():
             f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},decay_input={decay_input},"
             f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},even={cfg['EVEN_N']:d}]",
             conv_lif_scan_kernel, types, _CONV_SCAN_ARGS, constexprs, cfg))
-    return with_divisible_twins(specs)
+    return with_divisible_twins(specs) + with_cin16_twins(specs)
 
 
 def _tile_name(cfg):
@@ -219,18 +238,24 @@ def conv_backward_specs():
                                conv_grad_input_kernel, types, gi_args, constexprs, cfg))
     gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
                "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
-    gw_cfgs = distinct(grad_weight_config(ci, co, p, interpret=False)
-                       for ci, co, p in itertools.product(_SIZES, _SIZES, _BWD_PIXELS))
     gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
                               (True, False)])
-    for cfg, (x_name, (kh, kw), (grad_s, grad_w), split) in variants(gw_cfgs, gw_flags):
+    gw_archs = {}  # config (as a tuple) -> the archs it is picked for (warps are per arch)
+    for arch, ci, co, p in itertools.product(ARCHS, _SIZES, _SIZES, _BWD_PIXELS):
+        cfg = grad_weight_config(ci, co, p, interpret=False, arch=arch)
+        gw_archs.setdefault(tuple(cfg.items()), set()).add(arch)
+    # per arch: its configs, each other flag set with that arch's heaviest tiles (a config both archs pick once)
+    gw_variants = distinct(v for arch in ARCHS
+                           for v in variants([dict(k) for k, archs in gw_archs.items() if arch in archs], gw_flags))
+    for cfg, (x_name, (kh, kw), (grad_s, grad_w), split) in gw_variants:
         types = {"x_ptr": "*" + x_name, "g_ptr": "*fp32", "w_ptr": "*fp32", "s_ptr": "*fp32",
                  "tern_ptr": "*i8", "alpha_ptr": "*fp32", "gs_ptr": "*fp32", "gw_ptr": "*fp32"}
         constexprs = {"KH": kh, "KW": kw, "GRAD_SCORES": grad_s, "GRAD_WEIGHT": grad_w, "SPLIT": split,
                       **_tile_constexprs(cfg)}
-        specs.append(make_spec(
+        specs.append(dict(make_spec(
             f"conv_grad_weight_kernel[{x_name},{kh}x{kw},scores={grad_s},weight={grad_w},split={split},"
-            f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg))
+            f"{_tile_name(cfg)}]", conv_grad_weight_kernel, types, gw_args, constexprs, cfg),
+            archs=sorted(gw_archs[tuple(cfg.items())])))
     return with_divisible_twins(specs)
 
 
@@ -295,16 +320,18 @@ def linear_specs():
                 "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, STATS=False,
                                    HARD_RESET=hard, DECAY_INPUT=decay_input),
                 "num_warps": nw, "num_stages": ns})
-    scan = linear_scan_config(interpret=False)
-    snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
-    for (y_t, out_t, direct, has_res), (hard, decay_input) in _covering(
+    scans = narrowed(linear_scan_config(interpret=False), LINEAR_SCAN_LADDER)
+    for scan, ((y_t, out_t, direct, has_res), (hard, decay_input)) in itertools.product(scans, _covering(
             (("fp32", "i16"), ("fp32", "fp16", "bf16"), (True, False), (False, True)),
-            ((True, False), (False, True))):
+            ((True, False), (False, True)))):
         if direct and y_t == "i16":
             continue
+        tile = "" if scan == scans[0] else f",{scan['BLOCK_M']}x{scan['BLOCK_N']},w{scan['num_warps']}"
+        scan = dict(scan)
+        snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
         specs.append({
             "name": (f"linear_lif_scan_kernel[y={y_t},out={out_t},direct={direct},res={has_res},"
-                     f"hard={hard},decay_input={decay_input}]"),
+                     f"hard={hard},decay_input={decay_input}{tile}]"),
             "fn": linear_lif_scan_kernel,
             "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                           "res_ptr": "*fp32", "out_ptr": f"*{out_t}", "T": "i32", "N": "i32",
@@ -314,14 +341,17 @@ def linear_specs():
             "constexprs": dict(DIRECT=direct, HAS_RES=has_res, HARD_RESET=hard, DECAY_INPUT=decay_input,
                                **scan),
             "num_warps": snw, "num_stages": sns})
-    for (y_t, direct, res_mode), (hard, decay_input, detach, surrogate) in _covering(
-            (("fp32", "i16"), (True, False), ("none", "res", "res+grad")),
-            ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES))):
+    for scan, ((y_t, direct, res_mode), (hard, decay_input, detach, surrogate)) in itertools.product(
+            scans, _covering((("fp32", "i16"), (True, False), ("none", "res", "res+grad")),
+                             ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES)))):
         if direct and y_t == "i16":
             continue
+        tile = "" if scan == scans[0] else f",{scan['BLOCK_M']}x{scan['BLOCK_N']},w{scan['num_warps']}"
+        scan = dict(scan)
+        snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
         specs.append({
             "name": (f"linear_lif_bwd_scan_kernel[y={y_t},direct={direct},{res_mode},hard={hard},"
-                     f"decay_input={decay_input},detach={detach},{surrogate}]"),
+                     f"decay_input={decay_input},detach={detach},{surrogate}{tile}]"),
             "fn": linear_lif_bwd_scan_kernel,
             "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                           "mult_ptr": "*fp32", "res_ptr": "*fp32", "grad_spike_ptr": "*fp32", "g_ptr": "*fp32",

@@ -83,6 +83,7 @@ def forward_ladder(is_spike, cfg):
 FORWARD_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 32, "num_warps": 4})  # int8 forward, tile-multiple channels
 LINEAR_FORWARD_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 16}, {"BLOCK_N": 16})
 LINEAR_GEMM_LADDER = ({"BLOCK_N": 32}, {"BLOCK_M": 32})
+LINEAR_SCAN_LADDER = ({"BLOCK_N": 32, "num_warps": 4}, {"BLOCK_M": 16}, {"BLOCK_N": 16})  # elementwise, memory-bound
 
 
 def narrowed(cfg, ladder):
@@ -178,15 +179,18 @@ def grad_input_config(c_in, c_out, p, interpret=None):
     return cfg
 
 
-def grad_weight_config(c_in, c_out, p, interpret=None):
-    """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels)."""
+def grad_weight_config(c_in, c_out, p, interpret=None, arch=None):
+    """Launch config of the grad-weight implicit GEMM (rows: C_in of one tap, cols: C_out, K over pixels).
+    ``arch``: the GPU's compute capability as an int (80, 90; None on CPU). Tile-multiple layers run a 3-stage
+    cp.async pipeline; before sm_90 tiles of 64x32 and up take 8 warps (at 4 warps and 3 stages 64x64 spilled on
+    sm_80 on Triton 3.6, 64x32 on 3.9)."""
     block_m = _channel_tile(c_in, 64)
     block_n = _channel_tile(c_out, 64)
     even_m, even_n = c_in % block_m == 0, c_out % block_n == 0
     if even_m and even_n:
+        wide = block_m * block_n >= 64 * 32 and arch is not None and arch < 90
         cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": True, "EVEN_N": True,
-               "num_warps": 4, "num_stages": 2}
-        # 3 stages spilled on sm_80 (64x64 at 4 warps on Triton 3.6; 64x32 at 4 warps on 3.9 with 8 warps for 64x64)
+               "num_warps": 8 if wide else 4, "num_stages": 3}
     else:
         block_m, block_n = (16 if c_in <= 16 else 32), (16 if c_out <= 16 else 32)
         cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "EVEN_M": c_in % block_m == 0,
@@ -227,9 +231,14 @@ def linear_forward_ladder(is_spike):
     return LINEAR_FORWARD_LADDER if is_spike else ()
 
 
-def linear_scan_config(interpret=None):
-    """Tile config of the linear elementwise scan kernels (forward pass 2 and backward scan)."""
-    return dict(_LINEAR_SCAN_INTERP) if interpreting(interpret) else dict(_LINEAR_SCAN_GPU)
+def linear_scan_config(rows=1, cols=1, interpret=None, sms=None):
+    """Tile config of the linear elementwise scan kernels (forward pass 2 and backward scan; grid over ``rows`` = N
+    and ``cols`` = C); with ``sms`` (GPU) narrower tiles while the grid is smaller (``LINEAR_SCAN_LADDER``: a
+    memory-bound pass on 16 programs, VGG-11's fc at N=128, cannot draw the GPU's bandwidth)."""
+    if interpreting(interpret):
+        return dict(_LINEAR_SCAN_INTERP)
+    return fill_grid(dict(_LINEAR_SCAN_GPU), LINEAR_SCAN_LADDER,
+                     lambda c: -(-rows // c["BLOCK_M"]) * -(-cols // c["BLOCK_N"]), sms)
 
 
 def linear_gemm_config(rows=1, cols=1, interpret=None, sms=None):

@@ -91,6 +91,6 @@ def test_absent_tensors_compile_as_constexpr_none(tmp_path):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {(r["name"], r["arch"]): r for r in json.loads(out.read_text())}
-    assert len(rows) == 4
+    assert {(spec["name"], arch) for spec in (without, with_res) for arch in (80, 90)} <= rows.keys()
     for arch in (80, 90):
         assert rows[without["name"], arch]["instructions"] < rows[with_res["name"], arch]["instructions"]

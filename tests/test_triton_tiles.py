@@ -35,6 +35,7 @@ def test_grids_filled_on_a_gpu_only():
         tiles.forward_config(True, 48, 48, 512, interpret=False)
     gemm = tiles.linear_gemm_config(256, 256, interpret=False, sms=H200_SMS)
     assert _programs(gemm, 256, 256) == 64 and gemm["BLOCK_M"] == gemm["BLOCK_N"] == 32
+    assert _programs(tiles.linear_scan_config(128, 256, interpret=False, sms=H200_SMS), 128, 256) == 128
 
 
 def test_grad_weight_split():
@@ -50,9 +51,12 @@ def _launch(cfg):
     return ({k: v for k, v in cfg.items() if k.startswith(("BLOCK", "EVEN"))}, cfg["num_warps"], cfg["num_stages"])
 
 
-def _compiled(kernel):
+def _compiled(kernel, arch=None):
+    """The launch configs (as `_launch` gives them) the compile specs hold for ``kernel`` (for ``arch``: the specs
+    compiled for that SM version)."""
     return [({k: v for k, v in s["constexprs"].items() if k.startswith(("BLOCK", "EVEN"))}, s["num_warps"],
-             s["num_stages"]) for _, s in compile_specs() if s["fn"].__name__ == kernel]
+             s["num_stages"]) for _, s in compile_specs()
+            if s["fn"].__name__ == kernel and (arch is None or arch in s.get("archs", (arch,)))]
 
 
 @pytest.mark.parametrize("sms", [None, A100_SMS, H200_SMS])
@@ -63,7 +67,22 @@ def test_every_gpu_config_is_compiled(sms):
         assert _launch(tiles.forward_config(is_spike, ci, co, m, interpret=False, sms=sms)) in fwd, (ci, co, m)
     lin = _compiled("binary_linear_lif_fwd_kernel")
     gi, gw = _compiled("linear_grad_input_kernel"), _compiled("linear_grad_weight_kernel")
+    scan, bwd_scan = _compiled("linear_lif_scan_kernel"), _compiled("linear_lif_bwd_scan_kernel")
     for (is_spike, fp16), n, c in itertools.product(((True, False), (False, True), (False, False)), rows, sizes):
         assert _launch(tiles.linear_forward_config(is_spike, fp16, n, c, interpret=False, sms=sms)) in lin
         gemm = _launch(tiles.linear_gemm_config(n, c, interpret=False, sms=sms))
         assert gemm in gi and gemm in gw
+        scan_cfg = _launch(tiles.linear_scan_config(n, c, interpret=False, sms=sms))
+        assert scan_cfg in scan and scan_cfg in bwd_scan
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_grad_weight_configs_per_arch_are_compiled_for_their_arch(arch):
+    """The grad-weight pipeline: 3 stages on tile-multiple layers, 8 warps for 64x32 tiles and up before sm_90 (at
+    4 warps they spilled on sm_80); each per-arch config is compiled for the arch that picks it."""
+    compiled = _compiled("conv_grad_weight_kernel", arch)
+    for ci, co in itertools.product((3, 16, 32, 48, 64, 128, 512), repeat=2):
+        cfg = tiles.grad_weight_config(ci, co, 10 ** 5, interpret=False, arch=arch)
+        if ci % 64 == 0 and co % 64 == 0:
+            assert (cfg["num_stages"], cfg["num_warps"]) == (3, 8 if arch == 80 else 4)
+        assert _launch(cfg) in compiled, (ci, co, cfg)
