@@ -314,3 +314,14 @@ def test_compiled_subnet_equals_ternary_subnet(shape, prune_rate):
         have = torch_backend._straight_through(grad, weight, scores, tern, alpha, needs)
         for h, w in zip(have, want):
             assert (h is None and w is None) or torch.equal(h, w)
+
+
+@pytest.mark.parametrize("C_out", [7, 9, 21])  # 64 % C == 1: a 64-lane channels-last block ends in its first channel
+def test_batch_norm_sums_over_channels_last_blocks(C_out):
+    """Regression: the compiled backward took a channels-last block whose last lane wrapped back to its first
+    channel for a one-channel block, so Σg and Σg·y (BatchNorm's backward) went to one channel."""
+    x = mark_spikes(spikes(2, 2, 5, 9, 9, seed=7))
+    weight, scores = randn(C_out, 5, 3, 3, seed=8), randn(C_out, 5, 3, 3, seed=9)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = mark_spikes(x.flatten(0, 1).contiguous(memory_format=layout).view(x.shape))
+        _compare("binw_conv2d_lif", xl, weight, scores, 0.4, stride=1, padding=1, batch_norm=True)

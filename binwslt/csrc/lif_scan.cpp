@@ -357,11 +357,15 @@ torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<t
   return spikes;
 }
 
-// Adds the block's per-neuron sums (lanes) into the per-channel sums.
+// Adds the block's per-neuron sums (lanes) into the per-channel sums. ``inner``: the run length of a channel in
+// memory order (`Geometry::inner`).
 __attribute__((always_inline)) inline void scatter_lanes(const double* lg, const double* lgy, const int32_t* cj,
-                                                         int64_t n, int64_t C, double* sg, double* sgy) {
+                                                         int64_t n, int64_t C, int64_t inner, double* sg,
+                                                         double* sgy) {
   const int32_t c0 = cj[0];
-  if (cj[n - 1] == c0) {  // one channel (contiguous frames)
+  // one channel (contiguous frames): a block no longer than a channel's run that ends in its first channel (with
+  // channels-last frames the channel wraps every C lanes, and the last lane can be back at c0)
+  if (n <= inner && cj[n - 1] == c0) {
     double x = 0, z = 0;
     for (int64_t j = 0; j < n; ++j) {
       x += lg[j];
@@ -426,7 +430,7 @@ __attribute__((always_inline)) inline void epilogue_backward_block(
       }
     }
   }
-  scatter_lanes(lg, lgy, cj, n, g.C, sg, sgy);
+  scatter_lanes(lg, lgy, cj, n, g.C, g.inner, sg, sgy);
 }
 
 #define BINWSLT_EPILOGUE_BACKWARD_RUN(scalar_t, y_t)                                                           \
