@@ -8,7 +8,10 @@ every kernel a training step with training BatchNorm launches (forward and backw
 tensor-core operations (2 per multiply-accumulate, times the number of bf16 terms the split-precision GEMMs run,
 kernels/gemm.py) and the compulsory HBM bytes (each tensor the kernel reads or writes, once: re-reads of im2col
 rows and weight tiles are assumed to hit L2), and predicts ``max(ops / peak, bytes / bandwidth)`` against the
-H200's datasheet ceilings. SpikingJelly's step is modelled the same way (cuDNN in TF32, BatchNorm and its LIF as
+H200's datasheet ceilings; a Triton kernel whose grid (from the launchers' tile policy, kernels/tiles.py, with the
+H200's 132 SMs) has fewer programs than SMs runs on that fraction of the chip, so its time is divided by
+``programs / 132`` (grid fill), and the conv grad-weight's split pixel reduction adds its fp32 partial results
+(written by the kernel, read by the host's sum). SpikingJelly's step is modelled the same way (cuDNN in TF32, BatchNorm and its LIF as
 fp32 elementwise passes, what its multi-step layers read and write). The result is a lower bound for each side
 (perfect overlap, no launch overhead, 100 % of peak): it says where each kernel sits (compute or memory bound)
 and how the two designs compare, not what a GPU will measure.
@@ -31,7 +34,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # H200 SXM datasheet ceilings (dense), the ones memory="auto" decides with.
+from binwslt.kernels import tiles  # noqa: E402
 from binwslt.kernels.memory import CEILINGS, HBM_BYTES_PER_S  # noqa: E402
+H200_SMS = 132
 SPLIT_TERMS = 3  # grad_precision="split": the fp32 operand as three bf16 terms (kernels/gemm.py)
 BOTH_SPLIT_TERMS = 3  # both operands fp32 (direct first layer's grad-weight): tf32x3, three TF32 dots
 
@@ -44,11 +49,17 @@ class KernelCost:
     ops: float
     bytes: float
     unit: str  # which ceiling the ops run at
+    programs: int = 0  # the Triton kernel's grid (0: not modelled, the whole chip)
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the H200's SMs the grid occupies (1 when it has at least one program per SM)."""
+        return min(1.0, self.programs / H200_SMS) if self.programs else 1.0
 
     @property
     def seconds(self) -> float:
         compute = self.ops / CEILINGS[self.unit] if self.ops else 0.0
-        return max(compute, self.bytes / HBM_BYTES_PER_S)
+        return max(compute, self.bytes / HBM_BYTES_PER_S) / self.fill
 
     @property
     def bound(self) -> str:
@@ -71,9 +82,15 @@ def binwslt_costs(shape, T, N):
     s = _conv_sizes(shape, T, N)
     name, out = shape.label, []
 
-    def add(kernel, ops, nbytes, unit):
-        out.append(KernelCost(name, "binwslt", kernel, ops, nbytes, unit))
+    def add(kernel, ops, nbytes, unit, programs=0):
+        out.append(KernelCost(name, "binwslt", kernel, ops, nbytes, unit, programs))
 
+    oh, ow = shape.out_hw
+    c_in, c_out, k = shape.in_channels, shape.out_channels, shape.kernel
+    m = N * oh * ow  # output pixels per frame set: the forward's and the scans' grid rows
+    fwd = tiles.forward_config(not shape.direct, c_in, c_out, m, interpret=False, sms=H200_SMS)
+    scan = tiles.scan_config(c_out, m, interpret=False)
+    scan_programs = _grid(m, c_out, scan)
     y_bytes = 4 if shape.direct else 2  # y: fp32 for analog input, int16 for spikes
     if shape.direct:
         fwd_ops, fwd_unit, x_bytes = 2 * s["macs"] * SPLIT_TERMS, "bf16", 4  # fp32 image split into bf16 terms
@@ -82,20 +99,28 @@ def binwslt_costs(shape, T, N):
         add("glue: spikes fp32 -> int8 channels-last", 0, s["x"] * (4 + 1), "fp32")
         add("glue: pack input bits for backward", 0, s["x"] * (1 + 1 / 8), "fp32")
     add("fwd: int8 conv + y + BN tile sums" if not shape.direct else "fwd: split conv + y + BN tile sums",
-        fwd_ops, s["x"] * x_bytes + s["w"] + s["y"] * y_bytes, fwd_unit)
-    add("fwd: BN-folded LIF scan (spikes fp32)", 0, s["y"] * y_bytes + s["out"] * 4, "fp32")
+        fwd_ops, s["x"] * x_bytes + s["w"] + s["y"] * y_bytes, fwd_unit, _grid(m, c_out, fwd))
+    add("fwd: BN-folded LIF scan (spikes fp32)", 0, s["y"] * y_bytes + s["out"] * 4, "fp32", scan_programs)
     # backward scan: y read twice (recompute, then dL/dI*y), dL/dspikes read, U parked in g and read back, g written
-    add("bwd: LIF scan (recompute + BPTT)", 0, s["y"] * y_bytes * 2 + s["out"] * (4 + 4 + 4 + 4), "fp32")
+    add("bwd: LIF scan (recompute + BPTT)", 0, s["y"] * y_bytes * 2 + s["out"] * (4 + 4 + 4 + 4), "fp32",
+        scan_programs)
     g_elems = s["y"]  # direct: T gradients summed in the scan, one slot
     add("bwd: BN grad fold", 0, g_elems * (4 + y_bytes + 4), "fp32")
     if not shape.direct:  # the image needs no gradient
+        pixels = s["frames"] * shape.height * shape.width
+        gi = tiles.grad_input_config(c_in, c_out, pixels, interpret=False)
         add("bwd: grad-input GEMM (3 bf16 terms)", 2 * s["macs"] * SPLIT_TERMS, g_elems * 4 + s["x"] * 4 + s["w"],
-            "bf16")
+            "bf16", _grid(pixels, c_in, gi))
         add("glue: unpack input bits", 0, s["x"] * (1 / 8 + 1), "fp32")
     terms, unit = (BOTH_SPLIT_TERMS, "tf32") if shape.direct else (SPLIT_TERMS, "bf16")
-    # reads g and x, the fp32 weight and scores of the straight-through epilogue; writes the fp32 score gradient
-    add(f"bwd: grad-weight GEMM ({terms} {unit} dots)", 2 * s["macs"] * terms,
-        g_elems * 4 + s["x"] * x_bytes + s["w"] * 4 * 3, unit)
+    # reads g and x, the fp32 weight and scores of the straight-through epilogue; writes the fp32 score gradient,
+    # as one fp32 partial per split of the pixel reduction, which the host's sum reads back
+    p = g_elems // c_out
+    gw = tiles.grad_weight_config(c_in, c_out, p, interpret=False, arch=90)
+    gw_tiles = k * k * _grid(c_in, c_out, gw)
+    split = tiles.grad_weight_split(gw_tiles, p, gw["BLOCK_K"], H200_SMS)
+    add(f"bwd: grad-weight GEMM ({terms} {unit} dots, {split} split{'s' if split > 1 else ''})", 2 * s["macs"] * terms,
+        g_elems * 4 + s["x"] * x_bytes + s["w"] * 4 * (3 + 2 * split), unit, gw_tiles * split)
     return out
 
 
@@ -104,14 +129,25 @@ def binwslt_linear_costs(shape, T, N):
     name, out = shape.label, []
     x, yb, w = rows * shape.in_channels, rows * shape.out_channels, shape.in_channels * shape.out_channels
     macs = rows * w
-    out.append(KernelCost(name, "binwslt", "fwd: int8 GEMM + y + BN sums", 2 * macs, x + w + yb * 2, "int8"))
-    out.append(KernelCost(name, "binwslt", "fwd: LIF scan", 0, yb * (2 + 4), "fp32"))
-    out.append(KernelCost(name, "binwslt", "bwd: LIF scan (recompute + BPTT)", 0, yb * (2 * 2 + 4 * 4), "fp32"))
+    k, c = shape.in_channels, shape.out_channels
+    fwd = _grid(N, c, tiles.linear_forward_config(True, False, N, c, interpret=False, sms=H200_SMS))
+    scan = _grid(N, c, tiles.linear_scan_config(N, c, interpret=False, sms=H200_SMS))
+    gi = _grid(rows, k, tiles.linear_gemm_config(rows, k, interpret=False, sms=H200_SMS))
+    gw = _grid(c, k, tiles.linear_gemm_config(c, k, interpret=False, sms=H200_SMS))
+    out.append(KernelCost(name, "binwslt", "fwd: int8 GEMM + y + BN sums", 2 * macs, x + w + yb * 2, "int8", fwd))
+    out.append(KernelCost(name, "binwslt", "fwd: LIF scan", 0, yb * (2 + 4), "fp32", scan))
+    out.append(KernelCost(name, "binwslt", "bwd: LIF scan (recompute + BPTT)", 0, yb * (2 * 2 + 4 * 4), "fp32", scan))
     out.append(KernelCost(name, "binwslt", "bwd: BN grad fold", 0, yb * (4 + 2 + 4), "fp32"))
-    out.append(KernelCost(name, "binwslt", "bwd: grad-input GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x * 4, "bf16"))
+    out.append(KernelCost(name, "binwslt", "bwd: grad-input GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x * 4, "bf16",
+                          gi))
     out.append(KernelCost(name, "binwslt", "bwd: grad-weight GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x + w * 8,
-                          "bf16"))
+                          "bf16", gw))
     return out
+
+
+def _grid(rows, cols, cfg):
+    """Programs of a 2-D launch of ``cfg``'s tiles over ``rows`` x ``cols``."""
+    return -(-rows // cfg["BLOCK_M"]) * -(-cols // cfg["BLOCK_N"])
 
 
 def spikingjelly_costs(shape, T, N):
@@ -177,11 +213,13 @@ def render(rows, T, N, command):
                      f"{t['binwslt'] / t['spikingjelly']:.2f} |")
     lines.append(f"| **total** | **{totals['binwslt'] * 1e6:.0f}** | **{totals['spikingjelly'] * 1e6:.0f}** | "
                  f"**{totals['binwslt'] / totals['spikingjelly']:.2f}** |")
-    lines += ["", "## Per kernel", "", "| layer | side | kernel | GOP | MB | bound | µs |",
-              "|---|---|---|---:|---:|---|---:|"]
+    lines += ["", "## Per kernel", "", "Programs: the Triton kernel's grid from the tile policy (grid fill below 1 when "
+              f"under the H200's {H200_SMS} SMs; `-`: not modelled, the whole chip).", "",
+              "| layer | side | kernel | GOP | MB | programs | fill | bound | µs |",
+              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r.layer} | {r.side} | {r.kernel} | {r.ops / 1e9:.2f} | {r.bytes / 1e6:.1f} | {r.bound} | "
-                     f"{r.seconds * 1e6:.1f} |")
+        lines.append(f"| {r.layer} | {r.side} | {r.kernel} | {r.ops / 1e9:.2f} | {r.bytes / 1e6:.1f} | "
+                     f"{r.programs or '-'} | {r.fill:.2f} | {r.bound} | {r.seconds * 1e6:.1f} |")
     return "\n".join(lines) + "\n", totals
 
 
@@ -206,7 +244,7 @@ def main(argv=None):
     _write_atomic(args.out, text)
     payload = {"timesteps": args.timesteps, "batch": args.batch, "ceilings": CEILINGS,
                "hbm_bytes_per_s": HBM_BYTES_PER_S, "totals_s": totals,
-               "rows": [dict(asdict(r), seconds=r.seconds, bound=r.bound) for r in rows]}
+               "rows": [dict(asdict(r), seconds=r.seconds, bound=r.bound, fill=r.fill) for r in rows]}
     _write_atomic(pathlib.Path(args.out).with_suffix(".json"), json.dumps(payload, indent=1))
     print(text.split("## Per kernel")[0])
     return 0
