@@ -7,10 +7,13 @@ instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8) and PyTorch has oneDNN; in fp32
 forward is exact only while every |y| < 256 (a bf16 output); with that check and the cast back to fp32 it measured
 slower than int8 on every Conv-4 layer (benchmarks/cpu_gemm.py), so it is not offered.
 
-The backward GEMMs (`BACKWARD_GEMM`) are fp32 channels-last on every CPU: PyTorch's CPU bf16 convolutions round
-their output to bf16 (no fp32-output bf16 convolution or matmul is exposed), so a bf16 high + low split of g cannot
-be exact; the exact int8 split (benchmarks/cpu_gemm.py: g per frame as three 8-bit digit planes, each an int8
-oneDNN convolution, or ``torch._int_mm`` for grad-weight) costs more than fp32 once g is split and recombined.
+The backward GEMMs (`backward_gemm`): on a CPU with AMX-BF16 the stride-1 convolutions over spikes run as
+AMX implicit GEMMs with g split in three bf16 terms and an fp32 output (`binwslt.amx`: fp32 accuracy); everything
+else (linear layers, strided convolutions, the direct-encoded first layer, CPUs without AMX, and
+``BINWSLT_CPU_MATMUL=fp32``) runs fp32 channels-last. PyTorch's own CPU bf16 convolutions round their output to bf16
+(no fp32-output bf16 convolution or matmul is exposed), so a split through them cannot be exact, and the exact int8
+split through oneDNN (benchmarks/cpu_gemm.py: g per frame as three 8-bit digit planes) costs more than fp32 once g
+is split and recombined.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from pathlib import Path
 import torch
 
 MATMUL_MODES = ("auto", "int8", "fp32")
-BACKWARD_GEMM = "fp32"  # grad_precision="split" on CPU; "bf16" runs grad-input as one bf16 term
 ENV_VAR = "BINWSLT_CPU_MATMUL"
 _FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
@@ -68,16 +70,24 @@ def matmul_mode() -> str:
     return mode
 
 
+def backward_gemm() -> str:
+    """The backward GEMMs of ``grad_precision="split"`` conv layers over spikes now: ``"amx-bf16x3"`` (stride-1
+    convolutions on AMX, g in three bf16 terms; the rest fp32) or ``"fp32"``."""
+    from . import amx  # amx builds on this module
+
+    return "amx-bf16x3" if amx.available() else "fp32"
+
+
 def cpu_info() -> dict:
     """A summary for version lines and benchmark JSON: ``{"capability", "flags", "matmul", "backward",
     "threads"}``.
 
     capability: torch's ATen CPU kernel level (e.g. "AVX512"); flags: the detected feature flags of interest;
-    matmul: the forward mode `matmul_mode` picks now; backward: `BACKWARD_GEMM`; threads: torch's intra-op
+    matmul: the forward mode `matmul_mode` picks now; backward: `backward_gemm`; threads: torch's intra-op
     thread count.
     """
     return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": sorted(cpu_flags()),
-            "matmul": matmul_mode(), "backward": BACKWARD_GEMM, "threads": torch.get_num_threads()}
+            "matmul": matmul_mode(), "backward": backward_gemm(), "threads": torch.get_num_threads()}
 
 
 def cpu_info_line() -> str:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ._affine import channel_view
-from . import _cpu_ext, batchnorm, cpu
+from . import _cpu_ext, amx, batchnorm, cpu
 from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
@@ -263,6 +263,17 @@ class _ConvMap:
         return torch.ops.onednn.qconv2d_pointwise(x8, 1.0, 0, subnet.derived[key], ones, zeros, None, self.stride,
                                                   self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
 
+    def amx_ready(self, weight_shape) -> bool:
+        """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
+        return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
+
+    def grad_input_amx(self, input_shape, tern, alpha, grad):
+        return amx.conv_grad_input(grad, amx.pack_weight(tern), input_shape, tern.shape[2], self.padding[0],
+                                   float(alpha))
+
+    def grad_weight_amx(self, frames, weight_shape, grad):
+        return amx.conv_grad_weight(frames, grad, weight_shape[2], self.padding[0])
+
     def grad_input(self, input_shape, w, grad):
         if grad.is_contiguous(memory_format=torch.channels_last):
             w = w.contiguous(memory_format=torch.channels_last)
@@ -288,6 +299,9 @@ class _LinearMap:
         ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
         return torch.ops.onednn.qlinear_pointwise(frames.to(torch.uint8), 1.0, 0, subnet.derived["linear"], ones,
                                                   zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
+    def amx_ready(self, weight_shape) -> bool:
+        return False
 
     def grad_input(self, input_shape, w, grad):
         return grad @ w
@@ -540,11 +554,16 @@ class _BinWLIF(torch.autograd.Function):
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
         low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once for grad-input, the weight exact
-        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, dtype) if ctx.spiking_input \
-            else saved_x
+        # spikes times the ternary weight, g split in three bf16 terms: fp32 accuracy on AMX (binwslt.amx)
+        on_amx = ctx.spiking_input and low is None and dtype == torch.float32 and \
+            ctx.linear_map.amx_ready(tern.shape)
+        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, torch.bfloat16 if on_amx else dtype) \
+            if ctx.spiking_input else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if low is None:
+            if on_amx:
+                grad_x = ctx.linear_map.grad_input_amx(ctx.frames_shape, tern, alpha, grad_cur)
+            elif low is None:
                 grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
             else:
                 grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low))
@@ -553,7 +572,8 @@ class _BinWLIF(torch.autograd.Function):
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
+            grad_weff = ctx.linear_map.grad_weight_amx(frames, tern.shape, grad_cur) if on_amx else \
+                ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
             grad_weight, grad_scores = _straight_through(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,

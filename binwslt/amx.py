@@ -1,0 +1,75 @@
+"""The exact backward GEMMs of a stride-1 convolution over spikes on AMX-BF16 (binwslt/csrc/amx_conv.cpp).
+
+grad-input = g ⋆ ternary weight and grad-weight = spikesᵀ ⋆ g, with the fp32 gradient g split into `TERMS` bf16
+terms (``t1 = bf16(g)``, ``t2 = bf16(g - t1)``, ``t3 = bf16(g - t1 - t2)``: together g to 2^-24, fp32's precision),
+the other operand exact in bf16 (-1/0/+1, 0/1), every product exact and AMX accumulating in fp32 with an fp32
+output: the accuracy of an fp32 convolution, on the tile unit. (PyTorch's own CPU bf16 convolutions round their
+output to bf16, which is why this is a kernel of its own.) Implicit GEMMs: per frame the padded operands are
+staged in a thread-local, L2-sized buffer in the layouts the tile loads read; nothing of size of g is copied.
+
+Used by the ``torch`` backend where `available` (the CPU has AMX-BF16, Linux grants the tile state, the extension
+builds, ``BINWSLT_CPU_MATMUL`` is not ``fp32``) for stride-1 square kernels with padding < kernel size; other
+layers, and CPUs without AMX, run fp32 convolutions.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import _cpu_ext, cpu
+
+TERMS = 3  # bf16 terms of g: three reach fp32 precision (two lose ~2^-17 relative)
+_SOURCE = Path(__file__).parent / "csrc" / "amx_conv.cpp"
+_state = {}
+
+
+def _load():
+    if "module" not in _state:
+        module = None
+        if "amx_bf16" in cpu.cpu_flags() and os.environ.get("BINWSLT_NO_CPP_EXT") != "1":
+            try:
+                module = _cpu_ext.build_extension("binwslt_amx_conv", [_SOURCE])
+                if not module.amx_available():  # the kernel did not grant the tile state
+                    module = None
+            except Exception as err:  # no compiler: the fp32 convolutions are correct
+                warnings.warn(f"binwslt: the AMX backward convolutions are not available ({str(err)[-300:]}); "
+                              "using fp32 convolutions", RuntimeWarning)
+        _state["module"] = module
+    return _state["module"]
+
+
+def available() -> bool:
+    """True when the backward convolutions of eligible layers run here (see the module docstring)."""
+    return cpu.matmul_mode() != "fp32" and _load() is not None
+
+
+def eligible(weight_shape, stride, padding) -> bool:
+    """Whether a conv of ``weight_shape`` ``[C_out, C_in, k, k]`` with ``stride``/``padding`` (pairs) fits the
+    kernels: stride 1, a square kernel, equal padding below the kernel size."""
+    k = weight_shape[2]
+    return tuple(stride) == (1, 1) and weight_shape[3] == k and padding[0] == padding[1] and 0 <= padding[0] < k
+
+
+def pack_weight(ternary: torch.Tensor) -> torch.Tensor:
+    """The ternary weight ``[C_out, C_in, k, k]`` (any integer or float dtype) as the grad-input kernel reads it:
+    bf16 ``[k·k, C_out32/2, C_in32, 2]`` (channels padded to multiples of 32, pairs of output channels interleaved)."""
+    return _load().pack_weight(ternary.to(torch.bfloat16))
+
+
+def conv_grad_input(grad: torch.Tensor, packed: torch.Tensor, input_shape, kernel_size: int, padding: int,
+                    scale: float = 1.0) -> torch.Tensor:
+    """``scale`` · dL/dx ``[F, C_in, H, W]`` fp32 (channels-last) of ``y = conv2d(x, W, stride 1, padding)`` from
+    ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides) and ``packed`` = `pack_weight` (W)."""
+    _, c_in, h, w = input_shape
+    return _load().conv_grad_input(grad, packed, c_in, h, w, kernel_size, padding, TERMS, float(scale))
+
+
+def conv_grad_weight(frames: torch.Tensor, grad: torch.Tensor, kernel_size: int, padding: int) -> torch.Tensor:
+    """dL/dW ``[C_out, C_in, k, k]`` fp32 of ``y = conv2d(x, W, stride 1, padding)`` from the input ``frames``
+    ``[F, C_in, H, W]`` (values exact in bf16: spikes; any dtype and layout) and ``grad`` ``[F, C_out, OH, OW]``
+    fp32 (any strides)."""
+    x = frames.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return _load().conv_grad_weight(x, grad, kernel_size, padding, TERMS)

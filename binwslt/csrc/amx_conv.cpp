@@ -1,0 +1,251 @@
+// AMX-BF16 implicit-GEMM backward of a stride-1 convolution over spikes x ternary weights: the fp32 gradient is
+// split into S bf16 terms (t1 = bf16(g), t2 = bf16(g - t1), ...), every product is exact and AMX accumulates in
+// fp32, so S = 3 gives fp32-level results; fp32 output. Per frame, the operands are staged in a thread-local
+// scratch (L2-sized) in the layouts the tile loads want: no full-size bf16 copy of g exists.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {0};
+  uint16_t colsb[16] = {0};
+  uint8_t rows[16] = {0};
+};
+
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /*ARCH_REQ_XCOMP_PERM*/, 18 /*XTILEDATA*/) == 0;
+  return ok;
+}
+
+// Eight 16 x 64-byte tiles. A global object: GCC does not see _tile_loadconfig read its argument, so the stores
+// into a local configuration could be dropped.
+TileConfig make_config() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+  return cfg;
+}
+alignas(64) const TileConfig kTileConfig = make_config();
+
+__attribute__((target("amx-tile,amx-bf16"))) void configure() { _tile_loadconfig(&kTileConfig); }
+
+__attribute__((target("amx-tile"))) void release() { _tile_release(); }
+
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even
+inline float bf16_value(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+
+// The S bf16 terms of n fp32 values v[i*stride] into dst[s*term_stride + i]: t1 = bf16(v), t2 = bf16(v - t1), ...
+// (round to nearest even; the vector path, for stride 1, flushes bf16 denormals as VCVTNEPS2BF16 does, and
+// subtracts exactly the value it stored, so the terms still sum to v up to the last term's rounding).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void split_terms_avx512(const float* v, int64_t n, uint16_t* dst, int64_t term_stride, int64_t S) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 r = _mm512_maskz_loadu_ps(m, v + i);
+    for (int64_t s = 0; s < S; ++s) {
+      const __m256i b = (__m256i)_mm512_cvtneps_pbh(r);
+      _mm256_mask_storeu_epi16(dst + s * term_stride + i, m, b);
+      r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+  }
+}
+
+inline void split_terms(const float* v, int64_t stride, int64_t n, uint16_t* dst, int64_t term_stride, int64_t S) {
+  if (stride == 1) return split_terms_avx512(v, n, dst, term_stride, S);
+  for (int64_t i = 0; i < n; ++i) {
+    float r = v[i * stride];
+    for (int64_t s = 0; s < S; ++s) {
+      const uint16_t b = bf16_bits(r);
+      dst[s * term_stride + i] = b;
+      r -= bf16_value(b);
+    }
+  }
+}
+
+// rows [n_pairs*2, width] of 16-bit values -> [n_pairs, width, 2] (row pairs interleaved: the VNNI layout of a
+// B tile); width a multiple of 32.
+__attribute__((target("avx512f,avx512bw")))
+void interleave_pairs(const uint16_t* src, int64_t n_pairs, int64_t width, uint16_t* dst) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kIdxHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kIdx), hi = _mm512_load_si512(kIdxHi);
+  for (int64_t p = 0; p < n_pairs; ++p)
+    for (int64_t c = 0; c < width; c += 32) {
+      const __m512i a = _mm512_loadu_si512(src + (2 * p) * width + c), b = _mm512_loadu_si512(src + (2 * p + 1) * width + c);
+      _mm512_storeu_si512(dst + (p * width + c) * 2, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(dst + (p * width + c) * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+// Tile block of the grad-input GEMM: 32 flat padded pixels (q0..q0+31) x 32 input channels (n0..), all terms,
+// taps and output channels; A rows from the staged padded g of this frame, B from the packed weight.
+__attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
+    const uint16_t* gs, int64_t term_stride, const uint16_t* wv, float* buf, int64_t S, int64_t Co32, int64_t Ci32,
+    int64_t Wp, int64_t k, int64_t q0, int64_t n0) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const int64_t a_stride = Co32 * 2, b_stride = Ci32 * 4;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t kh = 0; kh < k; ++kh)
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const uint16_t* a = gs + s * term_stride + (q0 + (k - 1 - kh) * Wp + (k - 1 - kw)) * Co32;
+        const uint16_t* b = wv + (kh * k + kw) * Co32 * Ci32 + n0 * 2;
+        for (int64_t c = 0; c < Co32; c += 32) {
+          _tile_loadd(4, a + c, a_stride);
+          _tile_loadd(5, a + 16 * Co32 + c, a_stride);
+          _tile_loadd(6, b + c * Ci32, b_stride);
+          _tile_loadd(7, b + c * Ci32 + 32, b_stride);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+  _tile_stored(0, buf, 128);
+  _tile_stored(1, buf + 16, 128);
+  _tile_stored(2, buf + 16 * 32, 128);
+  _tile_stored(3, buf + 16 * 32 + 16, 128);
+}
+
+// Tile block of the grad-weight GEMM for one frame and tap: 32 input channels (m0..) x 32 output channels (n0..),
+// accumulated into acc [Ci32, Co32] (fp32, row stride Co32); A rows from the staged padded x^T, B from the staged
+// g terms in pair-interleaved (VNNI) order.
+__attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
+    const uint16_t* xt, int64_t x_row, const uint16_t* gv, float* acc, int64_t r0, int64_t r1,
+    int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
+  float* c = acc + m0 * Co32 + n0;
+  _tile_loadd(0, c, Co32 * 4);
+  _tile_loadd(1, c + 16, Co32 * 4);
+  _tile_loadd(2, c + 16 * Co32, Co32 * 4);
+  _tile_loadd(3, c + 16 * Co32 + 16, Co32 * 4);
+  const uint16_t* x = xt + m0 * x_row + shift;
+  const uint16_t* g = gv + n0 * 2;
+  for (int64_t r = r0; r < r1; r += 32) {
+    _tile_loadd(4, x + r, x_row * 2);
+    _tile_loadd(5, x + 16 * x_row + r, x_row * 2);
+    _tile_loadd(6, g + r * Co32, Co32 * 4);
+    _tile_loadd(7, g + r * Co32 + 32, Co32 * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, Co32 * 4);
+  _tile_stored(1, c + 16, Co32 * 4);
+  _tile_stored(2, c + 16 * Co32, Co32 * 4);
+  _tile_stored(3, c + 16 * Co32 + 16, Co32 * 4);
+}
+
+inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+}  // namespace
+
+bool amx_available() { return __builtin_cpu_supports("amx-bf16") && amx_permitted(); }
+
+// The ternary weight [Co, Ci, k, k] packed for the grad-input B tiles: [k*k, Co32/2, Ci32, 2] bf16.
+torch::Tensor pack_weight(torch::Tensor w) {
+  const int64_t Co = w.size(0), Ci = w.size(1), k = w.size(2), Co32 = round32(Co), Ci32 = round32(Ci);
+  auto wt = torch::zeros({k, k, Co32, Ci32}, torch::kBFloat16);
+  wt.narrow(2, 0, Co).narrow(3, 0, Ci).copy_(w.permute({2, 3, 0, 1}));
+  return wt.reshape({k * k, Co32 / 2, 2, Ci32}).permute({0, 1, 3, 2}).contiguous();
+}
+
+// scale * dL/dx [F, Ci, H, W] (fp32, channels-last) of y = conv2d(x, w, stride 1, padding p), from g [F, Co, OH, OW] fp32
+// (any strides) and the packed weight (pack_weight), with S bf16 terms of g.
+torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int64_t H, int64_t W, int64_t k,
+                              int64_t p, int64_t S, double scale) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && wv.scalar_type() == torch::kBFloat16, "g fp32, wv bf16");
+  const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = wv.size(1) * 2,
+                Ci32 = wv.size(2), Wp = W + k - 1, o = k - 1 - p;
+  TORCH_CHECK(0 <= p && p < k && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1 && Co <= Co32 && Ci <= Ci32 &&
+              wv.size(0) == k * k, "conv_grad_input: shapes do not match a stride-1 convolution");
+  const int64_t qblocks = (H * Wp + 31) / 32, nblocks = Ci32 / 32;
+  const int64_t rows = qblocks * 32 + (k - 1) * (Wp + 1), term_stride = rows * Co32;
+  auto out = torch::empty({F, H, W, Ci}, torch::kFloat32);
+  const float* gp = g.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(wv.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  const int64_t sf = g.stride(0), sc = g.stride(1), sh = g.stride(2), sw = g.stride(3);
+  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
+    std::vector<uint16_t> stage(S * term_stride);
+    alignas(64) float buf[32 * 32];
+    configure();
+    for (int64_t f = f0; f < f1; ++f) {  // the padding stays zero: only the interior is rewritten per frame
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow)
+          split_terms(gp + f * sf + oh * sh + ow * sw, sc, Co, stage.data() + ((oh + o) * Wp + ow + o) * Co32,
+                      term_stride, S);
+      for (int64_t qb = 0; qb < qblocks; ++qb)
+        for (int64_t nb = 0; nb < nblocks; ++nb) {
+          grad_input_block(stage.data(), term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
+          const int64_t n0 = nb * 32, nvalid = std::min<int64_t>(32, Ci - n0);
+          if (nvalid <= 0) continue;
+          for (int64_t r = 0; r < 32; ++r) {
+            const int64_t q = qb * 32 + r, ih = q / Wp, iw = q % Wp;
+            if (ih >= H || iw >= W) continue;
+            float* dst = op + ((f * H + ih) * W + iw) * Ci + n0;
+            for (int64_t c = 0; c < nvalid; ++c) dst[c] = buf[r * 32 + c] * float(scale);
+          }
+        }
+    }
+    release();
+  });
+  return out.permute({0, 3, 1, 2});
+}
+
+// dL/dw [Co, Ci, k, k] fp32 of y = conv2d(x, w, stride 1, padding p), from the input x [F, Ci, H, W] (bf16,
+// contiguous: spikes are exact in it) and g [F, Co, OH, OW] fp32 (any strides), with S bf16 terms of g.
+torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int64_t p, int64_t S) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
+              "g fp32, x contiguous bf16");
+  const int64_t F = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1), OH = g.size(2),
+                OW = g.size(3), Co32 = round32(Co), Ci32 = round32(Ci), Wx = W + 2 * p;
+  TORCH_CHECK(0 <= p && p < k && g.size(0) == F && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1,
+              "conv_grad_weight: shapes do not match a stride-1 convolution");
+  const int64_t R = round32(OH * Wx), x_row = R + (k - 1) * (Wx + 1), term_stride = R * Co32;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), F));
+  auto part = torch::zeros({threads, k * k, Ci32, Co32}, torch::kFloat32);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const float* gp = g.data_ptr<float>();
+  const int64_t gf = g.stride(0), gc = g.stride(1), gh = g.stride(2), gw = g.stride(3);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    // zero once: the padding of x and the columns ow >= OW of g are never written
+    std::vector<uint16_t> xt(Ci32 * x_row, 0), rows(S * term_stride, 0), gv(S * term_stride);
+    configure();
+    for (int64_t t = t0; t < t1; ++t) {
+      float* acc = part[t].data_ptr<float>();
+      for (int64_t f = F * t / threads; f < F * (t + 1) / threads; ++f) {
+        for (int64_t c = 0; c < Ci; ++c)
+          for (int64_t h = 0; h < H; ++h)
+            std::memcpy(xt.data() + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
+        for (int64_t oh = 0; oh < OH; ++oh)
+          for (int64_t ow = 0; ow < OW; ++ow)
+            split_terms(gp + f * gf + oh * gh + ow * gw, gc, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
+        for (int64_t s = 0; s < S; ++s)
+          interleave_pairs(rows.data() + s * term_stride, R / 2, Co32, gv.data() + s * term_stride);
+        // r in chunks, so that a chunk of x and of one term of g stay in L1 across the taps and channel blocks
+        for (int64_t r0 = 0; r0 < R; r0 += 512)
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t kk = 0; kk < k * k; ++kk)
+              for (int64_t m = 0; m < Ci32; m += 32)
+                for (int64_t n = 0; n < Co32; n += 32)
+                  grad_weight_block(xt.data(), x_row, gv.data() + s * term_stride, acc + kk * Ci32 * Co32, r0,
+                                    std::min<int64_t>(R, r0 + 512), Co32, (kk / k) * Wx + kk % k, m, n);
+      }
+    }
+    release();
+  });
+  return part.sum(0).narrow(1, 0, Ci).narrow(2, 0, Co).reshape({k, k, Ci, Co}).permute({3, 2, 0, 1}).contiguous();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("amx_available", &amx_available);
+  m.def("pack_weight", &pack_weight);
+  m.def("conv_grad_input", &conv_grad_input);
+  m.def("conv_grad_weight", &conv_grad_weight);
+}

@@ -1,0 +1,89 @@
+"""The AMX-BF16 backward convolutions (binwslt.amx) against float64, and the torch backend taking them.
+
+They run where the CPU has AMX-BF16 (this project's CPU machines do; `binwslt --version` says which backward
+GEMM runs); elsewhere the fp32 convolutions run and these tests are skipped with that reason.
+"""
+import pytest
+import torch
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from binwslt import amx, cpu
+
+from helpers import assert_close_grads, randn, run_layer, spikes
+
+needs_amx = pytest.mark.skipif(not amx.available(), reason="needs a CPU with AMX-BF16 (and the C++ extension)")
+
+CASES = [  # frames, C_in, C_out, H, W, k, padding: odd channel counts (not multiples of 32), odd sizes
+    (3, 5, 7, 9, 9, 3, 1),
+    (4, 19, 33, 11, 7, 3, 1),
+    (2, 64, 64, 8, 8, 3, 0),
+    (5, 3, 17, 7, 6, 1, 0),
+    (3, 40, 20, 6, 5, 3, 2),
+    (2, 33, 65, 5, 9, 5, 2),
+]
+
+
+def _relative(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES)
+def test_backward_convolutions_match_float64(case):
+    F, C_in, C_out, H, W, k, p = case
+    x = spikes(F, C_in, H, W, seed=1)
+    tern = torch.randint(-1, 2, (C_out, C_in, k, k), generator=torch.Generator().manual_seed(2)).float()
+    OH, OW = H + 2 * p - k + 1, W + 2 * p - k + 1
+    # badly scaled: magnitudes over ~20 orders, so a term lost would show
+    g = randn(F, C_out, OH, OW, seed=3) * torch.exp(3 * randn(F, C_out, OH, OW, seed=4))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        g_l = g.contiguous(memory_format=layout)
+        want_x = conv2d_input(x.shape, tern.double(), g.double(), padding=p)
+        want_w = conv2d_weight(x.double(), tern.shape, g.double(), padding=p)
+        fp32_x = conv2d_input(x.shape, tern, g, padding=p)
+        got_x = amx.conv_grad_input(g_l, amx.pack_weight(tern), x.shape, k, p, scale=0.5)
+        got_w = amx.conv_grad_weight(x.contiguous(memory_format=layout), g_l, k, p)
+        assert got_x.shape == x.shape and got_w.shape == tern.shape
+        # fp32 accuracy: within a few ulps of the largest value, like an fp32 convolution
+        assert _relative(got_x, 0.5 * want_x) < 4 * max(_relative(fp32_x, want_x), 2 ** -24)
+        assert _relative(got_w, want_w) < 1e-6
+
+
+@needs_amx
+def test_one_term_would_not_be_enough():
+    """The three-term split is what makes it exact: bf16(g) alone misses by ~2^-9 (guards against a silent drop)."""
+    F, C_in, C_out, H, k, p = 2, 8, 8, 6, 3, 1
+    g = randn(F, C_out, H, H, seed=5)
+    tern = torch.randint(-1, 2, (C_out, C_in, k, k), generator=torch.Generator().manual_seed(6)).float()
+    want = conv2d_input((F, C_in, H, H), tern.double(), g.double(), padding=p)
+    one_term = conv2d_input((F, C_in, H, H), tern.double(), g.bfloat16().double(), padding=p)
+    got = amx.conv_grad_input(g, amx.pack_weight(tern), (F, C_in, H, H), k, p)
+    assert _relative(one_term, want) > 1e-4 > 100 * _relative(got, want)
+
+
+@needs_amx
+@pytest.mark.parametrize("case", [(2, 2, 5, 7, 9, 9, 3, 1), (3, 2, 19, 33, 7, 8, 3, 1), (2, 1, 3, 5, 6, 6, 1, 0)])
+def test_torch_backend_runs_its_backward_on_amx(case, monkeypatch):
+    """A fused conv layer over spikes takes both AMX kernels, and its gradients equal the reference's."""
+    T, N, C_in, C_out, H, W, k, p = case
+    calls = []
+    for name in ("conv_grad_input", "conv_grad_weight"):
+        original = getattr(amx, name)
+        monkeypatch.setattr(amx, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    x, weight, scores = spikes(T, N, C_in, H, W, seed=7), randn(C_out, C_in, k, k, seed=8), \
+        randn(C_out, C_in, k, k, seed=9)
+    kw = dict(stride=1, padding=p, batch_norm=True)
+    got = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, **kw)
+    want = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **kw)
+    assert sorted(calls) == ["conv_grad_input", "conv_grad_weight"]
+    assert torch.equal(got[0], want[0])
+    assert_close_grads(got[1], want[1])
+
+
+def test_fp32_forced_and_ineligible_layers_do_not_take_it(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_VAR, "fp32")
+    assert not amx.available()
+    assert not amx.eligible((4, 4, 3, 3), (2, 2), (1, 1))  # stride 2
+    assert not amx.eligible((4, 4, 3, 1), (1, 1), (1, 0))  # not square
+    assert not amx.eligible((4, 4, 3, 3), (1, 1), (3, 3))  # padding >= kernel
+    assert amx.eligible((4, 4, 3, 3), (1, 1), (1, 1))
