@@ -6,10 +6,14 @@ mark, `binwslt.spikes`, never by reading values) the forward GEMM runs where exa
 (`binwslt.cpu`): an int8 oneDNN convolution/linear with an fp32 output where the CPU has VNNI/AMX int8 dot
 products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it). The direct-encoded first layer
 and analog inputs stay fp32, so their spikes equal the reference's. BatchNorm statistics come from exact
-float64 channel sums (binwslt.batchnorm holds the formulas); the LIF scan is a `torch.library` op with a
-hand-written BPTT backward, a compiled loop vectorised over blocks of neurons on any dense step layout
-(binwslt/csrc/lif_scan.cpp, built once per source/torch/Python; eager PyTorch ops where it cannot be built or
-for other devices and dtypes). Backward GEMMs: fp32 channels-last for ``grad_precision="split"`` (PyTorch's
+float64 channel sums (binwslt.batchnorm holds the formulas). On CPU the rest of the epilogue is one compiled
+pass per neuron, vectorised over blocks of 64 neurons on contiguous or channels-last frames
+(binwslt/csrc/lif_scan.cpp, built once per source/torch/Python): the current ``a·y + b (+ residual)``, the LIF
+scan, the spikes and the int16 copy of y in the forward; in the backward the current, the BPTT, dL/dresidual and
+the per-channel Σg, Σg·y, then the BatchNorm fold ``c1·g + c2·y + c3`` in place. The subnet (selection, ternary,
+α) and the score gradient are one compiled pass each, and the bit packing too. Eager PyTorch ops (the LIF
+scan a `torch.library` op with a hand-written BPTT) where the extension cannot be built
+(``BINWSLT_NO_CPP_EXT=1``, no compiler) or for other devices, dtypes and layouts. Backward GEMMs: fp32 channels-last for ``grad_precision="split"`` (PyTorch's
 CPU bf16 convolutions round their output to bf16, so a bf16 high + low split would lose its low term there, and
 the exact int8 split of g measured slower than fp32 here: benchmarks/cpu_gemm.py); ``"bf16"`` runs grad-input as
 one bf16 term and keeps grad-weight in fp32 (the bf16 weight-gradient convolution measured slower). What a fused
