@@ -91,22 +91,24 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
     int64_t Wp, int64_t k, int64_t q0, int64_t n0) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   const int64_t a_stride = Co32 * 2, b_stride = Ci32 * 4;
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t kh = 0; kh < k; ++kh)
-      for (int64_t kw = 0; kw < k; ++kw) {
-        const uint16_t* a = gs + s * term_stride + (q0 + (k - 1 - kh) * Wp + (k - 1 - kw)) * Co32;
-        const uint16_t* b = wv + (kh * k + kw) * Co32 * Ci32 + n0 * 2;
-        for (int64_t c = 0; c < Co32; c += 32) {
-          _tile_loadd(4, a + c, a_stride);
-          _tile_loadd(5, a + 16 * Co32 + c, a_stride);
-          _tile_loadd(6, b + c * Ci32, b_stride);
-          _tile_loadd(7, b + c * Ci32 + 32, b_stride);
+  // the weight tiles are loaded once per tap and channel step and reused by every term of g
+  for (int64_t kh = 0; kh < k; ++kh)
+    for (int64_t kw = 0; kw < k; ++kw) {
+      const uint16_t* a = gs + (q0 + (k - 1 - kh) * Wp + (k - 1 - kw)) * Co32;
+      const uint16_t* b = wv + (kh * k + kw) * Co32 * Ci32 + n0 * 2;
+      for (int64_t c = 0; c < Co32; c += 32) {
+        _tile_loadd(6, b + c * Ci32, b_stride);
+        _tile_loadd(7, b + c * Ci32 + 32, b_stride);
+        for (int64_t s = 0; s < S; ++s) {
+          _tile_loadd(4, a + s * term_stride + c, a_stride);
+          _tile_loadd(5, a + s * term_stride + 16 * Co32 + c, a_stride);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
       }
+    }
   _tile_stored(0, buf, 128);
   _tile_stored(1, buf + 16, 128);
   _tile_stored(2, buf + 16 * 32, 128);
@@ -117,24 +119,27 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
 // accumulated into acc [Ci32, Co32] (fp32, row stride Co32); A rows from the staged padded x^T, B from the staged
 // g terms in pair-interleaved (VNNI) order.
 __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
-    const uint16_t* xt, int64_t x_row, const uint16_t* gv, float* acc, int64_t r0, int64_t r1,
-    int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
+    const uint16_t* xt, int64_t x_row, const uint16_t* gv, int64_t term_stride, float* acc, int64_t S, int64_t r0,
+    int64_t r1, int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
   float* c = acc + m0 * Co32 + n0;
   _tile_loadd(0, c, Co32 * 4);
   _tile_loadd(1, c + 16, Co32 * 4);
   _tile_loadd(2, c + 16 * Co32, Co32 * 4);
   _tile_loadd(3, c + 16 * Co32 + 16, Co32 * 4);
+  // the x tiles (rows far apart: the costly loads) are loaded once per step and reused by every term of g
   const uint16_t* x = xt + m0 * x_row + shift;
   const uint16_t* g = gv + n0 * 2;
   for (int64_t r = r0; r < r1; r += 32) {
     _tile_loadd(4, x + r, x_row * 2);
     _tile_loadd(5, x + 16 * x_row + r, x_row * 2);
-    _tile_loadd(6, g + r * Co32, Co32 * 4);
-    _tile_loadd(7, g + r * Co32 + 32, Co32 * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    for (int64_t s = 0; s < S; ++s) {
+      _tile_loadd(6, g + s * term_stride + r * Co32, Co32 * 4);
+      _tile_loadd(7, g + s * term_stride + r * Co32 + 32, Co32 * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, Co32 * 4);
   _tile_stored(1, c + 16, Co32 * 4);
@@ -228,14 +233,13 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
             split_terms(gp + f * gf + oh * gh + ow * gw, gc, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
         for (int64_t s = 0; s < S; ++s)
           interleave_pairs(rows.data() + s * term_stride, R / 2, Co32, gv.data() + s * term_stride);
-        // r in chunks, so that a chunk of x and of one term of g stay in L1 across the taps and channel blocks
-        for (int64_t r0 = 0; r0 < R; r0 += 512)
-          for (int64_t s = 0; s < S; ++s)
-            for (int64_t kk = 0; kk < k * k; ++kk)
-              for (int64_t m = 0; m < Ci32; m += 32)
-                for (int64_t n = 0; n < Co32; n += 32)
-                  grad_weight_block(xt.data(), x_row, gv.data() + s * term_stride, acc + kk * Ci32 * Co32, r0,
-                                    std::min<int64_t>(R, r0 + 512), Co32, (kk / k) * Wx + kk % k, m, n);
+        // r in chunks, so that a chunk of x and of g stays in L1/L2 across the taps and channel blocks
+        for (int64_t r0 = 0; r0 < R; r0 += 256)
+          for (int64_t kk = 0; kk < k * k; ++kk)
+            for (int64_t m = 0; m < Ci32; m += 32)
+              for (int64_t n = 0; n < Co32; n += 32)
+                grad_weight_block(xt.data(), x_row, gv.data(), term_stride, acc + kk * Ci32 * Co32, S, r0,
+                                  std::min<int64_t>(R, r0 + 256), Co32, (kk / k) * Wx + kk % k, m, n);
       }
     }
     release();
