@@ -270,10 +270,14 @@ def plot(results: List[tuple], path: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def load_results(folder: pathlib.Path) -> List[tuple]:
-    """``[(file name, result dict)]`` of every ``*.json`` in ``folder``, sorted by name."""
+    """``[(file name, result dict)]`` of every ``*.json`` in ``folder`` that `benchmarks/run.py` wrote (a dict
+    with ``layers`` and ``models``), sorted by name; the other JSON files there (compile reports, cpu_step,
+    cpu_gemm, roofline) have reports of their own beside them."""
     out = []
     for p in sorted(folder.glob("*.json")):
-        out.append((p.name, json.loads(p.read_text())))
+        result = json.loads(p.read_text())
+        if isinstance(result, dict) and "layers" in result and "models" in result:
+            out.append((p.name, result))
     return out
 
 

@@ -213,6 +213,8 @@ def test_cpu_targets_met_and_missed():
 def test_write_report(tmp_path):
     (tmp_path / "cpu-test.json").write_text(json.dumps(_fake_result()))
     (tmp_path / "notes.md").write_text("## Analysis\nwhy")
+    (tmp_path / "compile-report.json").write_text(json.dumps([{"kernel": "k"}]))  # other scripts' JSON: passed over
+    (tmp_path / "cpu-step.json").write_text(json.dumps({"command": "x", "train": {}}))
     out = report.write_report(tmp_path)
     text = out.read_text()
     assert "### cpu-test.json" in text and "**met**" in text and "## Analysis" in text
