@@ -7,7 +7,11 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -568,6 +572,31 @@ void epilogue_fold(torch::Tensor G, torch::Tensor y, torch::Tensor c1, c10::opti
 }
 
 // Bits of a flat tensor (value != 0), 8 per byte, little-endian: the layout of binwslt.bits.pack_bits.
+// float32 values (the spike frames) to bits, 64 at a time: one 64-bit word per 64 values, stored little-endian
+// (byte i = bits 8i..8i+7, pack_bits' order).
+void pack_words(const float* p, uint8_t* o, int64_t w0, int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const float* q = p + 64 * w;
+    uint64_t bits = 0;
+    for (int j = 0; j < 64; ++j) bits |= static_cast<uint64_t>(q[j] != 0.0f) << j;
+    for (int b = 0; b < 8; ++b) o[8 * w + b] = static_cast<uint8_t>(bits >> (8 * b));
+  }
+}
+
+#if defined(__x86_64__)
+// The same with AVX-512 compares (16 values to 16 mask bits at once); x86 is little-endian.
+__attribute__((target("avx512f"))) void pack_words_avx512(const float* p, uint8_t* o, int64_t w0, int64_t w1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t w = w0; w < w1; ++w) {
+    const float* q = p + 64 * w;
+    uint64_t bits = 0;
+    for (int k = 0; k < 4; ++k)
+      bits |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(q + 16 * k), zero, _CMP_NEQ_UQ)) << (16 * k);
+    std::memcpy(o + 8 * w, &bits, 8);
+  }
+}
+#endif
+
 torch::Tensor pack_nonzero(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "pack_nonzero: x must be flat");
   const int64_t n = x.numel(), nbytes = (n + 7) / 8;
@@ -575,7 +604,24 @@ torch::Tensor pack_nonzero(torch::Tensor x) {
   uint8_t* o = out.data_ptr<uint8_t>();
   AT_DISPATCH_ALL_TYPES_AND2(at::ScalarType::Bool, at::ScalarType::BFloat16, x.scalar_type(), "pack_nonzero", [&] {
     const scalar_t* p = x.data_ptr<scalar_t>();
-    at::parallel_for(0, nbytes, 4096, [&](int64_t b0, int64_t b1) {
+    int64_t first = 0;  // the first byte the generic loop packs
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const int64_t words = n / 64;
+      const float* pf = reinterpret_cast<const float*>(p);  // scalar_t is float here
+#if defined(__x86_64__)
+      const bool avx512 = __builtin_cpu_supports("avx512f");
+#else
+      const bool avx512 = false;
+#endif
+      at::parallel_for(0, words, 512, [&](int64_t w0, int64_t w1) {
+#if defined(__x86_64__)
+        if (avx512) return pack_words_avx512(pf, o, w0, w1);
+#endif
+        pack_words(pf, o, w0, w1);
+      });
+      first = 8 * words;
+    }
+    at::parallel_for(first, nbytes, 4096, [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i) {
         uint8_t byte = 0;
         const int64_t k = std::min<int64_t>(8, n - 8 * i);
