@@ -233,13 +233,14 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
             split_terms(gp + f * gf + oh * gh + ow * gw, gc, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
         for (int64_t s = 0; s < S; ++s)
           interleave_pairs(rows.data() + s * term_stride, R / 2, Co32, gv.data() + s * term_stride);
-        // r in chunks, so that a chunk of x and of g stays in L1/L2 across the taps and channel blocks
-        for (int64_t r0 = 0; r0 < R; r0 += 256)
+        // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
+        // blocks (the x rows of a tile lie far apart; 256 measured 1.2-1.8x slower)
+        for (int64_t r0 = 0; r0 < R; r0 += 64)
           for (int64_t kk = 0; kk < k * k; ++kk)
             for (int64_t m = 0; m < Ci32; m += 32)
               for (int64_t n = 0; n < Co32; n += 32)
                 grad_weight_block(xt.data(), x_row, gv.data(), term_stride, acc + kk * Ci32 * Co32, S, r0,
-                                  std::min<int64_t>(R, r0 + 256), Co32, (kk / k) * Wx + kk % k, m, n);
+                                  std::min<int64_t>(R, r0 + 64), Co32, (kk / k) * Wx + kk % k, m, n);
       }
     }
     release();
