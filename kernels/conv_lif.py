@@ -7,11 +7,12 @@ float current never reaches memory. With training BatchNorm, pass 1 stores the e
 per-tile partial sums of y and y^2 (int64 for spikes: exact), the host folds the batch statistics and gamma/beta
 into per-channel ``a, b``, and pass 2 runs the LIF scan over ``y``.
 
-Saved for backward (documented trade): the input spikes as packed bits (1 bit per spike; an analog input is kept
-as it is), ``y`` as int16 (int32 when the fan-in exceeds 32767; fp32 for an analog input), the ternary weight as
-2 bits per weight, a 0/1 residual as bits (an analog residual as it is). The membrane is recomputed from ``y`` in
-the backward scan rather than stored: recomputing is one cheap elementwise pass per step, storing it would cost 4
-bytes per neuron per step. About 0.09-0.11 of the reference backend's saved bytes on a 16->16 channel layer.
+Saved for backward (documented trade): the input spikes as packed bits (1 bit per spike, packed by the forward
+kernel and unpacked in the backward kernels' loads, kernels/spike_bits.py; an analog input is kept as it is), ``y``
+as int16 (int32 when the fan-in exceeds 32767; fp32 for an analog input), the ternary weight as 2 bits per weight, a
+0/1 residual as bits (an analog residual as it is). The membrane is recomputed from ``y`` in the backward scan
+rather than stored: recomputing is one cheap elementwise pass per step, storing it would cost 4 bytes per neuron per
+step. About 0.09-0.11 of the reference backend's saved bytes on a 16->16 channel layer.
 
 No spike counter: binwslt.energy needs each layer's input firing rate, which this layer's output count equals only
 when nothing (pooling) sits between two layers, and it must give the same figures on every backend, so it measures
@@ -43,6 +44,7 @@ from .launch import INT32_LIMIT, bn_forward, check_float64, derived, device_arch
     grad_multiplier, kernel_input_dtype, plain_affine, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
+from .spike_bits import unpack_rows
 from .lif import neuron_params
 from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_config, grad_weight_split, \
     launch_kwargs, recompute_scan_config, scan_config, stats_fit_int32
@@ -128,17 +130,17 @@ def _io_dtype(dtype):
 class ConvLIFState:
     """What the conv + LIF backward needs from its forward.
 
-    Tensors: ``saved_x`` the channels-last input as packed bits (spikes) or as is (fp16/fp32 analog); ``y`` the
+    Tensors: ``saved_x`` the channels-last input, spikes as bits packed by the forward kernel (uint8, the
+    bytes of ``[T*N*H*W, cdiv(C_in, 8)]`` padded to whole int32 words, kernels/spike_bits.py), analog (fp16/fp32) as is; ``y`` the
     exact pre-activation ``[T_y, M, C_out]`` (None with memory="recompute": rebuilt in the backward); ``tern`` int8
     ``[C_out, C_in, KH, KW]``; ``alpha`` fp32 ``[1]``; ``a, b`` fp32 ``[C_out]``; ``bn`` the training BatchNorm
     statistics or None; ``res_cl`` the residual channels-last (backward only). Fields: the call's geometry, the
-    input's flags and shape, the neuron, the memory choice, dtypes, the saved residual's form and ``split``.
+    input's flags, the neuron, the memory choice, dtypes, the saved residual's form and ``split``.
     """
 
     geo: Any
     is_spike: bool
     saved_x: Optional[torch.Tensor]
-    x_cl_shape: tuple
     y: Optional[torch.Tensor]
     tern: Optional[torch.Tensor]
     alpha: Optional[torch.Tensor]
@@ -183,6 +185,11 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     y = None
     if store_y:
         y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=device)
+    # the saved input: spikes packed to bits by the forward kernel itself (kernels/spike_bits.py), analog as is
+    bits = None
+    if need_y and is_spike:
+        n_bytes = x_cl.numel() // geo.C_in * triton.cdiv(geo.C_in, 8)
+        bits = torch.empty(triton.cdiv(n_bytes, 4), dtype=torch.int32, device=device)
     common = dict(T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH,
                   OW=geo.OW, SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW,
                   decay=p["decay"], threshold=p["threshold"], v_reset=p["v_reset"],
@@ -191,11 +198,11 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     bn_state = None
     if not batch_norm:
         a, b = plain_affine(scale, shift, geo.C_out, device)
-        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, a, b, res_cl, out_cl, y, None, **common)
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, a, b, res_cl, out_cl, y, None, bits, **common)
     else:
         stat_dtype = torch.int64 if is_spike else torch.float32
         stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
-        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, None, None, None, None, y, stats,
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, None, None, None, None, y, stats, bits,
                                          STATS_I32=stats_fit_int32(geo.fan_in, cfg["BLOCK_M"]), **common)
         # mean/var of alpha*y over (T, N, OH, OW) from the exact per-tile sums (binwslt.batchnorm).
         a, b, bn_state = bn_forward(stats, geo.T_y * geo.M, geo.T * geo.M, alpha, scale, shift, running_mean,
@@ -208,8 +215,7 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     spikes = mark_spikes(from_channels_last(out_cl))
     state = None
     if need_y:
-        saved_x = pack_bits(x_cl != 0) if is_spike else x_cl
-        state = ConvLIFState(geo=geo, is_spike=is_spike, saved_x=saved_x, x_cl_shape=tuple(x_cl.shape),
+        state = ConvLIFState(geo=geo, is_spike=is_spike, saved_x=bits.view(torch.uint8) if is_spike else x_cl,
                              y=None if choice.recompute else y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
                              neuron=neuron, memory=choice, out_dtype=x.dtype)
     return spikes, state
@@ -235,7 +241,7 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(x_cl.device))
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     binary_conv_lif_fwd_kernel[grid](
-        x_cl, tern_cl, alpha, None, None, None, None, y, None,
+        x_cl, tern_cl, alpha, None, None, None, None, y, None, None,
         T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
         SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW, decay=0.0, threshold=1.0, v_reset=0.0,
         KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, HARD_RESET=True, DECAY_INPUT=False, **launch_kwargs(cfg))
@@ -258,8 +264,10 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     fused = y is None and bn is None
     w_kmajor = state.tern.permute(2, 3, 0, 1).contiguous()  # [KH, KW, C_out, C_in], as the forward reads it
     if y is None and not fused:
-        y = _gemm_y(_saved_input(state), w_kmajor, alpha, geo, state.is_spike,
-                    state.saved_x.dtype == torch.float16)
+        x_in = state.saved_x
+        if state.is_spike:  # the forward kernel would stage the unpacked bytes through shared memory one by one
+            x_in = unpack_rows(x_in, geo.T_y * geo.N * geo.H * geo.W, geo.C_in)
+        y = _gemm_y(x_in, w_kmajor, alpha, geo, state.is_spike, x_in.dtype == torch.float16)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
     gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
@@ -269,7 +277,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
         gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state.res_dtype), device=device)
     if fused:
         cfg = recompute_scan_config(state.is_spike, geo.C_in, geo.C_out, geo.M)
-        x_in, w_in = _saved_input(state), w_kmajor  # passed: RECOMPUTE (kernels/optional.py)
+        x_in, w_in = state.saved_x, w_kmajor  # passed: RECOMPUTE (kernels/optional.py)
         gemm_flags = dict(KH=geo.KH, KW=geo.KW, IS_SPIKE=state.is_spike, DOT_FP16=x_in.dtype == torch.float16)
     else:
         cfg = scan_config(geo.C_out, geo.M)
@@ -318,15 +326,8 @@ def _grad_input(state, g_frames, tern_t, geo, device):
     return dx.unflatten(0, (geo.T, geo.N))
 
 
-def _saved_input(state):
-    """The forward's channels-last kernel input from the saved state (spikes unpacked from bits to int8)."""
-    if state.is_spike:
-        return unpack_bits(state.saved_x, state.x_cl_shape).to(torch.int8)
-    return state.saved_x
-
-
 def _grad_weight(state, g_frames, geo, weight, scores, need_w, need_s, device):
-    x_cl = _saved_input(state)
+    x_cl = state.saved_x  # spikes as bits, unpacked in the kernel's loads
     P = geo.T_y * geo.M
     cfg = grad_weight_config(geo.C_in, geo.C_out, P, arch=device_arch(device))
     tiles = geo.KH * geo.KW * triton.cdiv(geo.C_in, cfg["BLOCK_M"]) * triton.cdiv(geo.C_out, cfg["BLOCK_N"])

@@ -26,6 +26,7 @@ from .conv_lif_fwd import conv_tile, tile_offsets, tile_ptrs
 from .gemm import split_dot_both, split_dot_exact_a, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
 from .optional import optional_tensors
+from .spike_bits import load_bits
 
 
 @triton.jit
@@ -218,7 +219,8 @@ def conv_grad_weight_kernel(
     """dW_eff tile for one tap: rows = input channels, cols = output channels, reduced over the pixels
     ``p in [split * p_per_split, ...)`` of ``P = F * M`` (F frames of M output pixels).
 
-    ``x`` channels-last ``[F, H, W, C_in]`` (int8 spikes or float); ``g`` fp32 ``[F, M, C_out]``. Writes the
+    ``x`` channels-last ``[F, H, W, C_in]`` (int8 spikes, or float), or spikes as uint8 bits ``[F*H*W,
+    cdiv(C_in, 8)]`` unpacked in the load (kernels/spike_bits.py); ``g`` fp32 ``[F, M, C_out]``. Writes the
     straight-through gradients of split ``program_id(2)`` into ``gs`` / ``gw`` ``[SPLIT, C_out, C_in, KH, KW]``
     (fp32); GRAD_SCORES: ``gs`` passed (with ``w``, ``s``), GRAD_WEIGHT: ``gw`` passed. EVEN_M: C_in % BLOCK_M == 0; EVEN_N: C_out % BLOCK_N == 0. Tensor-core dots (kernels/gemm.py): g split
     into bf16 hi + lo when SPLIT, hi alone otherwise; int8 spikes are exact in bf16, an analog ``x`` is split too
@@ -250,9 +252,12 @@ def conv_grad_weight_kernel(
         ih = oh * SH - PH + kh
         iw = ow * SW - PW + kw
         pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_ptrs = x_ptr + (((frame * H + ih) * W + iw) * C_in)[None, :] + offs_c[:, None]
+        pixel = (frame * H + ih) * W + iw
+        x_ptrs = x_ptr + (pixel * C_in)[None, :] + offs_c[:, None]
         g_ptrs = g_ptr + (p * C_out)[:, None] + offs_n[None, :]
-        if EVEN_M:
+        if x_ptr.dtype.element_ty == tl.uint8:  # spikes saved as bits (kernels/spike_bits.py)
+            x_tile = load_bits(x_ptr, pixel[None, :], offs_c[:, None], C_in, c_ok[:, None] & pix_ok[None, :])
+        elif EVEN_M:
             x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[None, :], other=0)
         else:
             x_tile = tl.load(x_ptrs, mask=c_ok[:, None] & pix_ok[None, :], other=0)
@@ -260,7 +265,7 @@ def conv_grad_weight_kernel(
             g_tile = tl.load(tl.multiple_of(g_ptrs, [16, 16]), mask=p_ok[:, None], other=0.0)
         else:
             g_tile = tl.load(g_ptrs, mask=p_ok[:, None] & n_ok[None, :], other=0.0)
-        if x_ptr.dtype.element_ty == tl.int8:
+        if x_tile.dtype == tl.int8:
             acc = split_dot_exact_a(x_tile, g_tile, acc, SPLIT)
         else:
             acc = split_dot_both(x_tile, g_tile, acc, SPLIT)

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .gemm import split_dot_exact_b
 from .lif import lif_step
+from .spike_bits import load_bits, pack_bits_rows
 from .optional import optional_tensors
 
 
@@ -59,11 +60,14 @@ def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW
         ih = oh * SH - PH + kh
         iw = ow * SW - PW + kw
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_ptrs = x_ptr + (((frame * H + ih) * W + iw) * C_in)[:, None] + c[None, :]
+        pixel = (frame * H + ih) * W + iw
+        x_ptrs = x_ptr + (pixel * C_in)[:, None] + c[None, :]
         # K-major weight [KH, KW, C_out, C_in]: the tile's reduction axis is the contiguous one, as the int8
         # tensor-core MMA reads both operands, so nothing is transposed through shared memory.
         w_ptrs = w_ptr + ((tap * C_out + offs_n) * C_in)[None, :] + c[:, None]
-        if EVEN_K:
+        if x_ptr.dtype.element_ty == tl.uint8:  # saved spikes as bits (kernels/spike_bits.py): the bwd recompute
+            x_tile = load_bits(x_ptr, pixel[:, None], c[None, :], C_in, pix_ok[:, None] & (c < C_in)[None, :])
+        elif EVEN_K:
             # rows start at multiples of C_in (a multiple of BLOCK_K >= 16) of a 16-aligned tensor
             x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[:, None], other=0)
         else:
@@ -142,14 +146,15 @@ def fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, 
     return v
 
 
-@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stat_ptr")
+@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stat_ptr",
+                  PACK="bits_ptr")
 @triton.jit
 def binary_conv_lif_fwd_kernel(
-        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stat_ptr,
+        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stat_ptr, bits_ptr,
         T, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
         decay, threshold, v_reset,
         KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr,
-        FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr,
+        FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr, PACK: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_I32: tl.constexpr = False):
     """Fused conv + LIF over all T steps; each program owns a ``[BLOCK_M pixels, BLOCK_N channels]`` tile.
@@ -159,8 +164,14 @@ def binary_conv_lif_fwd_kernel(
     STATS (BatchNorm pass 1, FIRE off): per-program partial sums of y and y^2 per channel into
     ``stat_ptr`` ``[2, cdiv(M, BLOCK_M), C_out]``.
     DIRECT: the input has no time axis; the convolution runs once and drives all T steps.
-    The four flags follow from which tensors the launch passes (None: absent; kernels/optional.py): FIRE from
-    ``out`` (with ``a, b``), HAS_RES from ``res``, STORE_Y from ``y``, STATS from ``stat``.
+    PACK (spike input, for backward): the programs of the first output-channel tile also pack the input spikes
+    into ``bits`` (int32 words holding the bytes ``[T*N*H*W, cdiv(C_in, 8)]``, kernels/spike_bits.py), each its
+    share, in a
+    loop of their own (packing from the GEMM's operand tiles would need one writer per pixel among the taps and a
+    second consumer of the MMA operand). ``conv_tile`` also reads such bits (an x of dtype uint8: the backward
+    scan's recompute).
+    The flags follow from which tensors the launch passes (None: absent; kernels/optional.py): FIRE from
+    ``out`` (with ``a, b``), HAS_RES from ``res``, STORE_Y from ``y``, STATS from ``stat``, PACK from ``bits``.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -204,6 +215,9 @@ def binary_conv_lif_fwd_kernel(
         num_pid_m = tl.num_programs(0)
         tl.store(stat_ptr + pid_m * C_out + offs_n, sum_y, mask=n_ok)
         tl.store(stat_ptr + (num_pid_m + pid_m) * C_out + offs_n, sum_yy, mask=n_ok)
+    if PACK:
+        if pid_n == 0:
+            pack_bits_rows(x_ptr, bits_ptr, T * N * H * W, C_in, pid_m, tl.num_programs(0), 32)
 
 
 @optional_tensors(HAS_RES="res_ptr")

@@ -103,7 +103,7 @@ def with_cin16_twins(specs):
     return twins
 
 
-_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "stat_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
+_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "stat_ptr", "bits_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
              "decay", "threshold", "v_reset"]
 _CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "T", "M", "C_out",
               "decay", "threshold", "v_reset"]
@@ -113,11 +113,12 @@ _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "
           "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
           "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
           "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
-# mode -> (FIRE, STORE_Y, STATS, STATS_I32): training without BN, inference, BatchNorm pass 1 (int32 tile sums, or
-# int64 for fan-ins too large for them), the benchmark baseline
-_MODES = {"train": (True, True, False, False), "infer": (True, False, False, False),
-          "bn-stats": (False, True, True, True), "bn-stats-i64": (False, True, True, False),
-          "gemm-only": (False, True, False, False)}
+# mode -> (FIRE, STORE_Y, STATS, STATS_I32, PACK): training without BN (y saved, or memory="recompute"), inference,
+# BatchNorm pass 1 (int32 tile sums, or int64 for fan-ins too large for them), the benchmark baseline; PACK (the
+# saved input spikes packed to bits in the kernel) in training, for spike input only
+_MODES = {"train": (True, True, False, False, True), "train-recompute": (True, False, False, False, True),
+          "infer": (True, False, False, False, False), "bn-stats": (False, True, True, True, True),
+          "bn-stats-i64": (False, True, True, False, True), "gemm-only": (False, True, False, False, False)}
 
 
 def conv_forward_specs():
@@ -134,12 +135,14 @@ def conv_forward_specs():
                                    ("fp32", "fp16", "bf16")])
         for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
-            fire, store_y, stats, stats_i32 = _MODES[mode]
+            fire, store_y, stats, stats_i32, pack = _MODES[mode]
             types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
                      "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type,
-                     "stat_ptr": stat_type, "decay": "fp32", "threshold": "fp32", "v_reset": "fp32"}
+                     "stat_ptr": stat_type, "bits_ptr": "*i32", "decay": "fp32", "threshold": "fp32",
+                     "v_reset": "fp32"}
             constexprs = {"KH": kh, "KW": kw, "IS_SPIKE": is_spike, "DOT_FP16": fp16, "DIRECT": direct,
                           "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "STATS": stats,
+                          "PACK": pack and is_spike,
                           "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
                           "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                           "BLOCK_K": cfg["BLOCK_K"], "STATS_I32": stats_i32}
@@ -219,6 +222,7 @@ def conv_backward_specs():
             x_type, _, _, fp16, direct = _KINDS[kind]
             constexprs = {"DIRECT": direct, "GY": gy, "RECOMPUTE": True, "KH": kh, "KW": kw, "IS_SPIKE": is_spike,
                           "DOT_FP16": fp16, "y_ptr": None, **_tile_constexprs(cfg)}  # y: None, not stored
+            x_type = "*u8" if is_spike else x_type  # spikes are saved as bits (kernels/spike_bits.py)
             specs.append(scan_spec(f"recompute-{kind},gy={gy},{kh}x{kw}", cfg, "fp32", x_type[1:], "i8",
                                    neuron, io_type, constexprs))
     for y_name in ("i16", "i32", "fp32"):
@@ -238,7 +242,7 @@ def conv_backward_specs():
                                conv_grad_input_kernel, types, gi_args, constexprs, cfg))
     gw_args = ["x_ptr", "g_ptr", "w_ptr", "s_ptr", "tern_ptr", "alpha_ptr", "gs_ptr", "gw_ptr",
                "P", "C_in", "C_out", "H", "W", "OH", "OW", "p_per_split", "SH", "SW", "PH", "PW"]
-    gw_flags = one_at_a_time([("i8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
+    gw_flags = one_at_a_time([("u8", "fp32", "fp16"), ((3, 3), (1, 1)), ((True, False), (True, True), (False, True)),
                               (True, False)])
     gw_archs = {}  # config (as a tuple) -> the archs it is picked for (warps are per arch)
     for arch, ci, co, p in itertools.product(ARCHS, _SIZES, _SIZES, _BWD_PIXELS):

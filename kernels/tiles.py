@@ -136,17 +136,15 @@ def scan_config(c_out, m, interpret=None):
 
 def recompute_scan_config(is_spike, c_in, c_out, m, interpret=None):
     """Launch config of the backward scan with ``memory="recompute"`` (the forward's GEMM inside the scan): the
-    forward's config, so an analog input's y is rebuilt with the forward's tiles and rounding. Spikes give exact
-    integers on any tile, so there the tiles are chosen for the scan's registers (three fp32 accumulators live next
-    to the GEMM's): tile-multiple layers run 64 rows x BLOCK_K 32 on 8 warps (the forward's 32 elements per thread
-    spilled on Triton 3.6, BLOCK_K 64 on 3.9's sm_80); with only C_in a tile multiple, 2 warps and 2 stages (4 warps
-    spilled 8 bytes on sm_90 at 64-72 registers, at 1 or 2 stages depending on the Triton version); the masked
-    rest keeps the forward's 4 warps (2 took 255 registers)."""
+    forward's config, so an analog input's y is rebuilt with the forward's tiles and rounding. Spikes (read from
+    their saved bits, kernels/spike_bits.py) give exact integers on any tile, so there the tile is chosen for the
+    scan's registers (three fp32 accumulators live next to the GEMM's): 64 rows, BLOCK_K 32, 8 warps, which compiled
+    without spills on Triton 3.6 and 3.9 for every channel case; the forward's own tiles spilled (32 elements per
+    thread; BLOCK_K 64 on 3.9's sm_80; and 8-360 bytes at 64-255 registers for the masked 32-row tiles on 2 or 4
+    warps, depending on version and arch)."""
     cfg = forward_config(is_spike, c_in, c_out, m, interpret=False)
-    if is_spike and cfg["EVEN_K"] and cfg["EVEN_N"]:
+    if is_spike:
         cfg.update(BLOCK_M=64, BLOCK_K=32, num_warps=8)
-    elif is_spike and cfg["EVEN_K"]:
-        cfg.update(num_warps=2, num_stages=2)
     if interpreting(interpret):
         cfg["BLOCK_M"] = INTERPRET_ROWS
     return cfg

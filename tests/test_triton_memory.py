@@ -76,6 +76,27 @@ def test_recompute_saved_bytes_at_most_an_eighth_of_reference():
     assert save > 4 * recompute  # y (int16, 2 bytes per output element) is most of what "save" keeps
 
 
+@pytest.mark.parametrize("c_in,kernel,stride,bn", [(5, 3, 1, False), (13, 1, 2, True), (16, 3, 2, False)])
+def test_forward_kernel_packs_the_saved_spikes(c_in, kernel, stride, bn):
+    """The forward kernel writes the saved input bits itself (kernels/spike_bits.py: per pixel, channel c at bit
+    c % 8 of byte c // 8); every input pixel, also those a 1x1 stride-2 conv never reads; BatchNorm's pass 1 too."""
+    from binwslt.kernels.conv_lif import conv_lif_forward
+
+    T, N, H, W, C_out = 2, 1, 7, 5, 6
+    x = spikes(T, N, c_in, H, W, seed=61)
+    stats = dict(running_mean=torch.zeros(C_out), running_var=torch.ones(C_out)) if bn else \
+        dict(running_mean=None, running_var=None)
+    w, sc = randn(C_out, c_in, kernel, kernel, seed=62), randn(C_out, c_in, kernel, kernel, seed=63)
+    _, state = conv_lif_forward(x, w, sc, 0.4, stride=(stride, stride), padding=(kernel // 2,) * 2, scale=None,
+                                shift=None, residual=None, neuron=LIFConfig(), timesteps=None, batch_norm=bn,
+                                momentum=0.1, eps=1e-5, need_y=True, **stats)
+    rows = x.permute(0, 1, 3, 4, 2).reshape(-1, c_in) != 0
+    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], (-c_in) % 8)], dim=1).view(rows.shape[0], -1, 8)
+    want = (rows.to(torch.int32) << torch.arange(8)).sum(-1).to(torch.uint8)
+    assert state.saved_x.dtype == torch.uint8 and state.saved_x.numel() == -(-want.numel() // 4) * 4
+    assert torch.equal(state.saved_x[:want.numel()].view(want.shape), want)
+
+
 def test_auto_chooses_from_the_modelled_costs_and_says_why():
     small = choose_memory("auto", is_spike=True, fan_in=32 * 9, y_bytes=2)
     deep = choose_memory("auto", is_spike=True, fan_in=512 * 9, y_bytes=2)
