@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -24,6 +25,17 @@ from . import _cpu_ext, cpu
 TERMS = 3  # bf16 terms of g: three reach fp32 precision (two lose ~2^-17 relative)
 _SOURCE = Path(__file__).parent / "csrc" / "amx_conv.cpp"
 _state = {}
+
+
+class Fold(NamedTuple):
+    """The backward's per-output-channel fold, applied to g as the kernels stage it (no pass of its own):
+    ``g·c1`` (a plain scale: ``c2``, ``c3``, ``y`` None) or BatchNorm's ``(g·c1 + c3) + y·c2`` with the layer's
+    pre-activation ``y`` ``[F, C_out, OH, OW]`` (int16/int32/float32, any strides); vectors ``[C_out]`` float32.
+    Bit-identical to binwslt/csrc/lif_scan.cpp's ``epilogue_fold`` (the same operations in the same order)."""
+    y: Optional[torch.Tensor] = None
+    c1: Optional[torch.Tensor] = None
+    c2: Optional[torch.Tensor] = None
+    c3: Optional[torch.Tensor] = None
 
 
 def _load():
@@ -60,16 +72,19 @@ def pack_weight(ternary: torch.Tensor) -> torch.Tensor:
 
 
 def conv_grad_input(grad: torch.Tensor, packed: torch.Tensor, input_shape, kernel_size: int, padding: int,
-                    scale: float = 1.0) -> torch.Tensor:
+                    scale: float = 1.0, fold: Optional[Fold] = None) -> torch.Tensor:
     """``scale`` · dL/dx ``[F, C_in, H, W]`` fp32 (channels-last) of ``y = conv2d(x, W, stride 1, padding)`` from
-    ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides) and ``packed`` = `pack_weight` (W)."""
+    ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides) and ``packed`` = `pack_weight` (W); with ``fold``,
+    dL/dy is ``fold`` applied to ``grad`` (see `Fold`)."""
     _, c_in, h, w = input_shape
-    return _load().conv_grad_input(grad, packed, c_in, h, w, kernel_size, padding, TERMS, float(scale))
+    return _load().conv_grad_input(grad, packed, c_in, h, w, kernel_size, padding, TERMS, float(scale),
+                                   *(fold or Fold()))
 
 
-def conv_grad_weight(frames: torch.Tensor, grad: torch.Tensor, kernel_size: int, padding: int) -> torch.Tensor:
+def conv_grad_weight(frames: torch.Tensor, grad: torch.Tensor, kernel_size: int, padding: int,
+                     fold: Optional[Fold] = None) -> torch.Tensor:
     """dL/dW ``[C_out, C_in, k, k]`` fp32 of ``y = conv2d(x, W, stride 1, padding)`` from the input ``frames``
     ``[F, C_in, H, W]`` (values exact in bf16: spikes; any dtype and layout) and ``grad`` ``[F, C_out, OH, OW]``
-    fp32 (any strides)."""
+    fp32 (any strides); with ``fold``, dL/dy is ``fold`` applied to ``grad``."""
     x = frames.to(torch.bfloat16, memory_format=torch.contiguous_format)
-    return _load().conv_grad_weight(x, grad, kernel_size, padding, TERMS)
+    return _load().conv_grad_weight(x, grad, kernel_size, padding, TERMS, *(fold or Fold()))

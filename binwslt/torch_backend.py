@@ -271,12 +271,12 @@ class _ConvMap:
         """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
         return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
 
-    def grad_input_amx(self, input_shape, tern, alpha, grad):
+    def grad_input_amx(self, input_shape, tern, alpha, grad, fold):
         return amx.conv_grad_input(grad, amx.pack_weight(tern), input_shape, tern.shape[2], self.padding[0],
-                                   float(alpha))
+                                   float(alpha), fold)
 
-    def grad_weight_amx(self, frames, weight_shape, grad):
-        return amx.conv_grad_weight(frames, grad, weight_shape[2], self.padding[0])
+    def grad_weight_amx(self, frames, weight_shape, grad, fold):
+        return amx.conv_grad_weight(frames, grad, weight_shape[2], self.padding[0], fold)
 
     def grad_input(self, input_shape, w, grad):
         if grad.is_contiguous(memory_format=torch.channels_last):
@@ -439,6 +439,14 @@ def _fold_gradient(ext, G, y, coeff, scale):
     return G * channel_view(scale, G, 1)
 
 
+def _amx_fold(G, y, coeff, scale) -> Optional[amx.Fold]:
+    """`_fold_gradient`'s fold as the AMX kernels apply it while they stage G (None: nothing to fold)."""
+    C, dtype = G.shape[1], G.dtype
+    if coeff.c1 is not None:
+        return amx.Fold(y, _vector(coeff.c1, C, dtype), _vector(coeff.c2, C, dtype), _vector(coeff.c3, C, dtype))
+    return None if scale is None else amx.Fold(c1=_vector(scale, C, dtype))
+
+
 def _pack_frames(frames):
     """Spike frames as packed bits in memory order (`binwslt.bits.pack_bits` of `_physical`)."""
     ext = _ext_for(frames, (torch.float32, torch.float64, torch.bfloat16, torch.uint8, torch.bool, torch.int8))
@@ -553,20 +561,22 @@ class _BinWLIF(torch.autograd.Function):
             sum_g, sum_gy = g.sum(dims), (g * y).sum(dims)
         coeff = batchnorm.backward_coefficients(alpha, scale, stats, sum_g, sum_gy, y.numel() // y.shape[1])
         grad_scale, grad_shift = coeff.grad_scale, coeff.grad_shift
-        grad_cur = _fold_gradient(ext, g, y, coeff, scale)  # dL/d(α·y), frames like y
         grad_scale = grad_scale if ctx.needs_input_grad[3] else None
         grad_shift = grad_shift if ctx.needs_input_grad[4] else None
 
         low = ctx.grad_dtype  # bf16 in the one-term mode: g rounded once for grad-input, the weight exact
-        # spikes times the ternary weight, g split in three bf16 terms: fp32 accuracy on AMX (binwslt.amx)
+        # spikes times the ternary weight, g split in three bf16 terms: fp32 accuracy on AMX (binwslt.amx), which
+        # applies the fold as it reads g; elsewhere dL/d(α·y) is folded first (frames like y)
         on_amx = ctx.spiking_input and low is None and dtype == torch.float32 and \
             ctx.linear_map.amx_ready(tern.shape)
+        fold = _amx_fold(g, y, coeff, scale) if on_amx else None
+        grad_cur = g if on_amx else _fold_gradient(ext, g, y, coeff, scale)
         frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, torch.bfloat16 if on_amx else dtype) \
             if ctx.spiking_input else saved_x
         grad_x = None
         if ctx.needs_input_grad[0]:
             if on_amx:
-                grad_x = ctx.linear_map.grad_input_amx(ctx.frames_shape, tern, alpha, grad_cur)
+                grad_x = ctx.linear_map.grad_input_amx(ctx.frames_shape, tern, alpha, grad_cur, fold)
             elif low is None:
                 grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
             else:
@@ -576,7 +586,7 @@ class _BinWLIF(torch.autograd.Function):
                 grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weff = ctx.linear_map.grad_weight_amx(frames, tern.shape, grad_cur) if on_amx else \
+            grad_weff = ctx.linear_map.grad_weight_amx(frames, tern.shape, grad_cur, fold) if on_amx else \
                 ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
             grad_weight, grad_scores = _straight_through(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])

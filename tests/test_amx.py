@@ -62,8 +62,34 @@ def test_one_term_would_not_be_enough():
 
 
 @needs_amx
+@pytest.mark.parametrize("y_dtype", [torch.int16, torch.int32, torch.float32])
+def test_fold_while_staging_equals_folding_first(y_dtype):
+    """The BatchNorm fold (g·c1 + c3) + y·c2, and a plain scale g·c1, applied as the kernels stage g give the
+    very same bits as folding with the CPU extension's epilogue_fold first."""
+    from binwslt import _cpu_ext
+    ext = _cpu_ext.load()
+    if ext is None:
+        pytest.skip("the CPU extension did not build here")
+    F, C_in, C_out, H, k, p = 3, 6, 37, 7, 3, 1
+    x = spikes(F, C_in, H, H, seed=10).contiguous(memory_format=torch.channels_last)
+    tern = torch.randint(-1, 2, (C_out, C_in, k, k), generator=torch.Generator().manual_seed(11)).float()
+    g = randn(F, C_out, H, H, seed=12).contiguous(memory_format=torch.channels_last)
+    y = (randn(F, C_out, H, H, seed=13) * 20).round().to(y_dtype).contiguous(memory_format=torch.channels_last)
+    c1, c2, c3 = randn(C_out, seed=14), randn(C_out, seed=15) * 1e-3, randn(C_out, seed=16) * 1e-2
+    flat = lambda t: torch.as_strided(t, (t.numel(),), (1,))  # channels-last memory order
+    for fold, (k2, k3) in ((amx.Fold(y, c1, c2, c3), (c2, c3)), (amx.Fold(c1=c1), (None, None))):
+        folded = g.clone()
+        ext.epilogue_fold(flat(folded), flat(y), c1, k2, k3, C_out, 1)
+        packed = amx.pack_weight(tern)
+        assert torch.equal(amx.conv_grad_input(g, packed, x.shape, k, p, fold=fold),
+                           amx.conv_grad_input(folded, packed, x.shape, k, p))
+        assert torch.equal(amx.conv_grad_weight(x, g, k, p, fold=fold), amx.conv_grad_weight(x, folded, k, p))
+
+
+@needs_amx
 @pytest.mark.parametrize("case", [(2, 2, 5, 7, 9, 9, 3, 1), (3, 2, 19, 33, 7, 8, 3, 1), (2, 1, 3, 5, 6, 6, 1, 0)])
-def test_torch_backend_runs_its_backward_on_amx(case, monkeypatch):
+@pytest.mark.parametrize("epilogue", ["batch_norm", "scale"])
+def test_torch_backend_runs_its_backward_on_amx(case, epilogue, monkeypatch):
     """A fused conv layer over spikes takes both AMX kernels, and its gradients equal the reference's."""
     T, N, C_in, C_out, H, W, k, p = case
     calls = []
@@ -72,7 +98,8 @@ def test_torch_backend_runs_its_backward_on_amx(case, monkeypatch):
         monkeypatch.setattr(amx, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     x, weight, scores = spikes(T, N, C_in, H, W, seed=7), randn(C_out, C_in, k, k, seed=8), \
         randn(C_out, C_in, k, k, seed=9)
-    kw = dict(stride=1, padding=p, batch_norm=True)
+    kw = dict(stride=1, padding=p, batch_norm=True) if epilogue == "batch_norm" else \
+        dict(stride=1, padding=p, scale=randn(C_out, seed=10, scale=0.2) + 1.0, shift=randn(C_out, seed=11))
     got = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, **kw)
     want = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **kw)
     assert sorted(calls) == ["conv_grad_input", "conv_grad_weight"]

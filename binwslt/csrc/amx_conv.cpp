@@ -67,6 +67,61 @@ inline void split_terms(const float* v, int64_t stride, int64_t n, uint16_t* dst
   }
 }
 
+// The BatchNorm fold of the backward applied while g is staged (no pass of its own): G = (G·c1 + c3) + y·c2 per
+// output channel, or G·c1 (a plain per-channel scale) without c2; the same operations in the same order as
+// lif_scan.cpp's epilogue_fold (both built with -ffp-contract=off), so the result is identical to folding first.
+struct Fold {
+  const float* c1 = nullptr;
+  const float* c2 = nullptr;
+  const float* c3 = nullptr;
+  const void* y = nullptr;
+  c10::ScalarType y_type = c10::ScalarType::Float;
+  int64_t yf = 0, yc = 0, yh = 0, yw = 0;
+};
+
+Fold make_fold(const c10::optional<torch::Tensor>& y, const c10::optional<torch::Tensor>& c1,
+               const c10::optional<torch::Tensor>& c2, const c10::optional<torch::Tensor>& c3, int64_t Co) {
+  Fold fold;
+  if (!c1.has_value()) return fold;
+  TORCH_CHECK(c1->scalar_type() == torch::kFloat32 && c1->is_contiguous() && c1->numel() == Co, "fold: c1");
+  fold.c1 = c1->data_ptr<float>();
+  if (!c2.has_value()) return fold;
+  TORCH_CHECK(c3.has_value() && y.has_value() && y->dim() == 4 && y->size(1) == Co, "fold: c2 needs c3 and y");
+  TORCH_CHECK(c2->scalar_type() == torch::kFloat32 && c3->scalar_type() == torch::kFloat32 && c2->is_contiguous() &&
+              c3->is_contiguous() && c2->numel() == Co && c3->numel() == Co, "fold: c2, c3");
+  fold.y_type = y->scalar_type();
+  TORCH_CHECK(fold.y_type == torch::kShort || fold.y_type == torch::kInt || fold.y_type == torch::kFloat,
+              "fold: y must be int16, int32 or float32");
+  fold.c2 = c2->data_ptr<float>();
+  fold.c3 = c3->data_ptr<float>();
+  fold.y = y->data_ptr();
+  fold.yf = y->stride(0), fold.yc = y->stride(1), fold.yh = y->stride(2), fold.yw = y->stride(3);
+  return fold;
+}
+
+template <typename y_t>
+void fold_row(const float* g, int64_t sc, const y_t* y, int64_t yc, const Fold& fold, int64_t n, float* out) {
+  for (int64_t c = 0; c < n; ++c)
+    out[c] = (g[c * sc] * fold.c1[c] + fold.c3[c]) + static_cast<float>(y[c * yc]) * fold.c2[c];
+}
+
+// The fp32 values of one pixel's n channels of G, folded: g itself (stride sc) when there is nothing to fold,
+// else tmp (stride 1). ``y_off``: the pixel's offset in y.
+inline const float* folded(const float* g, int64_t& sc, const Fold& fold, int64_t y_off, int64_t n, float* tmp) {
+  if (!fold.c1) return g;
+  if (!fold.c2) {
+    for (int64_t c = 0; c < n; ++c) tmp[c] = g[c * sc] * fold.c1[c];
+  } else if (fold.y_type == c10::ScalarType::Short) {
+    fold_row(g, sc, static_cast<const int16_t*>(fold.y) + y_off, fold.yc, fold, n, tmp);
+  } else if (fold.y_type == c10::ScalarType::Int) {
+    fold_row(g, sc, static_cast<const int32_t*>(fold.y) + y_off, fold.yc, fold, n, tmp);
+  } else {
+    fold_row(g, sc, static_cast<const float*>(fold.y) + y_off, fold.yc, fold, n, tmp);
+  }
+  sc = 1;
+  return tmp;
+}
+
 // rows [n_pairs*2, width] of 16-bit values -> [n_pairs, width, 2] (row pairs interleaved: the VNNI layout of a
 // B tile); width a multiple of 32.
 __attribute__((target("avx512f,avx512bw")))
@@ -163,7 +218,9 @@ torch::Tensor pack_weight(torch::Tensor w) {
 // scale * dL/dx [F, Ci, H, W] (fp32, channels-last) of y = conv2d(x, w, stride 1, padding p), from g [F, Co, OH, OW] fp32
 // (any strides) and the packed weight (pack_weight), with S bf16 terms of g.
 torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int64_t H, int64_t W, int64_t k,
-                              int64_t p, int64_t S, double scale) {
+                              int64_t p, int64_t S, double scale, c10::optional<torch::Tensor> y,
+                              c10::optional<torch::Tensor> c1, c10::optional<torch::Tensor> c2,
+                              c10::optional<torch::Tensor> c3) {
   TORCH_CHECK(g.scalar_type() == torch::kFloat32 && wv.scalar_type() == torch::kBFloat16, "g fp32, wv bf16");
   const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = wv.size(1) * 2,
                 Ci32 = wv.size(2), Wp = W + k - 1, o = k - 1 - p;
@@ -176,15 +233,20 @@ torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int
   const auto* wp = reinterpret_cast<const uint16_t*>(wv.data_ptr<at::BFloat16>());
   float* op = out.data_ptr<float>();
   const int64_t sf = g.stride(0), sc = g.stride(1), sh = g.stride(2), sw = g.stride(3);
+  const Fold fold = make_fold(y, c1, c2, c3, Co);
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
     std::vector<uint16_t> stage(S * term_stride);
+    std::vector<float> tmp(Co);
     alignas(64) float buf[32 * 32];
     configure();
     for (int64_t f = f0; f < f1; ++f) {  // the padding stays zero: only the interior is rewritten per frame
       for (int64_t oh = 0; oh < OH; ++oh)
-        for (int64_t ow = 0; ow < OW; ++ow)
-          split_terms(gp + f * sf + oh * sh + ow * sw, sc, Co, stage.data() + ((oh + o) * Wp + ow + o) * Co32,
-                      term_stride, S);
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          int64_t stride = sc;
+          const float* v = folded(gp + f * sf + oh * sh + ow * sw, stride, fold,
+                                  f * fold.yf + oh * fold.yh + ow * fold.yw, Co, tmp.data());
+          split_terms(v, stride, Co, stage.data() + ((oh + o) * Wp + ow + o) * Co32, term_stride, S);
+        }
       for (int64_t qb = 0; qb < qblocks; ++qb)
         for (int64_t nb = 0; nb < nblocks; ++nb) {
           grad_input_block(stage.data(), term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
@@ -205,7 +267,9 @@ torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int
 
 // dL/dw [Co, Ci, k, k] fp32 of y = conv2d(x, w, stride 1, padding p), from the input x [F, Ci, H, W] (bf16,
 // contiguous: spikes are exact in it) and g [F, Co, OH, OW] fp32 (any strides), with S bf16 terms of g.
-torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int64_t p, int64_t S) {
+torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int64_t p, int64_t S,
+                               c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> c1,
+                               c10::optional<torch::Tensor> c2, c10::optional<torch::Tensor> c3) {
   TORCH_CHECK(g.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
               "g fp32, x contiguous bf16");
   const int64_t F = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1), OH = g.size(2),
@@ -218,7 +282,9 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const float* gp = g.data_ptr<float>();
   const int64_t gf = g.stride(0), gc = g.stride(1), gh = g.stride(2), gw = g.stride(3);
+  const Fold fold = make_fold(y, c1, c2, c3, Co);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tmp(Co);
     // zero once: the padding of x and the columns ow >= OW of g are never written
     std::vector<uint16_t> xt(Ci32 * x_row, 0), rows(S * term_stride, 0), gv(S * term_stride);
     configure();
@@ -229,8 +295,12 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
           for (int64_t h = 0; h < H; ++h)
             std::memcpy(xt.data() + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
         for (int64_t oh = 0; oh < OH; ++oh)
-          for (int64_t ow = 0; ow < OW; ++ow)
-            split_terms(gp + f * gf + oh * gh + ow * gw, gc, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            int64_t stride = gc;
+            const float* v = folded(gp + f * gf + oh * gh + ow * gw, stride, fold,
+                                    f * fold.yf + oh * fold.yh + ow * fold.yw, Co, tmp.data());
+            split_terms(v, stride, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
+          }
         for (int64_t s = 0; s < S; ++s)
           interleave_pairs(rows.data() + s * term_stride, R / 2, Co32, gv.data() + s * term_stride);
         // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
