@@ -16,8 +16,8 @@ Training-mode BatchNorm: pass 1 (the same kernel, FIRE=False) stores y and per-p
 (int64 for spikes: exact); the host folds mean/rstd and gamma/beta into per-channel a, b; pass 2 is the
 elementwise LIF scan over y.
 
-Saved for backward: input spikes as packed bits (1 bit per spike, read bit-wise by the grad-weight kernel; an
-analog input is kept as is), y as int16 (int32 when K > 32767; fp32 for analog inputs), the ternary
+Saved for backward: input spikes as bits, packed by the forward kernel itself and unpacked inside the grad-weight
+kernel's loads (kernels/spike_bits.py: rows of cdiv(K, 8) bytes; an analog input is kept as is), y as int16 (int32 when K > 32767; fp32 for analog inputs), the ternary
 weight as 2 bits per weight (binwslt.bits.pack_ternary), alpha and the per-channel a, b. The membrane is
 recomputed from y rather than stored.
 
@@ -36,7 +36,7 @@ import torch
 import triton
 
 from binwslt.batchnorm import BatchStats
-from binwslt.bits import pack_bits, pack_ternary, unpack_ternary
+from binwslt.bits import pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
 from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 
@@ -55,7 +55,7 @@ from .tiles import FOLD_BLOCK, launch_kwargs, linear_forward_config, linear_gemm
 class LinearLIFState:
     """What the linear + LIF backward needs from its forward.
 
-    Tensors: ``saved_x`` the input as packed bits (spikes, uint8) or ``[T_y, N, K]`` fp16/fp32 (analog); ``y`` the
+    Tensors: ``saved_x`` the input as bits (spikes, uint8 ``[T*N, cdiv(K, 8)]`` flat, kernels/spike_bits.py) or ``[T_y, N, K]`` fp16/fp32 (analog); ``y`` the
     exact pre-activation ``[T_y, N, C]`` (int16/int32 for spikes, fp32 for analog); ``tern`` int8 ``[C, K]``;
     ``alpha`` fp32 ``[1]``; ``a, b`` fp32 ``[C]`` (the current is ``a·(α·y) + b``); ``bn`` the training BatchNorm
     statistics or None. Fields: shapes ``T, N, K, C``, ``is_spike``, ``direct``, the neuron, x's dtype and the
@@ -119,13 +119,16 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     flags = dict(IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=direct, HARD_RESET=p["HARD_RESET"],
                  DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(cfg))
     bn_state = None
+    # saved spikes: packed to bits by the kernel itself (kernels/spike_bits.py layout, whole int32 words)
+    bits = torch.empty(triton.cdiv(T * N * triton.cdiv(K, 8), 4), dtype=torch.int32, device=device) \
+        if need_state and is_spike else None
     if not batch_norm:
         a, b = plain_affine(scale, shift, C, device)
-        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, a, b, res, out, y, None,
+        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, a, b, res, out, y, None, bits,
                                            T, N, K, C, p["decay"], p["threshold"], p["v_reset"], **flags)
     else:
         stats = torch.empty((2, grid[0], C), dtype=torch.int64 if is_spike else torch.float32, device=device)
-        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, None, None, None, None, y, stats,
+        binary_linear_lif_fwd_kernel[grid](x_k, tern, alpha, None, None, None, None, y, stats, bits,
                                            T, N, K, C, p["decay"], p["threshold"], p["v_reset"], **flags)
         # Batch statistics of alpha*y over (T, N) (a direct input's T copies share one frame).
         a, b, bn_state = bn_forward(stats, T_y * N, T * N, alpha, scale, shift, running_mean, running_var, momentum,
@@ -138,7 +141,7 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
             DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
     state = None
     if need_state:
-        saved_x = pack_bits(x_k != 0) if is_spike else x_k
+        saved_x = bits.view(torch.uint8) if is_spike else x_k
         state = LinearLIFState(saved_x=saved_x, y=y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
                                is_spike=is_spike, direct=direct, T=T, N=N, K=K, C=C, neuron=neuron, x_dtype=x.dtype)
     return out, state

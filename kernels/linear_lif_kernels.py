@@ -23,6 +23,7 @@ import triton.language as tl
 from .gemm import split_dot_both, split_dot_exact_b
 from .lif import lif_grad_step, lif_step
 from .optional import optional_tensors
+from .spike_bits import load_bits, pack_bits_rows
 
 
 @triton.jit
@@ -87,16 +88,19 @@ def linear_y_epilogue(y, t, offs_m, offs_n, N, C, y_ptr, sum_y, sum_yy,
     return sum_y, sum_yy
 
 
-@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stats_ptr")
+@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stats_ptr",
+                  PACK="bits_ptr")
 @triton.jit
 def binary_linear_lif_fwd_kernel(
-        x_ptr, tern_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stats_ptr,
+        x_ptr, tern_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stats_ptr, bits_ptr,
         T, N, K, C, decay, threshold, v_reset,
         IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr, FIRE: tl.constexpr,
-        HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr,
+        HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr, PACK: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Grid: (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)); every program runs all T steps of its tile.
+    # Grid: (cdiv(N, BLOCK_M), cdiv(C, BLOCK_N)); every program runs all T steps of its tile. PACK (spike input,
+    # for backward): the programs of the first output-channel tile also pack the [T*N, K] input spikes into
+    # ``bits`` (int32 words of the kernels/spike_bits.py layout), each its share.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,6 +137,9 @@ def binary_linear_lif_fwd_kernel(
             if FIRE:
                 v = linear_fire_tile(y, v, t, offs_m, offs_n, N, C, alpha, a, b, res_ptr, out_ptr,
                                      decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
+    if PACK:
+        if pid_n == 0:
+            pack_bits_rows(x_ptr, bits_ptr, T * N, K, pid_m, tl.num_programs(0), 32)
     if STATS:
         # stats layout [2, grid_m, C]: partials per program row, summed on the host (deterministic).
         base = pid_m.to(tl.int64) * C + offs_n
@@ -261,7 +268,7 @@ def linear_grad_weight_kernel(x_ptr, g_ptr, weight_ptr, scores_ptr, tern_ptr, al
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               SPLIT: tl.constexpr = True):
     # dW_eff [C, K] = g[R, C]^T @ x[R, K]; epilogue: scores grad dW_eff * w * sign(s) (MPT straight-through),
-    # weight grad dW_eff * alpha * M. X_BITS: x is packed bits (little-endian, 8 per byte) of the [R, K] spikes.
+    # weight grad dW_eff * alpha * M. X_BITS: x is the [R, K] spikes as bits (kernels/spike_bits.py layout).
     # Grid: (cdiv(C, BLOCK_M), cdiv(K, BLOCK_N)).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,8 +283,7 @@ def linear_grad_weight_kernel(x_ptr, g_ptr, weight_ptr, scores_ptr, tern_ptr, al
         x_mask = r_mask[:, None] & n_mask[None, :]
         flat = rows[:, None] * K + offs_n[None, :]
         if X_BITS:
-            byte = tl.load(x_ptr + (flat >> 3), mask=x_mask, other=0)
-            xt = ((byte.to(tl.int32) >> (flat & 7).to(tl.int32)) & 1).to(tl.float32)
+            xt = load_bits(x_ptr, rows[:, None], offs_n[None, :], K, x_mask).to(tl.float32)
         else:
             xt = tl.load(x_ptr + flat, mask=x_mask, other=0.0).to(tl.float32)
         if X_BITS:

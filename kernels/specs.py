@@ -265,9 +265,9 @@ def conv_backward_specs():
 
 def _linear_fwd_signature(x_type, out_type, y_type, stats_type):
     return {"x_ptr": x_type, "tern_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-            "res_ptr": "*fp32", "out_ptr": out_type, "y_ptr": y_type, "stats_ptr": stats_type,
+            "res_ptr": "*fp32", "out_ptr": out_type, "y_ptr": y_type, "stats_ptr": stats_type, "bits_ptr": "*i32",
             "T": "i32", "N": "i32", "K": "i32", "C": "i32", "decay": "fp32", "threshold": "fp32", "v_reset": "fp32",
-            **{k: "constexpr" for k in ("IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "STATS", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
+            **{k: "constexpr" for k in ("IS_SPIKE", "DOT_FP16", "DIRECT", "FIRE", "HAS_RES", "STORE_Y", "STATS", "PACK", "HARD_RESET", "DECAY_INPUT", "BLOCK_M", "BLOCK_N", "BLOCK_K")}}
 
 
 def _hints(signature, *ints):
@@ -311,7 +311,7 @@ def linear_specs():
         # BatchNorm pass 1: no firing; the neuron flags are unused.
         specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},bn-stats,{tile}]", "fn": binary_linear_lif_fwd_kernel,
                       "signature": _linear_fwd_signature(x_type, "*" + out_types[0], y_type, stats_type),
-                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=True,
+                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=True, PACK=is_spike,
                                          HARD_RESET=True, DECAY_INPUT=False),
                       "num_warps": nw, "num_stages": ns})
         for (out_t, store_y, has_res), (hard, decay_input) in _covering(
@@ -322,7 +322,7 @@ def linear_specs():
                 "fn": binary_linear_lif_fwd_kernel,
                 "signature": _linear_fwd_signature(x_type, "*" + out_t, y_type, stats_type),
                 "constexprs": dict(base, FIRE=True, HAS_RES=has_res, STORE_Y=store_y, STATS=False,
-                                   HARD_RESET=hard, DECAY_INPUT=decay_input),
+                                   PACK=is_spike and store_y, HARD_RESET=hard, DECAY_INPUT=decay_input),
                 "num_warps": nw, "num_stages": ns})
     scans = narrowed(linear_scan_config(interpret=False), LINEAR_SCAN_LADDER)
     for scan, ((y_t, out_t, direct, has_res), (hard, decay_input)) in itertools.product(scans, _covering(

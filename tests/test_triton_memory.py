@@ -135,3 +135,23 @@ def test_module_memory_keyword():
         layer(x).sum().backward()
         grads.append(layer.scores.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k_in,bn", [(5, False), (13, True), (16, False)])
+def test_linear_forward_kernel_packs_the_saved_spikes(k_in, bn):
+    """The linear forward kernel writes the saved input bits itself (rows of cdiv(K, 8) bytes, feature k at bit
+    k % 8 of byte k // 8), BatchNorm's pass 1 too; no host pass."""
+    from binwslt.kernels.linear_lif import linear_lif_forward
+
+    T, N, C = 3, 5, 7
+    x = spikes(T, N, k_in, seed=71)
+    stats = dict(running_mean=torch.zeros(C), running_var=torch.ones(C)) if bn else \
+        dict(running_mean=None, running_var=None)
+    w, sc = randn(C, k_in, seed=72), randn(C, k_in, seed=73)
+    _, state = linear_lif_forward(x, w, sc, 0.4, scale=None, shift=None, residual=None, neuron=LIFConfig(),
+                                  timesteps=None, batch_norm=bn, momentum=0.1, eps=1e-5, need_state=True, **stats)
+    rows = x.reshape(-1, k_in) != 0
+    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], (-k_in) % 8)], dim=1).view(rows.shape[0], -1, 8)
+    want = (rows.to(torch.int32) << torch.arange(8)).sum(-1).to(torch.uint8)
+    assert state.saved_x.dtype == torch.uint8 and state.saved_x.numel() == -(-want.numel() // 4) * 4
+    assert torch.equal(state.saved_x[:want.numel()].view(want.shape), want)
