@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ is installed as binwslt.kernels: a top-level `kernels` would collide with the PyPI package of that name.
     packages=["binwslt", "binwslt.kernels"],
-    package_data={"binwslt": ["csrc/*.cpp"]},
+    package_data={"binwslt": ["csrc/*.cpp", "csrc/*.h"]},
     package_dir={"binwslt": "binwslt", "binwslt.kernels": "kernels"},
     install_requires=[
         "torch>=2.3",

@@ -40,11 +40,13 @@ def cache_root() -> Path:
 
 
 def build_key(sources: Sequence[Path], cflags: Sequence[str]) -> str:
-    """Hash of the sources, the compiler flags, the torch version and the Python (ABI) that load them."""
+    """Hash of the sources (and the headers beside them), the compiler flags, the torch version and the Python
+    (ABI) that load them."""
     import torch
 
     h = hashlib.sha256()
-    for src in sources:
+    headers = sorted({header for src in sources for header in Path(src).parent.glob("*.h")})
+    for src in list(sources) + headers:  # the headers beside the sources are included by them
         h.update(Path(src).read_bytes())
     h.update(repr((tuple(cflags), torch.__version__, sys.version, sys.implementation.cache_tag)).encode())
     return h.hexdigest()[:16]

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <vector>
 
+#include "bn_fold.h"
+
 namespace {
 struct TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {0};
@@ -67,9 +69,9 @@ inline void split_terms(const float* v, int64_t stride, int64_t n, uint16_t* dst
   }
 }
 
-// The BatchNorm fold of the backward applied while g is staged (no pass of its own): G = (G·c1 + c3) + y·c2 per
-// output channel, or G·c1 (a plain per-channel scale) without c2; the same operations in the same order as
-// lif_scan.cpp's epilogue_fold (both built with -ffp-contract=off), so the result is identical to folding first.
+// The BatchNorm fold of the backward applied while g is staged (no pass of its own): bn_fold (bn_fold.h, shared
+// with lif_scan.cpp's epilogue_fold, so the result is identical to folding first), or G·c1 (a plain per-channel
+// scale) without c2.
 struct Fold {
   const float* c1 = nullptr;
   const float* c2 = nullptr;
@@ -102,7 +104,7 @@ Fold make_fold(const c10::optional<torch::Tensor>& y, const c10::optional<torch:
 template <typename y_t>
 void fold_row(const float* g, int64_t sc, const y_t* y, int64_t yc, const Fold& fold, int64_t n, float* out) {
   for (int64_t c = 0; c < n; ++c)
-    out[c] = (g[c * sc] * fold.c1[c] + fold.c3[c]) + static_cast<float>(y[c * yc]) * fold.c2[c];
+    out[c] = bn_fold(g[c * sc], static_cast<float>(y[c * yc]), fold.c1[c], fold.c2[c], fold.c3[c]);
 }
 
 // The fp32 values of one pixel's n channels of G, folded: g itself (stride sc) when there is nothing to fold,

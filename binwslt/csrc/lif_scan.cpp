@@ -11,6 +11,8 @@
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
+
+#include "bn_fold.h"
 #endif
 
 namespace {
@@ -535,7 +537,7 @@ void fold_typed(scalar_t* G, const y_t* y, const scalar_t* c1, const scalar_t* c
       if (c2) {
         for (int64_t j = 0; j < n; ++j) k3[j] = c3[cj[j]];
         const y_t* ym = y + m;
-        for (int64_t j = 0; j < n; ++j) Gm[j] = (Gm[j] * k1[j] + k3[j]) + static_cast<scalar_t>(ym[j]) * k2[j];
+        for (int64_t j = 0; j < n; ++j) Gm[j] = bn_fold(Gm[j], static_cast<scalar_t>(ym[j]), k1[j], k2[j], k3[j]);
       } else {
         for (int64_t j = 0; j < n; ++j) Gm[j] = Gm[j] * k1[j];
       }
