@@ -81,9 +81,13 @@ def test_fold_while_staging_equals_folding_first(y_dtype):
         folded = g.clone()
         ext.epilogue_fold(flat(folded), flat(y), c1, k2, k3, C_out, 1)
         packed = amx.pack_weight(tern)
-        assert torch.equal(amx.conv_grad_input(g, packed, x.shape, k, p, fold=fold),
-                           amx.conv_grad_input(folded, packed, x.shape, k, p))
-        assert torch.equal(amx.conv_grad_weight(x, g, k, p, fold=fold), amx.conv_grad_weight(x, folded, k, p))
+        want_x, want_w = amx.conv_grad_input(folded, packed, x.shape, k, p), amx.conv_grad_weight(x, folded, k, p)
+        # channels-last g and y take the vector staging, NCHW the scalar one: the same bits either way
+        for layout in (torch.channels_last, torch.contiguous_format):
+            g_l = g.contiguous(memory_format=layout)
+            fold_l = fold._replace(y=None if fold.y is None else fold.y.contiguous(memory_format=layout))
+            assert torch.equal(amx.conv_grad_input(g_l, packed, x.shape, k, p, fold=fold_l), want_x)
+            assert torch.equal(amx.conv_grad_weight(x, g_l, k, p, fold=fold_l), want_w)
 
 
 @needs_amx

@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bn_fold.h"
@@ -41,31 +42,15 @@ __attribute__((target("amx-tile"))) void release() { _tile_release(); }
 inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even
 inline float bf16_value(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 
-// The S bf16 terms of n fp32 values v[i*stride] into dst[s*term_stride + i]: t1 = bf16(v), t2 = bf16(v - t1), ...
-// (round to nearest even; the vector path, for stride 1, flushes bf16 denormals as VCVTNEPS2BF16 does, and
-// subtracts exactly the value it stored, so the terms still sum to v up to the last term's rounding).
+// The S bf16 terms of fp32 values r (in a register) into dst[s*term_stride + i] under mask m: t1 = bf16(r),
+// t2 = bf16(r - t1), ... (round to nearest even; flushes bf16 denormals as VCVTNEPS2BF16 does, and subtracts
+// exactly the value it stored, so the terms still sum to r up to the last term's rounding).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void split_terms_avx512(const float* v, int64_t n, uint16_t* dst, int64_t term_stride, int64_t S) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 r = _mm512_maskz_loadu_ps(m, v + i);
-    for (int64_t s = 0; s < S; ++s) {
-      const __m256i b = (__m256i)_mm512_cvtneps_pbh(r);
-      _mm256_mask_storeu_epi16(dst + s * term_stride + i, m, b);
-      r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-    }
-  }
-}
-
-inline void split_terms(const float* v, int64_t stride, int64_t n, uint16_t* dst, int64_t term_stride, int64_t S) {
-  if (stride == 1) return split_terms_avx512(v, n, dst, term_stride, S);
-  for (int64_t i = 0; i < n; ++i) {
-    float r = v[i * stride];
-    for (int64_t s = 0; s < S; ++s) {
-      const uint16_t b = bf16_bits(r);
-      dst[s * term_stride + i] = b;
-      r -= bf16_value(b);
-    }
+inline void split_register(__m512 r, __mmask16 m, uint16_t* dst, int64_t term_stride, int64_t S) {
+  for (int64_t s = 0; s < S; ++s) {
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(r);
+    _mm256_mask_storeu_epi16(dst + s * term_stride, m, b);
+    r = _mm512_sub_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
   }
 }
 
@@ -124,6 +109,53 @@ inline const float* folded(const float* g, int64_t& sc, const Fold& fold, int64_
   return tmp;
 }
 
+// The S bf16 terms of one pixel's n channels of G, folded (see Fold), into dst[s*term_stride + c]. Vectorised
+// where the channels are unit-stride in g and in y (channels-last, or one channel); the same operations in the
+// same order as bn_fold, so both paths give the same bits.
+template <typename y_t>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void stage_vector(const float* g, const y_t* y, const Fold& fold, int64_t n, uint16_t* dst, int64_t term_stride,
+                  int64_t S) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    __m512 r = _mm512_maskz_loadu_ps(m, g + c);
+    if (fold.c1) r = _mm512_mul_ps(r, _mm512_maskz_loadu_ps(m, fold.c1 + c));
+    if (fold.c2) {
+      __m512 yv;
+      if constexpr (std::is_same_v<y_t, int16_t>)
+        yv = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, y + c)));
+      else if constexpr (std::is_same_v<y_t, int32_t>)
+        yv = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, y + c));
+      else
+        yv = _mm512_maskz_loadu_ps(m, y + c);
+      r = _mm512_add_ps(_mm512_add_ps(r, _mm512_maskz_loadu_ps(m, fold.c3 + c)),
+                        _mm512_mul_ps(yv, _mm512_maskz_loadu_ps(m, fold.c2 + c)));
+    }
+    split_register(r, m, dst + c, term_stride, S);
+  }
+}
+
+inline void stage_terms(const float* g, int64_t sc, const Fold& fold, int64_t y_off, int64_t n, float* tmp,
+                        uint16_t* dst, int64_t term_stride, int64_t S) {
+  if (sc == 1 && (!fold.c2 || fold.yc == 1 || n == 1)) {
+    if (!fold.c2 || fold.y_type == c10::ScalarType::Float)
+      return stage_vector(g, static_cast<const float*>(fold.y) + (fold.c2 ? y_off : 0), fold, n, dst, term_stride, S);
+    if (fold.y_type == c10::ScalarType::Short)
+      return stage_vector(g, static_cast<const int16_t*>(fold.y) + y_off, fold, n, dst, term_stride, S);
+    return stage_vector(g, static_cast<const int32_t*>(fold.y) + y_off, fold, n, dst, term_stride, S);
+  }
+  int64_t stride = sc;
+  const float* v = folded(g, stride, fold, y_off, n, tmp);
+  for (int64_t c = 0; c < n; ++c) {
+    float r = v[c * stride];
+    for (int64_t s = 0; s < S; ++s) {
+      const uint16_t b = bf16_bits(r);
+      dst[s * term_stride + c] = b;
+      r -= bf16_value(b);
+    }
+  }
+}
+
 // rows [n_pairs*2, width] of 16-bit values -> [n_pairs, width, 2] (row pairs interleaved: the VNNI layout of a
 // B tile); width a multiple of 32.
 __attribute__((target("avx512f,avx512bw")))
@@ -173,8 +205,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
 }
 
 // Tile block of the grad-weight GEMM for one frame and tap: 32 input channels (m0..) x 32 output channels (n0..),
-// accumulated into acc [Ci32, Co32] (fp32, row stride Co32); A rows from the staged padded x^T, B from the staged
-// g terms in pair-interleaved (VNNI) order.
+// accumulated into acc [Ci32, Co32] (fp32, row stride Co32) over rows r0..r1; A rows from the staged padded x^T,
+// B from the staged g terms in pair-interleaved (VNNI) order.
 __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
     const uint16_t* xt, int64_t x_row, const uint16_t* gv, int64_t term_stride, float* acc, int64_t S, int64_t r0,
     int64_t r1, int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
@@ -205,6 +237,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
 }
 
 inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
+
+// n zeroed 16-bit values on a 64-byte boundary (owned by ``storage``): a tile row that straddles two cache lines
+// costs a second line per row, which measured 2x slower on the grad-weight tiles.
+uint16_t* aligned_zeros(std::vector<uint16_t>& storage, int64_t n) {
+  storage.assign(n + 32, 0);
+  return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+}
 }  // namespace
 
 bool amx_available() { return __builtin_cpu_supports("amx-bf16") && amx_permitted(); }
@@ -237,21 +276,20 @@ torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int
   const int64_t sf = g.stride(0), sc = g.stride(1), sh = g.stride(2), sw = g.stride(3);
   const Fold fold = make_fold(y, c1, c2, c3, Co);
   at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
-    std::vector<uint16_t> stage(S * term_stride);
+    std::vector<uint16_t> stage_storage;
+    uint16_t* stage = aligned_zeros(stage_storage, S * term_stride);
     std::vector<float> tmp(Co);
     alignas(64) float buf[32 * 32];
     configure();
     for (int64_t f = f0; f < f1; ++f) {  // the padding stays zero: only the interior is rewritten per frame
       for (int64_t oh = 0; oh < OH; ++oh)
         for (int64_t ow = 0; ow < OW; ++ow) {
-          int64_t stride = sc;
-          const float* v = folded(gp + f * sf + oh * sh + ow * sw, stride, fold,
-                                  f * fold.yf + oh * fold.yh + ow * fold.yw, Co, tmp.data());
-          split_terms(v, stride, Co, stage.data() + ((oh + o) * Wp + ow + o) * Co32, term_stride, S);
+          stage_terms(gp + f * sf + oh * sh + ow * sw, sc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
+                      tmp.data(), stage + ((oh + o) * Wp + ow + o) * Co32, term_stride, S);
         }
       for (int64_t qb = 0; qb < qblocks; ++qb)
         for (int64_t nb = 0; nb < nblocks; ++nb) {
-          grad_input_block(stage.data(), term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
+          grad_input_block(stage, term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
           const int64_t n0 = nb * 32, nvalid = std::min<int64_t>(32, Ci - n0);
           if (nvalid <= 0) continue;
           for (int64_t r = 0; r < 32; ++r) {
@@ -288,30 +326,30 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tmp(Co);
     // zero once: the padding of x and the columns ow >= OW of g are never written
-    std::vector<uint16_t> xt(Ci32 * x_row, 0), rows(S * term_stride, 0), gv(S * term_stride);
+    std::vector<uint16_t> storage[3];
+    uint16_t *xt = aligned_zeros(storage[0], Ci32 * x_row), *rows = aligned_zeros(storage[1], S * term_stride),
+             *gv = aligned_zeros(storage[2], S * term_stride);
     configure();
     for (int64_t t = t0; t < t1; ++t) {
       float* acc = part[t].data_ptr<float>();
       for (int64_t f = F * t / threads; f < F * (t + 1) / threads; ++f) {
         for (int64_t c = 0; c < Ci; ++c)
           for (int64_t h = 0; h < H; ++h)
-            std::memcpy(xt.data() + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
+            std::memcpy(xt + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
         for (int64_t oh = 0; oh < OH; ++oh)
           for (int64_t ow = 0; ow < OW; ++ow) {
-            int64_t stride = gc;
-            const float* v = folded(gp + f * gf + oh * gh + ow * gw, stride, fold,
-                                    f * fold.yf + oh * fold.yh + ow * fold.yw, Co, tmp.data());
-            split_terms(v, stride, Co, rows.data() + (oh * Wx + ow) * Co32, term_stride, S);
+            stage_terms(gp + f * gf + oh * gh + ow * gw, gc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
+                        tmp.data(), rows + (oh * Wx + ow) * Co32, term_stride, S);
           }
         for (int64_t s = 0; s < S; ++s)
-          interleave_pairs(rows.data() + s * term_stride, R / 2, Co32, gv.data() + s * term_stride);
+          interleave_pairs(rows + s * term_stride, R / 2, Co32, gv + s * term_stride);
         // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
         // blocks (the x rows of a tile lie far apart; 256 measured 1.2-1.8x slower)
         for (int64_t r0 = 0; r0 < R; r0 += 64)
           for (int64_t kk = 0; kk < k * k; ++kk)
             for (int64_t m = 0; m < Ci32; m += 32)
               for (int64_t n = 0; n < Co32; n += 32)
-                grad_weight_block(xt.data(), x_row, gv.data(), term_stride, acc + kk * Ci32 * Co32, S, r0,
+                grad_weight_block(xt, x_row, gv, term_stride, acc + kk * Ci32 * Co32, S, r0,
                                   std::min<int64_t>(R, r0 + 64), Co32, (kk / k) * Wx + kk % k, m, n);
       }
     }
