@@ -98,12 +98,14 @@ def run_forward(op: str, backend: str, x, weight, scores, prune_rate, kw: Mappin
     scores, scale, shift, residual, and ``{name: tensor}`` of the running statistics after the call.
     """
     from binwslt import functional as Fn
+    from binwslt.spikes import is_spikes, mark_spikes
     device = x.device if device is None else torch.device(device)
     kw = dict(kw)
     leaves = {"x": move(x, device, dtype), "scores": move(scores, device, dtype)}
     for name in _TENSOR_ARGS:
         if kw.get(name) is not None:
-            kw[name] = move(kw[name], device, dtype).clone()
+            moved = move(kw[name], device, dtype)
+            kw[name] = mark_spikes(moved.clone()) if is_spikes(moved) else moved.clone()  # a clone drops the mark
             if name in _LEAVES:
                 leaves[name] = kw[name]
     leaves = {k: (v.requires_grad_(True) if v.is_floating_point() else v) for k, v in leaves.items()}

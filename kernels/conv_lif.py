@@ -10,7 +10,8 @@ into per-channel ``a, b``, and pass 2 runs the LIF scan over ``y``.
 Saved for backward (documented trade): the input spikes as packed bits (1 bit per spike, packed by the forward
 kernel and unpacked in the backward kernels' loads, kernels/spike_bits.py; an analog input is kept as it is), ``y``
 as int16 (int32 when the fan-in exceeds 32767; fp32 for an analog input), the ternary weight as 2 bits per weight, a
-0/1 residual as bits (an analog residual as it is). The membrane is recomputed from ``y`` in the backward scan
+0/1 residual as bits (packed by the forward kernel that reads it, BatchNorm's scan pass included, and unpacked in the
+backward scan's loads; an analog residual as it is). The membrane is recomputed from ``y`` in the backward scan
 rather than stored: recomputing is one cheap elementwise pass per step, storing it would cost 4 bytes per neuron per
 step. About 0.09-0.11 of the reference backend's saved bytes on a 16->16 channel layer.
 
@@ -33,7 +34,7 @@ import torch
 import triton
 
 from binwslt.batchnorm import BatchStats
-from binwslt.bits import pack_bits, pack_ternary, unpack_bits, unpack_ternary
+from binwslt.bits import pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
 from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 
@@ -134,8 +135,11 @@ class ConvLIFState:
     bytes of ``[T*N*H*W, cdiv(C_in, 8)]`` padded to whole int32 words, kernels/spike_bits.py), analog (fp16/fp32) as is; ``y`` the
     exact pre-activation ``[T_y, M, C_out]`` (None with memory="recompute": rebuilt in the backward); ``tern`` int8
     ``[C_out, C_in, KH, KW]``; ``alpha`` fp32 ``[1]``; ``a, b`` fp32 ``[C_out]``; ``bn`` the training BatchNorm
-    statistics or None; ``res_cl`` the residual channels-last (backward only). Fields: the call's geometry, the
-    input's flags, the neuron, the memory choice, dtypes, the saved residual's form and ``split``.
+    statistics or None; ``res_cl`` the residual as the backward scan reads it: a spiking residual as the bits the
+    forward kernel wrote (uint8, the bytes of ``[T*M, cdiv(C_out, 8)]`` padded to whole int32 words,
+    kernels/spike_bits.py; set by the forward when it has one, ``res_bits`` True), an analog one channels-last (set
+    by the backward). Fields: the call's geometry, the input's flags, the neuron, the memory choice, dtypes, the
+    saved residual's form and ``split``.
     """
 
     geo: Any
@@ -176,6 +180,11 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     out_cl = torch.empty(geo.cl_out_shape, dtype=spike_output_dtype(x.dtype), device=device)
     _check_int32(x_cl, out_cl)
     res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
+    # a spiking residual saved for backward: its bits written by the kernel that reads it (kernels/spike_bits.py)
+    res_bits = None
+    if need_y and residual is not None and is_spikes(residual):
+        res_bits = torch.empty(triton.cdiv(geo.T * geo.M * triton.cdiv(geo.C_out, 8), 4), dtype=torch.int32,
+                               device=device)
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(device))
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
@@ -198,11 +207,12 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     bn_state = None
     if not batch_norm:
         a, b = plain_affine(scale, shift, geo.C_out, device)
-        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, a, b, res_cl, out_cl, y, None, bits, **common)
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, a, b, res_cl, res_bits, out_cl, y, None, bits,
+                                         **common)
     else:
         stat_dtype = torch.int64 if is_spike else torch.float32
         stats = torch.empty((2, grid[0], geo.C_out), dtype=stat_dtype, device=device)
-        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, None, None, None, None, y, stats, bits,
+        binary_conv_lif_fwd_kernel[grid](x_cl, tern_cl, alpha, None, None, None, None, None, y, stats, bits,
                                          STATS_I32=stats_fit_int32(geo.fan_in, cfg["BLOCK_M"]), **common)
         # mean/var of alpha*y over (T, N, OH, OW) from the exact per-tile sums (binwslt.batchnorm).
         a, b, bn_state = bn_forward(stats, geo.T_y * geo.M, geo.T * geo.M, alpha, scale, shift, running_mean,
@@ -210,14 +220,16 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
         scfg = scan_config(geo.C_out, geo.M)
         sgrid = (triton.cdiv(geo.M, scfg["BLOCK_M"]), triton.cdiv(geo.C_out, scfg["BLOCK_N"]))
         conv_lif_scan_kernel[sgrid](
-            y, alpha, a, b, res_cl, out_cl, geo.T, geo.M, geo.C_out, p["decay"], p["threshold"], p["v_reset"],
+            y, alpha, a, b, res_cl, res_bits, out_cl, geo.T, geo.M, geo.C_out, p["decay"], p["threshold"],
+            p["v_reset"],
             DIRECT=geo.direct, HARD_RESET=p["HARD_RESET"], DECAY_INPUT=p["DECAY_INPUT"], **launch_kwargs(scfg))
     spikes = mark_spikes(from_channels_last(out_cl))
     state = None
     if need_y:
         state = ConvLIFState(geo=geo, is_spike=is_spike, saved_x=bits.view(torch.uint8) if is_spike else x_cl,
                              y=None if choice.recompute else y, tern=tern, alpha=alpha, a=a, b=b, bn=bn_state,
-                             neuron=neuron, memory=choice, out_dtype=x.dtype)
+                             neuron=neuron, memory=choice, out_dtype=x.dtype, res_bits=res_bits is not None,
+                             res_cl=None if res_bits is None else res_bits.view(torch.uint8))
     return spikes, state
 
 
@@ -241,7 +253,7 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(x_cl.device))
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     binary_conv_lif_fwd_kernel[grid](
-        x_cl, tern_cl, alpha, None, None, None, None, y, None, None,
+        x_cl, tern_cl, alpha, None, None, None, None, None, y, None, None,
         T=geo.T, N=geo.N, M=geo.M, C_in=geo.C_in, C_out=geo.C_out, H=geo.H, W=geo.W, OH=geo.OH, OW=geo.OW,
         SH=geo.SH, SW=geo.SW, PH=geo.PH, PW=geo.PW, decay=0.0, threshold=1.0, v_reset=0.0,
         KH=geo.KH, KW=geo.KW, IS_SPIKE=is_spike, DOT_FP16=dot_fp16, DIRECT=geo.direct, HARD_RESET=True, DECAY_INPUT=False, **launch_kwargs(cfg))
@@ -252,7 +264,7 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
 def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
     """Gradients ``(grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual)`` (None where
     ``needs`` is False). ``grad_spikes``: dL/dspikes ``[T, N, C_out, OH, OW]``, any strides. ``state`` holds what
-    the forward kept (``res_cl``: the residual channels-last, or None; ``res_dtype``: its dtype)."""
+    the forward kept (``res_cl``: the residual as bits or channels-last, or None; ``res_dtype``: its dtype)."""
     need_x, need_w, need_s, need_scale, need_shift, need_res = needs
     geo = state.geo
     device = grad_spikes.device
@@ -366,10 +378,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps, need_y=need_grad,
             memory=memory, subnet=subnet)
         if need_grad:
-            saved_res, res_bits = residual, False
-            if residual is not None and is_spikes(residual):
-                saved_res = pack_bits(residual.detach().permute(0, 1, 3, 4, 2) != 0)
-                res_bits = True
+            saved_res = state.res_cl if state.res_bits else residual  # spiking: the kernel-written bits
             bn = state.bn
             tensors = [state.saved_x, state.y, *pack_ternary(state.tern), state.alpha, state.a, state.b, weight,
                        scores, scale, saved_res]
@@ -377,7 +386,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
             ctx.save_for_backward(*tensors)
             # tensors go through save_for_backward; ctx keeps the state's non-tensor fields only
             ctx.state = replace(state, saved_x=None, y=None, tern=None, alpha=None, a=None, b=None, bn=None,
-                                res_bits=res_bits, has_res=residual is not None,
+                                res_cl=None, has_res=residual is not None,
                                 res_dtype=residual.dtype if residual is not None else None,
                                 split=SPLIT_BY_PRECISION[grad_precision])
         return spikes
@@ -387,13 +396,9 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         (saved_x, y, mask_bits, sign_bits, alpha, a, b, weight, scores, scale, saved_res, mean,
          rstd) = ctx.saved_tensors
         info = ctx.state
-        geo = info.geo
-        res_cl = None
-        if info.has_res:
-            if info.res_bits:
-                res_cl = unpack_bits(saved_res, geo.cl_out_shape).to(_io_dtype(info.res_dtype))
-            else:
-                res_cl = to_channels_last(saved_res.detach(), _io_dtype(info.res_dtype))
+        res_cl = saved_res  # a spiking residual's bits are read as they are by the backward scan
+        if info.has_res and not info.res_bits:
+            res_cl = to_channels_last(saved_res.detach(), _io_dtype(info.res_dtype))
         state = replace(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                         alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])

@@ -58,8 +58,9 @@ def conv_lif_bwd_scan_kernel(
     """Recompute + reverse LIF scan of one ``[BLOCK_M, BLOCK_N]`` output tile (see module docstring, step 1).
 
     All of ``y``, ``res``, ``gout`` (dL/dspikes), ``g``, ``gres`` are channels-last ``[T, M, C_out]`` (``y``:
-    ``[1, M, C_out]`` when DIRECT). Writes ``g`` (fp32; only slot 0 when DIRECT), ``gres`` (when GRAD_RES) and
-    ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and, when GY, of dL/dI * y; zeros
+    ``[1, M, C_out]`` when DIRECT); a ``res`` of dtype uint8 is a spiking residual as the forward kernel saved it,
+    bits ``[T*M, cdiv(C_out, 8)]`` (kernels/spike_bits.py), unpacked in the load. Writes ``g`` (fp32; only slot 0
+    when DIRECT), ``gres`` (when GRAD_RES) and ``part`` (fp32 ``[2, cdiv(M, BLOCK_M), C_out]``: partial sums of dL/dI and, when GY, of dL/dI * y; zeros
     without GY: only the scale gradient and BatchNorm read them). HAS_RES / GRAD_RES: ``res`` / ``gres`` passed
     (not None). RECOMPUTE: ``x`` and ``w`` passed (``memory="recompute"``), ``y`` None: every ``y[t]`` is rebuilt
     from the forward's input ``x`` (channels-last, as the forward read it) and K-major ternary weight ``w`` by the
@@ -91,7 +92,10 @@ def conv_lif_bwd_scan_kernel(
                        PH, PW, RECOMPUTE, KH, KW, IS_SPIKE, DOT_FP16, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K)
             cur = (y * alpha) * a[None, :] + b[None, :]
         if HAS_RES:
-            cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
+            if res_ptr.dtype.element_ty == tl.uint8:  # a spiking residual, as bits the forward kernel wrote
+                cur += load_bits(res_ptr, (t * M + offs_m)[:, None], offs_n[None, :], C_out, mask).to(tl.float32)
+            else:
+                cur += tl.load(tile_ptrs(res_ptr, off, EVEN_N), mask=mask, other=0.0).to(tl.float32)
         u, spike, v = lif_step(v, cur, decay, threshold, v_reset, HARD_RESET, DECAY_INPUT)
         tl.store(tile_ptrs(g_ptr, off, EVEN_N), u, mask=mask)
     tl.debug_barrier()

@@ -146,15 +146,28 @@ def fire_tile(y, v, off, mask, alpha, a, b, res_ptr, out_ptr, decay, threshold, 
     return v
 
 
-@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", STORE_Y="y_ptr", STATS="stat_ptr",
-                  PACK="bits_ptr")
+@triton.jit
+def pack_residual_bits(res_ptr, res_bits_ptr, rows, C_out):
+    """Every program of the 2-D grid packs its contiguous share of the spiking residual ``res`` ``[rows, C_out]``
+    (0/1 in the caller's float dtype) into the int32 words of ``res_bits`` (kernels/spike_bits.py), before its
+    scan (after it, ptxas spilled 8 bytes of the fp32-input 64x16x16 tile on sm_80). A loop of its own rather than
+    from the epilogue's residual tiles: packing those bytes in the T loop stored them to shared memory one by one
+    (STS.U8, which benchmarks/compile_report.py gates in the int8 forward) and spilled the heaviest int8 tile (1x1,
+    64x64x64 on sm_90). The cost is one more read of the residual."""
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    pack_bits_rows(res_ptr, res_bits_ptr, rows, C_out, pid, tl.num_programs(0) * tl.num_programs(1), 32)
+
+
+@optional_tensors(FIRE=("out_ptr", "a_ptr", "b_ptr"), HAS_RES="res_ptr", PACK_RES="res_bits_ptr", STORE_Y="y_ptr",
+                  STATS="stat_ptr", PACK="bits_ptr")
 @triton.jit
 def binary_conv_lif_fwd_kernel(
-        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, y_ptr, stat_ptr, bits_ptr,
+        x_ptr, w_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, res_bits_ptr, out_ptr, y_ptr, stat_ptr, bits_ptr,
         T, N, M, C_in, C_out, H, W, OH, OW, SH, SW, PH, PW,
         decay, threshold, v_reset,
         KH: tl.constexpr, KW: tl.constexpr, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, DIRECT: tl.constexpr,
-        FIRE: tl.constexpr, HAS_RES: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr, PACK: tl.constexpr,
+        FIRE: tl.constexpr, HAS_RES: tl.constexpr, PACK_RES: tl.constexpr, STORE_Y: tl.constexpr,
+        STATS: tl.constexpr, PACK: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_I32: tl.constexpr = False):
     """Fused conv + LIF over all T steps; each program owns a ``[BLOCK_M pixels, BLOCK_N channels]`` tile.
@@ -170,9 +183,15 @@ def binary_conv_lif_fwd_kernel(
     loop of their own (packing from the GEMM's operand tiles would need one writer per pixel among the taps and a
     second consumer of the MMA operand). ``conv_tile`` also reads such bits (an x of dtype uint8: the backward
     scan's recompute).
+    PACK_RES (a spiking residual, for backward; with HAS_RES and FIRE): before its scan every program also packs
+    its share of the residual ``[T*M, C_out]`` into ``res_bits`` (int32 words of the bytes ``[T*M, cdiv(C_out,
+    8)]``, kernels/spike_bits.py; ``pack_residual_bits``).
     The flags follow from which tensors the launch passes (None: absent; kernels/optional.py): FIRE from
-    ``out`` (with ``a, b``), HAS_RES from ``res``, STORE_Y from ``y``, STATS from ``stat``, PACK from ``bits``.
+    ``out`` (with ``a, b``), HAS_RES from ``res``, PACK_RES from ``res_bits``, STORE_Y from ``y``, STATS from
+    ``stat``, PACK from ``bits``.
     """
+    if PACK_RES:  # before the scan: nothing of it is live yet
+        pack_residual_bits(res_ptr, res_bits_ptr, T * M, C_out)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -220,17 +239,19 @@ def binary_conv_lif_fwd_kernel(
             pack_bits_rows(x_ptr, bits_ptr, T * N * H * W, C_in, pid_m, tl.num_programs(0), 32)
 
 
-@optional_tensors(HAS_RES="res_ptr")
+@optional_tensors(HAS_RES="res_ptr", PACK_RES="res_bits_ptr")
 @triton.jit
 def conv_lif_scan_kernel(
-        y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr,
+        y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, res_bits_ptr, out_ptr,
         T, M, C_out, decay, threshold, v_reset,
-        DIRECT: tl.constexpr, HAS_RES: tl.constexpr,
+        DIRECT: tl.constexpr, HAS_RES: tl.constexpr, PACK_RES: tl.constexpr,
         HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, EVEN_N: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """LIF scan over a stored pre-activation y ``[T_y, M, C_out]`` (BatchNorm pass 2): same epilogue as the fused
     kernel, with the batch statistics already folded into ``a, b`` by the host. HAS_RES: ``res`` passed (not
-    None)."""
+    None); PACK_RES: ``res_bits`` passed, the spiking residual's bits written as by the fused kernel."""
+    if PACK_RES:
+        pack_residual_bits(res_ptr, res_bits_ptr, T * M, C_out)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

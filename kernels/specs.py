@@ -103,9 +103,10 @@ def with_cin16_twins(specs):
     return twins
 
 
-_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "y_ptr", "stat_ptr", "bits_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
-             "decay", "threshold", "v_reset"]
-_CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "out_ptr", "T", "M", "C_out",
+_CONV_FWD_ARGS = ["x_ptr", "w_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "res_bits_ptr", "out_ptr", "y_ptr",
+                  "stat_ptr", "bits_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
+                  "decay", "threshold", "v_reset"]
+_CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "res_bits_ptr", "out_ptr", "T", "M", "C_out",
               "decay", "threshold", "v_reset"]
 # input kind -> (x pointer, y pointer, stats pointer, DOT_FP16, DIRECT)
 _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "*i32", "*i64", False, False),
@@ -119,6 +120,15 @@ _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "
 _MODES = {"train": (True, True, False, False, True), "train-recompute": (True, False, False, False, True),
           "infer": (True, False, False, False, False), "bn-stats": (False, True, True, True, True),
           "bn-stats-i64": (False, True, True, False, True), "gemm-only": (False, True, False, False, False)}
+# the residual of a firing launch: "bits" a spiking one whose bits the kernel packs for backward (PACK_RES, in
+# training), "float" one read only (an analog residual, or inference); first the heavier
+_RESIDUALS = ("bits", "float")
+
+
+def _residual(form, fire, training):
+    """(HAS_RES, PACK_RES, name) of a launch with residual ``form`` (_RESIDUALS)."""
+    pack = fire and training and form == "bits"
+    return fire, pack, "bits" if pack else ("float" if fire else "none")
 
 
 def conv_forward_specs():
@@ -131,38 +141,42 @@ def conv_forward_specs():
                  for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
         cfgs = distinct(cfg for base in bases for cfg in narrowed(base, forward_ladder(is_spike, base)))
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
-        flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), (True, False), (False, True),
+        flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), _RESIDUALS, (True, False), (False, True),
                                    ("fp32", "fp16", "bf16")])
-        for cfg, (kind, (kh, kw), mode, hard, decay_input, out_type) in variants(cfgs, flag_sets):
+        for cfg, (kind, (kh, kw), mode, res, hard, decay_input, out_type) in variants(cfgs, flag_sets):
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
             fire, store_y, stats, stats_i32, pack = _MODES[mode]
+            has_res, pack_res, res_name = _residual(res, fire, mode.startswith("train"))
             types = {"x_ptr": x_type, "w_ptr": "*i8", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                     "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "y_ptr": y_type,
+                     "res_ptr": "*" + out_type, "res_bits_ptr": "*i32", "out_ptr": "*" + out_type, "y_ptr": y_type,
                      "stat_ptr": stat_type, "bits_ptr": "*i32", "decay": "fp32", "threshold": "fp32",
                      "v_reset": "fp32"}
             constexprs = {"KH": kh, "KW": kw, "IS_SPIKE": is_spike, "DOT_FP16": fp16, "DIRECT": direct,
-                          "FIRE": fire, "HAS_RES": fire, "STORE_Y": store_y, "STATS": stats,
+                          "FIRE": fire, "HAS_RES": has_res, "PACK_RES": pack_res, "STORE_Y": store_y, "STATS": stats,
                           "PACK": pack and is_spike,
                           "HARD_RESET": hard, "DECAY_INPUT": decay_input, "EVEN_K": cfg["EVEN_K"],
                           "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                           "BLOCK_K": cfg["BLOCK_K"], "STATS_I32": stats_i32}
             specs.append(make_spec(
-                f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},hard={hard},decay_input={decay_input},"
+                f"binary_conv_lif_fwd_kernel[{kind},{kh}x{kw},{mode},res={res_name},hard={hard},"
+                f"decay_input={decay_input},"
                 f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},even={cfg['EVEN_K']:d}"
                 f"{cfg['EVEN_N']:d},w{cfg['num_warps']}]",
                 binary_conv_lif_fwd_kernel, types, _CONV_FWD_ARGS, constexprs, cfg))
     scan_cfgs = distinct(scan_config(co, m, interpret=False) for co, m in itertools.product(_SIZES, _FWD_PIXELS))
-    flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                               (False, True), ("fp32", "fp16", "bf16")])
-    for cfg, ((y_name, direct), hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
+    flag_sets = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), _RESIDUALS,
+                               (True, False), (False, True), ("fp32", "fp16", "bf16")])
+    for cfg, ((y_name, direct), res, hard, decay_input, out_type) in variants(scan_cfgs, flag_sets):
+        has_res, pack_res, res_name = _residual(res, True, True)  # the scan runs in training (BatchNorm pass 2)
         types = {"y_ptr": "*" + y_name, "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                 "res_ptr": "*" + out_type, "out_ptr": "*" + out_type, "decay": "fp32",
+                 "res_ptr": "*" + out_type, "res_bits_ptr": "*i32", "out_ptr": "*" + out_type, "decay": "fp32",
                  "threshold": "fp32", "v_reset": "fp32"}
-        constexprs = {"DIRECT": direct, "HAS_RES": True, "HARD_RESET": hard,
+        constexprs = {"DIRECT": direct, "HAS_RES": has_res, "PACK_RES": pack_res, "HARD_RESET": hard,
                       "DECAY_INPUT": decay_input, "EVEN_N": cfg["EVEN_N"], "BLOCK_M": cfg["BLOCK_M"],
                       "BLOCK_N": cfg["BLOCK_N"]}
         specs.append(make_spec(
-            f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},hard={hard},decay_input={decay_input},"
+            f"conv_lif_scan_kernel[{y_name}{',direct' if direct else ''},res={res_name},hard={hard},"
+            f"decay_input={decay_input},"
             f"out={out_type},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},even={cfg['EVEN_N']:d}]",
             conv_lif_scan_kernel, types, _CONV_SCAN_ARGS, constexprs, cfg))
     return with_divisible_twins(specs) + with_cin16_twins(specs)
@@ -188,7 +202,7 @@ def conv_backward_specs():
                  "gres_ptr", "part_ptr", "T", "N", "M", "C_in", "C_out", "H", "W", "OH", "OW", "SH", "SW", "PH", "PW",
                  "decay", "threshold", "v_reset", "sg_alpha"]
 
-    def scan_spec(name, cfg, y_type, x_type, w_type, neuron, io_type, constexprs):
+    def scan_spec(name, cfg, y_type, x_type, w_type, neuron, res, io_type, constexprs):
         hard, detach, surrogate, decay_input = neuron
         types = {"y_ptr": "*" + y_type, "x_ptr": "*" + x_type, "w_ptr": "*" + w_type,
                  "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
@@ -196,9 +210,11 @@ def conv_backward_specs():
             types[arg] = "*fp32"
         for arg in ("res_ptr", "gout_ptr", "gres_ptr"):  # tensors in the caller's dtype
             types[arg] = "*" + io_type
+        if res == "bits":  # a spiking residual as the forward kernel saved it (kernels/spike_bits.py)
+            types["res_ptr"] = "*u8"
         constexprs = {"HAS_RES": True, "GRAD_RES": True, "HARD_RESET": hard, "DECAY_INPUT": decay_input,
                       "DETACH_RESET": detach, "SURROGATE": SURROGATE_CODES[surrogate], **constexprs}
-        return make_spec(f"conv_lif_bwd_scan_kernel[{name},hard={hard},detach={detach},{surrogate},"
+        return make_spec(f"conv_lif_bwd_scan_kernel[{name},res={res},hard={hard},detach={detach},{surrogate},"
                          f"decay_input={decay_input},io={io_type},{_tile_name(cfg)}]",
                          conv_lif_bwd_scan_kernel, types, scan_args, constexprs, cfg)
 
@@ -206,25 +222,26 @@ def conv_backward_specs():
     # y saved ("save", and "recompute" with BatchNorm): the elementwise scan tiles
     scan_cfgs = distinct(scan_config(c, m, interpret=False) for c, m in itertools.product(_SIZES, _BWD_PIXELS))
     scan_flags = one_at_a_time([(("i16", False), ("i32", False), ("fp32", False), ("fp32", True)), (True, False),
-                                *neuron_flags, ("fp32", "fp16", "bf16")])
-    for cfg, ((y_name, direct), gy, *neuron, io_type) in variants(scan_cfgs, scan_flags):
+                                _RESIDUALS, *neuron_flags, ("fp32", "fp16", "bf16")])
+    for cfg, ((y_name, direct), gy, res, *neuron, io_type) in variants(scan_cfgs, scan_flags):
         constexprs = {"DIRECT": direct, "GY": gy, "RECOMPUTE": False, "KH": 1, "KW": 1, "IS_SPIKE": True,
                       "DOT_FP16": False, "EVEN_K": True, "BLOCK_K": 32, **_tile_constexprs(cfg)}
         specs.append(scan_spec(f"{y_name}{',direct' if direct else ''},gy={gy}", cfg, y_name, "fp32", "fp32",
-                               neuron, io_type, constexprs))
+                               neuron, res, io_type, constexprs))
     # memory="recompute" without BatchNorm: the forward's GEMM inside the scan
     for is_spike in (True, False):
         cfgs = distinct(recompute_scan_config(is_spike, ci, co, m, interpret=False)
                         for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike and k != "spike-y32"]
-        flags = one_at_a_time([kinds, (True, False), ((3, 3), (1, 1)), *neuron_flags, ("fp32", "fp16", "bf16")])
-        for cfg, (kind, gy, (kh, kw), *neuron, io_type) in variants(cfgs, flags):
+        flags = one_at_a_time([kinds, (True, False), ((3, 3), (1, 1)), _RESIDUALS, *neuron_flags,
+                               ("fp32", "fp16", "bf16")])
+        for cfg, (kind, gy, (kh, kw), res, *neuron, io_type) in variants(cfgs, flags):
             x_type, _, _, fp16, direct = _KINDS[kind]
             constexprs = {"DIRECT": direct, "GY": gy, "RECOMPUTE": True, "KH": kh, "KW": kw, "IS_SPIKE": is_spike,
                           "DOT_FP16": fp16, "y_ptr": None, **_tile_constexprs(cfg)}  # y: None, not stored
             x_type = "*u8" if is_spike else x_type  # spikes are saved as bits (kernels/spike_bits.py)
             specs.append(scan_spec(f"recompute-{kind},gy={gy},{kh}x{kw}", cfg, "fp32", x_type[1:], "i8",
-                                   neuron, io_type, constexprs))
+                                   neuron, res, io_type, constexprs))
     for y_name in ("i16", "i32", "fp32"):
         types = {"g_ptr": "*fp32", "y_ptr": "*" + y_name, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "c3_ptr": "*fp32"}
         specs.append(make_spec(f"bn_grad_fold_kernel[{y_name}]", bn_grad_fold_kernel, types,

@@ -5,9 +5,11 @@ uint8 ``[rows, cdiv(C, 8)]``: channel ``c`` of a row is bit ``c % 8`` of byte ``
 byte, like binwslt.bits.pack_bits; a row's last byte is zero-padded, so a channel count that is not a multiple of 8
 costs up to 7 padding bits per row). A kernel reading an x pointer of dtype uint8 reads it in this layout.
 
-``pack_bits_rows`` runs inside the forward kernel that reads the spikes (its programs of the first output-channel
-tile share the words out between them); ``load_bits`` unpacks inside the loads of the kernels that read the saved
-input (the grad-weight GEMM, the recompute of ``memory="recompute"``), so the bits never become int8 in memory.
+``pack_bits_rows`` runs inside the forward kernel that reads the spikes (for the input its programs of the first
+output-channel tile share the words out between them; for the conv's spiking residual ``[T*M, C_out]`` all its
+programs do); ``load_bits`` unpacks inside the loads of the kernels that read the saved tensor (the grad-weight GEMM,
+the recompute of ``memory="recompute"``, the backward scan's residual), so the bits never become int8 or float in
+memory.
 """
 import torch
 import triton

@@ -25,6 +25,14 @@ def spikes(*shape, p=0.4, seed=0):
     return mark_spikes((torch.rand(shape, generator=g) < p).float())
 
 
+def bits_rows(rows):
+    """Torch reference of kernels/spike_bits.py's layout: 0/1 rows ``[R, C]`` -> uint8 ``[R, cdiv(C, 8)]``, channel
+    ``c`` at bit ``c % 8`` of byte ``c // 8``, a row's last byte zero-padded."""
+    rows = rows != 0
+    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], (-rows.shape[1]) % 8)], dim=1).view(rows.shape[0], -1, 8)
+    return (rows.to(torch.int32) << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
 def randn(*shape, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g) * scale

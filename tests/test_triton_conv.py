@@ -5,6 +5,8 @@ milliseconds per program per dot iteration. The cases still cover odd channel co
 counts that are tile multiples (the unmasked, vectorised path), stride 2, padding 0/1, 1x1 and 3x3 kernels,
 T in {1, 3, 5}, every neuron variant, direct encoding, analog input and training BatchNorm.
 """
+import sys
+
 import pytest
 import torch
 from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
@@ -109,12 +111,34 @@ def test_conv_lif_neuron_variants(reset, surrogate, detach_reset):
     _compare(x, weight, scores, 0.3, kw, exact=True)
 
 
-def test_conv_lif_spiking_residual():
-    """A 0/1 residual (identity shortcut of a spiking ResNet block, saved as bits): spikes and gradients."""
-    x, weight, scores, kw = _conv_case(3, 2, 6, 6, 5, 5, 3, 1, 1, seed=15)
-    kw["residual"] = mark_spikes(x.clone())  # a clone carries no spike mark
+@pytest.mark.parametrize("kind,bn,memory", [("spike", False, "save"), ("spike", False, "recompute"),
+                                            ("spike", True, "save"), ("direct", False, "save")])
+def test_conv_lif_spiking_residual(kind, bn, memory, monkeypatch):
+    """A 0/1 residual (identity shortcut of a spiking ResNet block): the forward kernel (BatchNorm: its scan pass)
+    writes its bits and the backward scan unpacks them in its loads; spikes (bit-identical on dyadic inputs) and
+    every gradient, grad_residual included. Odd shapes: C_out 5, OH*OW 25, T 3. The spy: binwslt.bits never packs
+    or unpacks a residual-sized tensor (it still packs the ternary weight, so the spy sees calls)."""
+    from binwslt import bits
+
+    T, C_out, H = 3, 5, 5
+    x, weight, scores, kw = _conv_case(T, 1, 9, C_out, H, H, 3, 1, 1, kind=kind, dyadic=not bn, bn=bn, seed=15)
+    kw["residual"] = spikes(T, 1, C_out, H, H, p=0.5, seed=16)
     kw["neuron"] = LIFConfig(decay=0.5, v_reset=None)
-    _compare(x, weight, scores, 0.4, kw, exact=True)
+    from binwslt.kernels import conv_lif  # memory= only for triton (the reference has no "recompute")
+    choose = conv_lif.choose_memory
+    monkeypatch.setattr(conv_lif, "choose_memory", lambda _, **k: choose(memory, **k))
+    calls = []
+    for name in ("pack_bits", "unpack_bits"):
+        original = getattr(bits, name)
+
+        def spy(t, *args, _f=original):
+            out = _f(t, *args)
+            calls.append(max(t.numel(), out.numel()))  # the unpacked side: a bool tensor of the full size
+            return out
+        for module in [m for m in sys.modules.values() if getattr(m, name, None) is original]:  # every binding
+            monkeypatch.setattr(module, name, spy)
+    _compare(x, weight, scores, 0.4, kw, exact=not bn)
+    assert calls and kw["residual"].numel() not in calls, calls
 
 
 @pytest.mark.parametrize("kind", ["spike", "direct"])

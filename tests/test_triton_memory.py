@@ -3,7 +3,7 @@ exact integer y with the forward's GEMM, so every gradient matches the reference
 kept for backward shrink to the input bits, the 2-bit ternary weight and per-channel vectors."""
 import pytest
 import torch
-from helpers import randn, run_layer, saved_bytes, spikes
+from helpers import bits_rows, randn, run_layer, saved_bytes, spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -90,11 +90,42 @@ def test_forward_kernel_packs_the_saved_spikes(c_in, kernel, stride, bn):
     _, state = conv_lif_forward(x, w, sc, 0.4, stride=(stride, stride), padding=(kernel // 2,) * 2, scale=None,
                                 shift=None, residual=None, neuron=LIFConfig(), timesteps=None, batch_norm=bn,
                                 momentum=0.1, eps=1e-5, need_y=True, **stats)
-    rows = x.permute(0, 1, 3, 4, 2).reshape(-1, c_in) != 0
-    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], (-c_in) % 8)], dim=1).view(rows.shape[0], -1, 8)
-    want = (rows.to(torch.int32) << torch.arange(8)).sum(-1).to(torch.uint8)
+    want = bits_rows(x.permute(0, 1, 3, 4, 2).reshape(-1, c_in))
     assert state.saved_x.dtype == torch.uint8 and state.saved_x.numel() == -(-want.numel() // 4) * 4
     assert torch.equal(state.saved_x[:want.numel()].view(want.shape), want)
+
+
+@pytest.mark.parametrize("kind,c_out,bn", [("spike", 19, False), ("spike", 21, True), ("direct", 5, False)])
+def test_forward_kernel_packs_the_spiking_residual(kind, c_out, bn, monkeypatch):
+    """A spiking residual saved for backward: its bits are written by the kernel whose LIF epilogue reads it (the
+    fused forward, BatchNorm's scan pass, a direct-encoded layer), rows ``T*N*OH*OW`` of cdiv(C_out, 8) bytes
+    (kernels/spike_bits.py) in whole int32 words; odd C_out (padding bits), OH*OW = 25 and T = 3. Fresh int32
+    buffers are filled with 0xA5A5A5A5 here, so a word the kernel does not write fails."""
+    from binwslt.kernels.conv_lif import conv_lif_forward
+
+    empty = torch.empty
+
+    def garbage_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(-0x5A5A5A5B) if t.dtype == torch.int32 else t
+
+    monkeypatch.setattr(torch, "empty", garbage_empty)
+    T, N, C_in, H = 3, 1, 6, 5
+    x = randn(N, C_in, H, H, seed=81) if kind == "direct" else spikes(T, N, C_in, H, H, seed=81)
+    res = spikes(T, N, c_out, H, H, p=0.5, seed=82)
+    stats = dict(running_mean=torch.zeros(c_out), running_var=torch.ones(c_out)) if bn else \
+        dict(running_mean=None, running_var=None)
+    w, sc = randn(c_out, C_in, 3, 3, seed=83), randn(c_out, C_in, 3, 3, seed=84)
+    _, state = conv_lif_forward(x, w, sc, 0.4, stride=(1, 1), padding=(1, 1), scale=None, shift=None, residual=res,
+                                neuron=LIFConfig(), timesteps=T if kind == "direct" else None, batch_norm=bn,
+                                momentum=0.1, eps=1e-5, need_y=True, **stats)
+    want = bits_rows(res.permute(0, 1, 3, 4, 2).reshape(-1, c_out))
+    assert state.res_bits and state.res_cl.dtype == torch.uint8 and state.res_cl.numel() == -(-want.numel() // 4) * 4
+    assert torch.equal(state.res_cl[:want.numel()].view(want.shape), want)
+    _, state = conv_lif_forward(x, w, sc, 0.4, stride=(1, 1), padding=(1, 1), scale=None, shift=None,
+                                residual=res.clone(), neuron=LIFConfig(), timesteps=T if kind == "direct" else None,
+                                batch_norm=bn, momentum=0.1, eps=1e-5, need_y=True, **stats)
+    assert not state.res_bits and state.res_cl is None  # a float residual without the spike mark: analog
 
 
 def test_auto_chooses_from_the_modelled_costs_and_says_why():
@@ -150,8 +181,6 @@ def test_linear_forward_kernel_packs_the_saved_spikes(k_in, bn):
     w, sc = randn(C, k_in, seed=72), randn(C, k_in, seed=73)
     _, state = linear_lif_forward(x, w, sc, 0.4, scale=None, shift=None, residual=None, neuron=LIFConfig(),
                                   timesteps=None, batch_norm=bn, momentum=0.1, eps=1e-5, need_state=True, **stats)
-    rows = x.reshape(-1, k_in) != 0
-    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], (-k_in) % 8)], dim=1).view(rows.shape[0], -1, 8)
-    want = (rows.to(torch.int32) << torch.arange(8)).sum(-1).to(torch.uint8)
+    want = bits_rows(x.reshape(-1, k_in))
     assert state.saved_x.dtype == torch.uint8 and state.saved_x.numel() == -(-want.numel() // 4) * 4
     assert torch.equal(state.saved_x[:want.numel()].view(want.shape), want)
