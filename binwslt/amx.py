@@ -67,7 +67,8 @@ def eligible(weight_shape, stride, padding) -> bool:
 
 def pack_weight(ternary: torch.Tensor) -> torch.Tensor:
     """The ternary weight ``[C_out, C_in, k, k]`` (any integer or float dtype) as the grad-input kernel reads it:
-    bf16 ``[k·k, C_out32/2, C_in32, 2]`` (channels padded to multiples of 32, pairs of output channels interleaved)."""
+    bf16 ``[k·k, C_in32/16, C_out32/2, 16, 2]`` (channels padded to multiples of 32, pairs of output channels
+    interleaved, in blocks of 16 input channels: every tile the kernel loads is contiguous)."""
     return _load().pack_weight(ternary.to(torch.bfloat16))
 
 

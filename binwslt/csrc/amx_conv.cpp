@@ -109,13 +109,14 @@ inline const float* folded(const float* g, int64_t& sc, const Fold& fold, int64_
   return tmp;
 }
 
-// The S bf16 terms of one pixel's n channels of G, folded (see Fold), into dst[s*term_stride + c]. Vectorised
+// The S bf16 terms of one pixel's n channels of G, folded (see Fold), into dst[s*term_stride + (c/32)*block_stride +
+// c%32] (channel blocks of 32, so that every tile row the kernels load is 64 contiguous bytes). Vectorised
 // where the channels are unit-stride in g and in y (channels-last, or one channel); the same operations in the
 // same order as bn_fold, so both paths give the same bits.
 template <typename y_t>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void stage_vector(const float* g, const y_t* y, const Fold& fold, int64_t n, uint16_t* dst, int64_t term_stride,
-                  int64_t S) {
+void stage_vector(const float* g, const y_t* y, const Fold& fold, int64_t n, uint16_t* dst, int64_t block_stride,
+                  int64_t term_stride, int64_t S) {
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
     __m512 r = _mm512_maskz_loadu_ps(m, g + c);
@@ -131,18 +132,18 @@ void stage_vector(const float* g, const y_t* y, const Fold& fold, int64_t n, uin
       r = _mm512_add_ps(_mm512_add_ps(r, _mm512_maskz_loadu_ps(m, fold.c3 + c)),
                         _mm512_mul_ps(yv, _mm512_maskz_loadu_ps(m, fold.c2 + c)));
     }
-    split_register(r, m, dst + c, term_stride, S);
+    split_register(r, m, dst + (c / 32) * block_stride + c % 32, term_stride, S);
   }
 }
 
 inline void stage_terms(const float* g, int64_t sc, const Fold& fold, int64_t y_off, int64_t n, float* tmp,
-                        uint16_t* dst, int64_t term_stride, int64_t S) {
+                        uint16_t* dst, int64_t block_stride, int64_t term_stride, int64_t S) {
   if (sc == 1 && (!fold.c2 || fold.yc == 1 || n == 1)) {
     if (!fold.c2 || fold.y_type == c10::ScalarType::Float)
-      return stage_vector(g, static_cast<const float*>(fold.y) + (fold.c2 ? y_off : 0), fold, n, dst, term_stride, S);
+      return stage_vector(g, static_cast<const float*>(fold.y) + (fold.c2 ? y_off : 0), fold, n, dst, block_stride, term_stride, S);
     if (fold.y_type == c10::ScalarType::Short)
-      return stage_vector(g, static_cast<const int16_t*>(fold.y) + y_off, fold, n, dst, term_stride, S);
-    return stage_vector(g, static_cast<const int32_t*>(fold.y) + y_off, fold, n, dst, term_stride, S);
+      return stage_vector(g, static_cast<const int16_t*>(fold.y) + y_off, fold, n, dst, block_stride, term_stride, S);
+    return stage_vector(g, static_cast<const int32_t*>(fold.y) + y_off, fold, n, dst, block_stride, term_stride, S);
   }
   int64_t stride = sc;
   const float* v = folded(g, stride, fold, y_off, n, tmp);
@@ -150,47 +151,53 @@ inline void stage_terms(const float* g, int64_t sc, const Fold& fold, int64_t y_
     float r = v[c * stride];
     for (int64_t s = 0; s < S; ++s) {
       const uint16_t b = bf16_bits(r);
-      dst[s * term_stride + c] = b;
+      dst[s * term_stride + (c / 32) * block_stride + c % 32] = b;
       r -= bf16_value(b);
     }
   }
 }
 
-// rows [n_pairs*2, width] of 16-bit values -> [n_pairs, width, 2] (row pairs interleaved: the VNNI layout of a
-// B tile); width a multiple of 32.
+// Row pairs interleaved (the VNNI layout of a B tile) in blocks of 16 channels: from src [Co32/32][2*n_pairs][32]
+// (``block_stride`` values from one 32-channel block to the next) to dst [Co32/16][n_pairs][16][2], so that a tile
+// of 16 pairs x 16 channels is 1 KB of contiguous memory.
 __attribute__((target("avx512f,avx512bw")))
-void interleave_pairs(const uint16_t* src, int64_t n_pairs, int64_t width, uint16_t* dst) {
+void interleave_pairs(const uint16_t* src, int64_t block_stride, int64_t n_pairs, int64_t Co32, uint16_t* dst) {
   alignas(64) static const uint16_t kIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static const uint16_t kIdxHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i lo = _mm512_load_si512(kIdx), hi = _mm512_load_si512(kIdxHi);
-  for (int64_t p = 0; p < n_pairs; ++p)
-    for (int64_t c = 0; c < width; c += 32) {
-      const __m512i a = _mm512_loadu_si512(src + (2 * p) * width + c), b = _mm512_loadu_si512(src + (2 * p + 1) * width + c);
-      _mm512_storeu_si512(dst + (p * width + c) * 2, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_storeu_si512(dst + (p * width + c) * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
+  for (int64_t cb = 0; cb < Co32 / 32; ++cb) {
+    const uint16_t* from = src + cb * block_stride;
+    uint16_t* to = dst + 2 * cb * n_pairs * 32;
+    for (int64_t p = 0; p < n_pairs; ++p) {
+      const __m512i a = _mm512_loadu_si512(from + 2 * p * 32), b = _mm512_loadu_si512(from + (2 * p + 1) * 32);
+      _mm512_storeu_si512(to + p * 32, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(to + (n_pairs + p) * 32, _mm512_permutex2var_epi16(a, hi, b));
     }
+  }
 }
 
 // Tile block of the grad-input GEMM: 32 flat padded pixels (q0..q0+31) x 32 input channels (n0..), all terms,
-// taps and output channels; A rows from the staged padded g of this frame, B from the packed weight.
+// taps and output channels; A rows from the staged padded g of this frame ([S][Co32/32][rows][32]: block_stride
+// values per channel block), B from the packed weight; every tile 1 KB of contiguous memory.
 __attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
-    const uint16_t* gs, int64_t term_stride, const uint16_t* wv, float* buf, int64_t S, int64_t Co32, int64_t Ci32,
-    int64_t Wp, int64_t k, int64_t q0, int64_t n0) {
+    const uint16_t* gs, int64_t block_stride, int64_t term_stride, const uint16_t* wv, float* buf, int64_t S,
+    int64_t Co32, int64_t Ci32, int64_t Wp, int64_t k, int64_t q0, int64_t n0) {
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  const int64_t a_stride = Co32 * 2, b_stride = Ci32 * 4;
+  const int64_t b_block = Co32 * 16;  // one block of 16 input channels of one tap in the packed weight
   // the weight tiles are loaded once per tap and channel step and reused by every term of g
   for (int64_t kh = 0; kh < k; ++kh)
     for (int64_t kw = 0; kw < k; ++kw) {
-      const uint16_t* a = gs + (q0 + (k - 1 - kh) * Wp + (k - 1 - kw)) * Co32;
-      const uint16_t* b = wv + (kh * k + kw) * Co32 * Ci32 + n0 * 2;
+      const uint16_t* a = gs + (q0 + (k - 1 - kh) * Wp + (k - 1 - kw)) * 32;
+      const uint16_t* b = wv + ((kh * k + kw) * Ci32 + n0) * Co32;
       for (int64_t c = 0; c < Co32; c += 32) {
-        _tile_loadd(6, b + c * Ci32, b_stride);
-        _tile_loadd(7, b + c * Ci32 + 32, b_stride);
+        _tile_loadd(6, b + c * 16, 64);
+        _tile_loadd(7, b + b_block + c * 16, 64);
         for (int64_t s = 0; s < S; ++s) {
-          _tile_loadd(4, a + s * term_stride + c, a_stride);
-          _tile_loadd(5, a + s * term_stride + 16 * Co32 + c, a_stride);
+          const uint16_t* at = a + s * term_stride + (c / 32) * block_stride;
+          _tile_loadd(4, at, 64);
+          _tile_loadd(5, at + 16 * 32, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
@@ -206,10 +213,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_input_block(
 
 // Tile block of the grad-weight GEMM for one frame and tap: 32 input channels (m0..) x 32 output channels (n0..),
 // accumulated into acc [Ci32, Co32] (fp32, row stride Co32) over rows r0..r1; A rows from the staged padded x^T,
-// B from the staged g terms in pair-interleaved (VNNI) order.
+// B from the staged g terms in pair-interleaved (VNNI) order (interleave_pairs: [S][Co32/16][R/2][16][2]).
 __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
     const uint16_t* xt, int64_t x_row, const uint16_t* gv, int64_t term_stride, float* acc, int64_t S, int64_t r0,
-    int64_t r1, int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
+    int64_t r1, int64_t R, int64_t Co32, int64_t shift, int64_t m0, int64_t n0) {
   float* c = acc + m0 * Co32 + n0;
   _tile_loadd(0, c, Co32 * 4);
   _tile_loadd(1, c + 16, Co32 * 4);
@@ -217,13 +224,13 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
   _tile_loadd(3, c + 16 * Co32 + 16, Co32 * 4);
   // the x tiles (rows far apart: the costly loads) are loaded once per step and reused by every term of g
   const uint16_t* x = xt + m0 * x_row + shift;
-  const uint16_t* g = gv + n0 * 2;
+  const uint16_t* g = gv + n0 * R;  // n0/16 blocks of R/2 pairs x 32 values
   for (int64_t r = r0; r < r1; r += 32) {
     _tile_loadd(4, x + r, x_row * 2);
     _tile_loadd(5, x + 16 * x_row + r, x_row * 2);
     for (int64_t s = 0; s < S; ++s) {
-      _tile_loadd(6, g + s * term_stride + r * Co32, Co32 * 4);
-      _tile_loadd(7, g + s * term_stride + r * Co32 + 32, Co32 * 4);
+      _tile_loadd(6, g + s * term_stride + r * 16, 64);
+      _tile_loadd(7, g + s * term_stride + 16 * R + r * 16, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
@@ -248,12 +255,13 @@ uint16_t* aligned_zeros(std::vector<uint16_t>& storage, int64_t n) {
 
 bool amx_available() { return __builtin_cpu_supports("amx-bf16") && amx_permitted(); }
 
-// The ternary weight [Co, Ci, k, k] packed for the grad-input B tiles: [k*k, Co32/2, Ci32, 2] bf16.
+// The ternary weight [Co, Ci, k, k] packed for the grad-input B tiles: [k*k, Ci32/16, Co32/2, 16, 2] bf16 (per tap
+// and block of 16 input channels, pairs of output channels interleaved: a tile is 1 KB of contiguous memory).
 torch::Tensor pack_weight(torch::Tensor w) {
   const int64_t Co = w.size(0), Ci = w.size(1), k = w.size(2), Co32 = round32(Co), Ci32 = round32(Ci);
   auto wt = torch::zeros({k, k, Co32, Ci32}, torch::kBFloat16);
   wt.narrow(2, 0, Co).narrow(3, 0, Ci).copy_(w.permute({2, 3, 0, 1}));
-  return wt.reshape({k * k, Co32 / 2, 2, Ci32}).permute({0, 1, 3, 2}).contiguous();
+  return wt.reshape({k * k, Co32 / 2, 2, Ci32 / 16, 16}).permute({0, 3, 1, 4, 2}).contiguous();
 }
 
 // scale * dL/dx [F, Ci, H, W] (fp32, channels-last) of y = conv2d(x, w, stride 1, padding p), from g [F, Co, OH, OW] fp32
@@ -263,12 +271,13 @@ torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int
                               c10::optional<torch::Tensor> c1, c10::optional<torch::Tensor> c2,
                               c10::optional<torch::Tensor> c3) {
   TORCH_CHECK(g.scalar_type() == torch::kFloat32 && wv.scalar_type() == torch::kBFloat16, "g fp32, wv bf16");
-  const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = wv.size(1) * 2,
-                Ci32 = wv.size(2), Wp = W + k - 1, o = k - 1 - p;
+  TORCH_CHECK(wv.dim() == 5 && wv.size(3) == 16 && wv.size(4) == 2, "conv_grad_input: wv must come from pack_weight");
+  const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = wv.size(2) * 2,
+                Ci32 = wv.size(1) * 16, Wp = W + k - 1, o = k - 1 - p;
   TORCH_CHECK(0 <= p && p < k && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1 && Co <= Co32 && Ci <= Ci32 &&
               wv.size(0) == k * k, "conv_grad_input: shapes do not match a stride-1 convolution");
   const int64_t qblocks = (H * Wp + 31) / 32, nblocks = Ci32 / 32;
-  const int64_t rows = qblocks * 32 + (k - 1) * (Wp + 1), term_stride = rows * Co32;
+  const int64_t rows = qblocks * 32 + (k - 1) * (Wp + 1), block_stride = rows * 32, term_stride = rows * Co32;
   auto out = torch::empty({F, H, W, Ci}, torch::kFloat32);
   const float* gp = g.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint16_t*>(wv.data_ptr<at::BFloat16>());
@@ -285,11 +294,11 @@ torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int
       for (int64_t oh = 0; oh < OH; ++oh)
         for (int64_t ow = 0; ow < OW; ++ow) {
           stage_terms(gp + f * sf + oh * sh + ow * sw, sc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
-                      tmp.data(), stage + ((oh + o) * Wp + ow + o) * Co32, term_stride, S);
+                      tmp.data(), stage + ((oh + o) * Wp + ow + o) * 32, block_stride, term_stride, S);
         }
       for (int64_t qb = 0; qb < qblocks; ++qb)
         for (int64_t nb = 0; nb < nblocks; ++nb) {
-          grad_input_block(stage, term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
+          grad_input_block(stage, block_stride, term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
           const int64_t n0 = nb * 32, nvalid = std::min<int64_t>(32, Ci - n0);
           if (nvalid <= 0) continue;
           for (int64_t r = 0; r < 32; ++r) {
@@ -339,10 +348,10 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
         for (int64_t oh = 0; oh < OH; ++oh)
           for (int64_t ow = 0; ow < OW; ++ow) {
             stage_terms(gp + f * gf + oh * gh + ow * gw, gc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
-                        tmp.data(), rows + (oh * Wx + ow) * Co32, term_stride, S);
+                        tmp.data(), rows + (oh * Wx + ow) * 32, R * 32, term_stride, S);
           }
         for (int64_t s = 0; s < S; ++s)
-          interleave_pairs(rows + s * term_stride, R / 2, Co32, gv + s * term_stride);
+          interleave_pairs(rows + s * term_stride, R * 32, R / 2, Co32, gv + s * term_stride);
         // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
         // blocks (the x rows of a tile lie far apart; 256 measured 1.2-1.8x slower)
         for (int64_t r0 = 0; r0 < R; r0 += 64)
@@ -350,7 +359,7 @@ torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int6
             for (int64_t m = 0; m < Ci32; m += 32)
               for (int64_t n = 0; n < Co32; n += 32)
                 grad_weight_block(xt, x_row, gv, term_stride, acc + kk * Ci32 * Co32, S, r0,
-                                  std::min<int64_t>(R, r0 + 64), Co32, (kk / k) * Wx + kk % k, m, n);
+                                  std::min<int64_t>(R, r0 + 64), R, Co32, (kk / k) * Wx + kk % k, m, n);
       }
     }
     release();
