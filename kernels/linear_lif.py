@@ -7,8 +7,8 @@ Row-major ``[.., K]`` inputs and ``[C, K]`` weights are already K-contiguous, so
 coalesced without a layout change; outputs ``[T, N, C]`` are C-contiguous, so spike tiles store coalesced.
 
 Forward. Spike inputs are cast once to int8 and multiplied with int8 ternary weights by ``tl.dot`` into int32
-(exact). Analog inputs use an fp16 dot (fp16 x; ternary weights are exact in fp16) or an fp32 dot with
-input_precision="tf32x3" (x split in two tf32 halves; the ternary factor is exact in tf32, so this is fp32
+(exact). Analog inputs use an fp16 dot (fp16 x; ternary weights are exact in fp16) or, for fp32 x, three bf16
+dots of x split into three bf16 terms (kernels/gemm.py; the ternary factor is exact in bf16, so this is fp32
 accurate at tensor-core speed). Each program owns a [BLOCK_M rows x BLOCK_N channels] tile for all T steps:
 per step it runs the K loop, forms I = (alpha*y)*a + b (+ residual[t]) and advances the membrane in registers
 (``lif_step``); the float current never reaches memory. A direct-encoded input runs the K loop once.

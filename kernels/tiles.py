@@ -151,8 +151,8 @@ def recompute_scan_config(is_spike, c_in, c_out, m, interpret=None):
 
 
 # ------------------------------------------------------------------------------------------------ conv backward
-# The backward scan uses the forward scan's tiling (``scan_config``). The GEMMs run on fp32 operands (ieee), so
-# their tiles are narrower than the int8 forward's; channel counts that are not tile multiples get small,
+# The backward scan uses the forward scan's tiling (``scan_config``). The GEMMs split the fp32 gradient into bf16
+# terms (kernels/gemm.py), so their tiles are narrower than the int8 forward's; channel counts that are not tile multiples get small,
 # unpipelined tiles (masked accesses do not vectorise). Every config is in kernels/specs.py.
 
 def _channel_tile(c, widest):
@@ -201,7 +201,8 @@ def grad_weight_config(c_in, c_out, p, interpret=None, arch=None):
 # ------------------------------------------------------------------------------------------------ linear
 # GPU tiles respect tl.dot minimums (M, N >= 16; K >= 32 for int8, >= 16 otherwise); the interpreter (one config,
 # tiny tiles) keeps test grids small. Every GPU config below is in kernels/specs.py.
-# Keyed by input kind. fp16 analog at 4 warps spills on sm_90; fp32 (tf32x3) spills with BLOCK_K=64.
+# Keyed by input kind. fp16 analog at 4 warps spills on sm_90; fp32 spilled with BLOCK_K=64 (measured with tf32x3
+# dots, before the three-term bf16 split).
 _LINEAR_FWD_GPU = {"spike": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
                    "fp16": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
                    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)}
