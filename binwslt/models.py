@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from binwslt.config import LIFConfig
-from binwslt.spikes import is_spikes, mark_spikes
+from binwslt.spikes import attach_uint8, is_spikes, mark_spikes, uint8_spikes
 from binwslt.nn import LIF, BinWConv2d, BinWConv2dLIF, BinWLinear, BinWLinearLIF
 
 NAMES = ("conv4", "vgg9", "vgg11", "resnet19")
@@ -109,11 +109,59 @@ class DenseUnit(nn.Module):
 
 def _multistep(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module`` applied to ``x [T, N, ...]`` with T merged into the batch; returns ``[T, N, ...]``."""
+    if isinstance(module, nn.MaxPool2d) and is_spikes(x):
+        return _pool_spikes(module, x)
     t, n = x.shape[:2]
     y = module(x.flatten(0, 1))
-    y = y.view(t, n, *y.shape[1:])
-    # max-pooling spikes gives spikes: keep the mark so the next fused layer takes its exact int8 path
-    return mark_spikes(y) if isinstance(module, nn.MaxPool2d) and is_spikes(x) else y
+    return y.view(t, n, *y.shape[1:])
+
+
+def _pool_spikes(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """Max-pooled spikes ``[T, N, C, H', W']``, marked (max-pooling spikes gives spikes: the next fused layer
+    keeps its exact int8 path). Without a backward, a 2×2/2 pool of spikes carrying their uint8 copy
+    (`binwslt.spikes.attach_uint8`) pools the bytes and passes them on as well."""
+    t, n = x.shape[:2]
+    u8 = uint8_spikes(x)
+    if u8 is not None and not (torch.is_grad_enabled() and x.requires_grad) and _is_2x2(pool) and \
+            min(x.shape[-2:]) >= 2:
+        p8 = _max_pool_2x2(u8.flatten(0, 1))
+        y = p8.to(x.dtype).view(t, n, *p8.shape[1:])
+        return mark_spikes(attach_uint8(y, p8.view(y.shape)))
+    y = pool(x.flatten(0, 1))
+    if y.requires_grad and y.dim() == 4 and not y.is_contiguous() and \
+            y.is_contiguous(memory_format=torch.channels_last):
+        y = _GradChannelsLast.apply(y)
+    return mark_spikes(y.view(t, n, *y.shape[1:]))
+
+
+def _is_2x2(pool: nn.MaxPool2d) -> bool:
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return pair(pool.kernel_size) == (2, 2) and pair(pool.stride or pool.kernel_size) == (2, 2) and \
+        pair(pool.padding) == (0, 0) and pair(pool.dilation) == (1, 1) and not pool.ceil_mode and \
+        not pool.return_indices
+
+
+def _max_pool_2x2(frames: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(frames, 2)`` for integer frames ``[F, C, H, W]`` (PyTorch's CPU max-pool takes no large uint8
+    input) in two elementwise maxima; keeps the memory format."""
+    h, w = frames.shape[-2] // 2 * 2, frames.shape[-1] // 2 * 2
+    f = frames[..., :h, :w]
+    rows = torch.maximum(f[..., 0::2, :], f[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+class _GradChannelsLast(torch.autograd.Function):
+    """Identity on channels-last frames whose backward hands the gradient on channels-last too: max_pool2d's CPU
+    backward runs several times slower when the gradient of channels-last frames arrives contiguous (as it does
+    through the flatten before the head)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 class Shortcut(nn.Module):
@@ -240,6 +288,9 @@ class Network(nn.Module):
             h = h.mean(dim=(-2, -1))
         else:
             flat = h.flatten(2 if self.spiking else 1)
+            u8 = uint8_spikes(h)
+            if u8 is not None:
+                attach_uint8(flat, u8.flatten(2 if self.spiking else 1))
             h = mark_spikes(flat) if is_spikes(h) else flat  # flattened spikes are still spikes
         logits = self.classifier(self.head(h))
         return logits.mean(0) if self.spiking else logits

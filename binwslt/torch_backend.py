@@ -4,12 +4,14 @@ One convolution (or matmul) over all T·N frames, computed once for a direct-enc
 `Subnet` the nn modules cache (`make_subnet`), else built once per call. Over spikes (spike-ness by dtype or
 mark, `binwslt.spikes`, never by reading values) the forward GEMM runs where exact and fastest on this CPU
 (`binwslt.cpu`): an int8 oneDNN convolution/linear with an fp32 output where the CPU has VNNI/AMX int8 dot
-products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it). The direct-encoded first layer
-and analog inputs stay fp32, so their spikes equal the reference's. BatchNorm statistics come from exact
+products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it); it reads the uint8 copy of its input
+spikes that the previous layer's epilogue wrote in the same pass (`binwslt.spikes.attach_uint8`), so no cast pass.
+The direct-encoded first layer and analog inputs stay fp32, so their spikes equal the reference's; the first
+layer's y is made channels-last (it is 1/T of the spikes), so every layer's spikes are. BatchNorm statistics come from exact
 float64 channel sums (binwslt.batchnorm holds the formulas). On CPU the rest of the epilogue is one compiled
 pass per neuron, vectorised over blocks of 64 neurons on contiguous or channels-last frames
 (binwslt/csrc/lif_scan.cpp, built once per source/torch/Python): the current ``a·y + b (+ residual)``, the LIF
-scan, the spikes and the int16 copy of y in the forward; in the backward the current, the BPTT, dL/dresidual and
+scan, the spikes (and their uint8 copy in int8 mode) and the int16 copy of y in the forward; in the backward the current, the BPTT, dL/dresidual and
 the per-channel Σg, Σg·y, then the BatchNorm fold ``c1·g + c2·y + c3`` in place. The subnet (selection, ternary,
 α) and the score gradient are one compiled pass each, and the bit packing too. Eager PyTorch ops (the LIF
 scan a `torch.library` op with a hand-written BPTT) where the extension cannot be built
@@ -35,7 +37,7 @@ from . import _cpu_ext, amx, batchnorm, cpu
 from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
-from .spikes import is_spikes, mark_spikes
+from .spikes import attach_uint8, is_spikes, mark_spikes, uint8_spikes
 from .subnet import Subnet, n_pruned, straight_through_grads, ternary_subnet
 from .surrogate import surrogate_grad_
 
@@ -242,7 +244,8 @@ _ONEDNN_KW = dict(output_scale=1.0, output_zero_point=0, output_dtype=torch.floa
 
 
 def _int8_forward(frames: torch.Tensor) -> bool:
-    """True when this layer's forward GEMM runs as an exact int8 oneDNN op (CPU spikes, `binwslt.cpu`)."""
+    """True when a forward GEMM over float spikes like ``frames`` runs as an exact int8 oneDNN op here (CPU
+    float32, `binwslt.cpu`): this layer's over its input, the next layer's over this one's output spikes."""
     return frames.device.type == "cpu" and frames.dtype == torch.float32 and cpu.matmul_mode() == "int8"
 
 
@@ -255,15 +258,16 @@ class _ConvMap:
     def __call__(self, frames, w):
         return F.conv2d(frames, w, stride=self.stride, padding=self.padding)
 
-    def spikes_int8(self, frames, subnet):
-        """conv(frames, ternary) as an int8 oneDNN convolution with an fp32 output (exact; channels-last)."""
+    def spikes_int8(self, frames, subnet, frames_u8=None):
+        """conv(frames, ternary) as an int8 oneDNN convolution with an fp32 output (exact; channels-last);
+        ``frames_u8``: the same spikes as uint8 where the previous layer wrote them (no cast), else None."""
         tern = subnet.ternary
         key = ("conv", tuple(self.stride), tuple(self.padding))
         if key not in subnet.derived:
             subnet.derived[key] = torch.ops.onednn.qconv_prepack(
                 tern, torch.ones(tern.shape[0]), 1.0, 0, self.stride, self.padding, [1, 1], 1, None)
         ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
-        x8 = frames.to(torch.uint8, memory_format=torch.channels_last)
+        x8 = (frames if frames_u8 is None else frames_u8).to(torch.uint8, memory_format=torch.channels_last)
         return torch.ops.onednn.qconv2d_pointwise(x8, 1.0, 0, subnet.derived[key], ones, zeros, None, self.stride,
                                                   self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
 
@@ -295,13 +299,14 @@ class _LinearMap:
     def __call__(self, frames, w):
         return F.linear(frames, w)
 
-    def spikes_int8(self, frames, subnet):
-        """frames @ ternaryᵀ as an int8 oneDNN linear with an fp32 output (exact)."""
+    def spikes_int8(self, frames, subnet, frames_u8=None):
+        """frames @ ternaryᵀ as an int8 oneDNN linear with an fp32 output (exact); ``frames_u8`` as for conv."""
         tern = subnet.ternary
         if "linear" not in subnet.derived:
             subnet.derived["linear"] = torch.ops.onednn.qlinear_prepack(tern, None)
         ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
-        return torch.ops.onednn.qlinear_pointwise(frames.to(torch.uint8), 1.0, 0, subnet.derived["linear"], ones,
+        x8 = (frames if frames_u8 is None else frames_u8).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(x8, 1.0, 0, subnet.derived["linear"], ones,
                                                   zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
     def amx_ready(self, weight_shape) -> bool:
@@ -388,17 +393,20 @@ def _fused_epilogue_ext(y, residual, dtype):
     return _ext_for(y, (dtype, torch.int16, torch.int32))
 
 
-def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype):
+def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype, want_u8):
     """Spikes ``[T, N, C, ...]`` (y's frame layout) of the current ``a·y + b (+ residual)`` in one compiled pass,
-    and y as ``y_save_dtype`` (int16/int32, y's layout) when asked (None otherwise)."""
+    y as ``y_save_dtype`` (int16/int32, y's layout) when asked, and the spikes as uint8 (their shape and strides)
+    when ``want_u8`` (None otherwise for both)."""
     C, inner = _frame_layout(y)
     shape, strides = _sequence_geometry(y, T, direct)
     res = None if residual is None else _flat_as(residual, shape, strides, y.dtype)
     y_save = None if y_save_dtype is None else torch.empty_like(y, dtype=y_save_dtype)
+    u8 = torch.empty(torch.Size(shape).numel(), dtype=torch.uint8) if want_u8 else None
     out = ext.epilogue_forward(_flat(y), _vector(a, C, y.dtype), _vector(b, C, y.dtype), res, T, direct, C, inner,
                                neuron.decay, neuron.threshold, neuron.v_reset, neuron.decay_input,
-                               None if y_save is None else _flat(y_save))
-    return torch.as_strided(out, shape, strides), y_save
+                               None if y_save is None else _flat(y_save), u8)
+    u8 = None if u8 is None else torch.as_strided(u8, shape, strides)
+    return torch.as_strided(out, shape, strides), y_save, u8
 
 
 def _fused_backward(ext, y, a, b, residual, grad_spikes, T, direct, neuron, dtype, want_grad_residual):
@@ -493,7 +501,7 @@ class _BinWLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, scale, shift, residual, running_mean, running_var,
                 linear_map, prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
-                grad_precision, needs_backward):
+                grad_precision, needs_backward, x_u8):
         cached = subnet is not None
         if not cached:
             subnet = make_subnet(weight, scores, prune_rate)
@@ -502,10 +510,14 @@ class _BinWLIF(torch.autograd.Function):
         direct = timesteps is not None
         T = timesteps if direct else x.shape[0]
         frames = x if direct else x.flatten(0, 1)
+        frames_u8 = None if x_u8 is None else x_u8.flatten(0, 1)  # x's spikes as uint8 (the previous layer's)
         if spiking_input and _int8_forward(frames):
-            y = linear_map.spikes_int8(frames, subnet)  # [F, C, ...] fp32, exact integers
+            y = linear_map.spikes_int8(frames, subnet, frames_u8)  # [F, C, ...] fp32, exact integers
         else:
             y = linear_map(frames, tern.to(x.dtype))  # [F, C, ...], exact integers when frames are spikes
+        if direct and y.dim() == 4 and y.device.type == "cpu":
+            # spikes channels-last, the layout the int8 layers and the AMX backward take (y is 1/T of them)
+            y = y.contiguous(memory_format=torch.channels_last)
         stats = None
         if batch_norm:
             mean, var = _batch_moments(y, alpha)
@@ -517,9 +529,11 @@ class _BinWLIF(torch.autograd.Function):
         save_integer = needs_backward and spiking_input  # y saved as exact integers
         y_dtype = torch.int16 if weight[0].numel() <= 32767 else torch.int32
         ext = _fused_epilogue_ext(y, residual, y.dtype)
-        if ext is not None:  # current, scan, spikes and the int16 copy of y in one pass
-            spikes, y_saved = _fused_forward(ext, y, a, b, residual, T, direct, neuron,
-                                             y_dtype if save_integer else None)
+        if ext is not None:  # current, scan, spikes (also as uint8 for the next int8 layer), the int16 y: one pass
+            spikes, y_saved, spikes_u8 = _fused_forward(ext, y, a, b, residual, T, direct, neuron,
+                                                        y_dtype if save_integer else None, _int8_forward(y))
+            if spikes_u8 is not None:
+                attach_uint8(spikes, spikes_u8)
         else:
             spikes = _lif_spikes(_current_sequence(y, a, b, residual, T, direct), neuron)
             y_saved = y.to(y_dtype) if save_integer else None
@@ -527,7 +541,7 @@ class _BinWLIF(torch.autograd.Function):
             return spikes
 
         if spiking_input:
-            saved_x = _pack_frames(frames)  # in memory order: no copy for channels-last frames
+            saved_x = _pack_frames(frames if frames_u8 is None else frames_u8)  # in memory order
         else:
             saved_x, y_saved = frames, y
         # a cached subnet is held by its cache anyway; else the ternary weight is sign(weight) on 1 bit per weight
@@ -591,7 +605,7 @@ class _BinWLIF(torch.autograd.Function):
             grad_weight, grad_scores = _straight_through(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,
-                None, None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map, prune_rate, neuron,
@@ -599,9 +613,10 @@ def _apply(x, weight, scores, scale, shift, residual, running_mean, running_var,
     spiking_input = timesteps is None and is_spikes(x)  # by dtype or mark, never by reading values
     needs_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, scores, scale, shift, residual))
+    x_u8 = uint8_spikes(x) if spiking_input else None
     out = _BinWLIF.apply(x, weight, scores, scale, shift, residual, running_mean, running_var, linear_map,
                          prune_rate, neuron, timesteps, batch_norm, momentum, eps, subnet, spiking_input,
-                         grad_precision, needs_backward)
+                         grad_precision, needs_backward, x_u8)
     return mark_spikes(out)
 
 

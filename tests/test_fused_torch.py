@@ -282,13 +282,15 @@ def test_fused_bits_round_trip():
     if ext is None:
         pytest.skip("the CPU extension did not build here")
     from binwslt.bits import pack_bits
-    for shape in [(3, 5, 7, 2), (1, 1, 1, 1), (2, 67, 3, 3)]:
+    for shape in [(3, 5, 7, 2), (1, 1, 1, 1), (2, 67, 3, 3), (3, 67, 5, 7)]:
         frames = spikes(*shape, seed=31)
         for memory_format in (torch.contiguous_format, torch.channels_last):
             f = frames.contiguous(memory_format=memory_format)
             bits = torch_backend._pack_frames(f)
             assert torch.equal(bits, pack_bits(torch_backend._physical(f)))
             cl = torch_backend._is_channels_last(f)
+            # uint8 frames (the epilogue's copy of the spikes) pack 64 bytes at a time, then the tail
+            assert torch.equal(torch_backend._pack_frames(f.to(torch.uint8)), bits)
             for dtype in (torch.float32, torch.bfloat16, torch.uint8):
                 back = torch_backend._unpack_frames(bits, shape, cl, dtype)
                 assert back.dtype == dtype and torch.equal(back.float(), frames)
@@ -333,3 +335,54 @@ def test_batch_norm_sums_over_channels_last_blocks(monkeypatch, C_out):
         _compare("binw_conv2d_lif", xl, weight.double(), scores.double(), 0.4, stride=1, padding=1,
                  batch_norm=True)
         assert seen["backward"][-1] == (C_out, inner)
+
+
+def test_uint8_copy_of_the_spikes(monkeypatch):
+    """Where the forward GEMM runs in int8 the compiled epilogue also writes the spikes as uint8 (same shape and
+    strides, same values), and the next fused layer reads those instead of casting: a chain of two layers gives
+    the reference's spikes and gradients. The copy is dropped once the float spikes change in place."""
+    from binwslt import cpu
+    from binwslt.spikes import attach_uint8, uint8_spikes
+
+    if torch_backend._cpu_ext.load() is None or cpu.matmul_mode() != "int8":
+        assert uint8_spikes(Fn.binw_conv2d_lif(spikes(2, 1, 3, 5, 5), randn(4, 3, 3, 3), randn(4, 3, 3, 3, seed=1),
+                                               0.4, padding=1, backend="torch")) is None
+        return
+    read = []
+    spikes_int8 = torch_backend._ConvMap.spikes_int8
+    monkeypatch.setattr(torch_backend._ConvMap, "spikes_int8",
+                        lambda self, frames, subnet, frames_u8=None: read.append(frames_u8 is not None) or
+                        spikes_int8(self, frames, subnet, frames_u8))
+    T, N, C, H, W = 3, 2, 67, 5, 7
+    x = randn(N, 3, H, W, seed=40).mul(16).round().div(16)  # dyadic: the stem's sums are exact in any order
+    w1, s1, w2, s2 = (randn(C, 3, 3, 3, seed=41), randn(C, 3, 3, 3, seed=42), randn(5, C, 3, 3, seed=43),
+                      randn(5, C, 3, 3, seed=44))
+    kw = dict(padding=1, neuron=LIFConfig(decay=0.8, threshold=0.6), batch_norm=True, momentum=0.2)
+    results = {}
+    for backend in ("torch", "reference"):
+        leaves = [s1.clone().requires_grad_(), s2.clone().requires_grad_()]
+        hidden = Fn.binw_conv2d_lif(x, w1, leaves[0], 0.4, timesteps=T, backend=backend, running_mean=torch.zeros(C),
+                                    running_var=torch.ones(C), **kw)
+        if backend == "torch":
+            u8 = uint8_spikes(hidden)
+            assert u8 is not None and u8.dtype == torch.uint8 and u8.stride() == hidden.stride()
+            assert torch.equal(u8.float(), hidden)
+        out = Fn.binw_conv2d_lif(hidden, w2, leaves[1], 0.4, backend=backend, running_mean=torch.zeros(5),
+                                 running_var=torch.ones(5), **kw)
+        (out * randn(*out.shape, seed=45)).sum().backward()
+        results[backend] = (hidden.detach(), out.detach(), [leaf.grad for leaf in leaves])
+    assert read == [True]
+    got, want = results["torch"], results["reference"]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 0 < want[1].mean() < 1
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    # the layer computes from the copy: a copy that disagrees changes the output; an in-place change drops it
+    hidden = mark_spikes(got[0].clone())
+    wrong = torch.ones_like(hidden, dtype=torch.uint8)
+    attach_uint8(hidden, wrong)
+    run = lambda h: Fn.binw_conv2d_lif(h, w2, s2, 0.4, backend="torch", **kw)  # noqa: E731
+    assert not torch.equal(run(hidden), want[1])
+    hidden.mul_(1.0)
+    assert uint8_spikes(hidden) is None and torch.equal(run(hidden), want[1])

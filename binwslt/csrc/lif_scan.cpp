@@ -55,8 +55,9 @@ Lif<scalar_t> make_lif(double decay, double threshold, c10::optional<double> v_r
 // One time step of n neurons: the membrane v (after reset) advances on the current x; the spike goes to
 // `fired` and, when kRecord, the pre-reset membrane to u.
 template <typename scalar_t, typename fired_t, bool kRecord>
-__attribute__((always_inline)) inline void lif_step(const scalar_t* x, scalar_t* v, scalar_t* u, fired_t* fired,
-                                                    int64_t n, const Lif<scalar_t>& p) {
+__attribute__((always_inline)) inline void lif_step(const scalar_t* __restrict x, scalar_t* __restrict v,
+                                                    scalar_t* __restrict u, fired_t* __restrict fired, int64_t n,
+                                                    const Lif<scalar_t>& p) {
   // locals, not p's fields: the stores below (char ones included) could alias p and stop the vectoriser
   const scalar_t d = p.d, gain = p.gain, th = p.th, vr = p.vr;
   const bool hard = p.hard, decay_input = p.decay_input;
@@ -87,21 +88,21 @@ __attribute__((always_inline)) inline void slopes(const scalar_t* u, scalar_t* s
 }
 
 template <typename scalar_t, bool kHard, bool kDetach>
-__attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const char* s, const scalar_t* gs, int64_t gstride,
-                                                      int64_t n, int64_t T, const Lif<scalar_t>& p) {
+__attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const scalar_t* s, const scalar_t* gs,
+                                                      int64_t gstride, int64_t n, int64_t T, const Lif<scalar_t>& p) {
   scalar_t grad_v[kBlock], sl[kBlock];  // grad_v: dL/dV[t], carried backwards in time
   for (int64_t j = 0; j < n; ++j) grad_v[j] = 0;
   const scalar_t k = p.decay_input ? p.gain : scalar_t(1);  // dU/dI
   const scalar_t d = p.d, th = p.th, vr = p.vr;
   for (int64_t t = T - 1; t >= 0; --t) {
     scalar_t* ut = u + t * kBlock;
-    const char* st = s + t * kBlock;
+    const scalar_t* st = s + t * kBlock;
     const scalar_t* g = gs + t * gstride;
     slopes<scalar_t>(ut, sl, n, p);
     for (int64_t j = 0; j < n; ++j) {
       scalar_t grad_s = g[j];
       if (!kDetach) grad_s = kHard ? grad_s + grad_v[j] * (vr - ut[j]) : grad_s - th * grad_v[j];
-      scalar_t grad_u = (kHard && st[j]) ? scalar_t(0) : grad_v[j];
+      scalar_t grad_u = (kHard && st[j] != scalar_t(0)) ? scalar_t(0) : grad_v[j];
       grad_u = grad_u + grad_s * sl[j];
       ut[j] = k * grad_u;
       grad_v[j] = d * grad_u;
@@ -109,11 +110,12 @@ __attribute__((always_inline)) inline void bptt_steps(scalar_t* u, const char* s
   }
 }
 
-// BPTT of one block of n neurons, in place: u ([T][kBlock] pre-reset membranes, s the spikes) becomes dL/dI.
+// BPTT of one block of n neurons, in place: u ([T][kBlock] pre-reset membranes, s the spikes, 0/1 of the
+// membrane's type: a char store would keep the recompute loop scalar) becomes dL/dI.
 // gs: dL/dS at t = 0 for the block's first neuron, step stride gstride.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void bptt_block(scalar_t* u, const char* s, const scalar_t* gs, int64_t gstride,
-                                                      int64_t n, int64_t T, const Lif<scalar_t>& p) {
+__attribute__((always_inline)) inline void bptt_block(scalar_t* u, const scalar_t* s, const scalar_t* gs,
+                                                      int64_t gstride, int64_t n, int64_t T, const Lif<scalar_t>& p) {
   if (p.hard)
     p.detach_reset ? bptt_steps<scalar_t, true, true>(u, s, gs, gstride, n, T, p)
                    : bptt_steps<scalar_t, true, false>(u, s, gs, gstride, n, T, p);
@@ -160,13 +162,13 @@ torch::Tensor lif_forward(torch::Tensor current, double decay, double threshold,
 #define BINWSLT_BACKWARD_RUN(scalar_t)                                                                         \
   __attribute__((target_clones("avx512f", "avx2", "default"))) void backward_run(                             \
       const scalar_t* in, const scalar_t* gs, scalar_t* gi, int64_t begin, int64_t end, int64_t T, int64_t st,  \
-      int64_t M, const Lif<scalar_t>& p, scalar_t* u, char* s) {                                              \
+      int64_t M, const Lif<scalar_t>& p, scalar_t* u, scalar_t* s) {                                              \
     scalar_t v[kBlock];                                                                                       \
     for (int64_t m = begin; m < end; m += kBlock) {                                                           \
       const int64_t n = std::min(kBlock, end - m);                                                            \
       for (int64_t j = 0; j < n; ++j) v[j] = 0;                                                               \
       for (int64_t t = 0; t < T; ++t)                                                                         \
-        lif_step<scalar_t, char, true>(in + m + t * st, v, u + t * kBlock, s + t * kBlock, n, p);             \
+        lif_step<scalar_t, scalar_t, true>(in + m + t * st, v, u + t * kBlock, s + t * kBlock, n, p);             \
       bptt_block<scalar_t>(u, s, gs + m, M, n, T, p);                                                         \
       for (int64_t t = 0; t < T; ++t) std::copy(u + t * kBlock, u + t * kBlock + n, gi + m + t * M);          \
     }                                                                                                         \
@@ -189,11 +191,40 @@ torch::Tensor lif_backward(torch::Tensor current, torch::Tensor grad_spikes, dou
     const auto p = make_lif<scalar_t>(decay, threshold, v_reset, decay_input, surrogate, alpha, detach_reset);
     at::parallel_for(0, (M + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> u(T * kBlock);
-      std::vector<char> s(T * kBlock);
+      std::vector<scalar_t> s(T * kBlock);
       backward_run(in, gs, gi, b0 * kBlock, std::min(M, b1 * kBlock), T, st, M, p, u.data(), s.data());
     });
   });
   return grad_current;
+}
+
+// Per-channel Σy and Σy² in float64 of rows o in [begin, end) of y viewed as [outer, C, inner], into s / ss.
+// Multiversioned: the inner == 1 (channels-last) loop vectorises over channels.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void moments_run(const float* p, int64_t begin,
+                                                                              int64_t end, int64_t C, int64_t inner,
+                                                                              double* s, double* ss) {
+  for (int64_t o = begin; o < end; ++o) {
+    const float* row = p + o * C * inner;
+    if (inner == 1) {
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = row[c];
+        s[c] += v;
+        ss[c] += v * v;
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        double a = 0, b = 0;
+        const float* q = row + c * inner;
+        for (int64_t i = 0; i < inner; ++i) {
+          const double v = q[i];
+          a += v;
+          b += v * v;
+        }
+        s[c] += a;
+        ss[c] += b;
+      }
+    }
+  }
 }
 
 // Per-channel Σy and Σy² in float64 of y viewed as [outer, C, inner] (contiguous): exact for integer y (a
@@ -208,29 +239,7 @@ std::vector<torch::Tensor> channel_moments(torch::Tensor y, int64_t channels, in
   std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
   at::parallel_for(0, outer, 64, [&](int64_t begin, int64_t end) {
     double* s = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
-    double* ss = s + C;
-    for (int64_t o = begin; o < end; ++o) {
-      const float* row = p + o * C * inner;
-      if (inner == 1) {
-        for (int64_t c = 0; c < C; ++c) {
-          const double v = row[c];
-          s[c] += v;
-          ss[c] += v * v;
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          double a = 0, b = 0;
-          const float* q = row + c * inner;
-          for (int64_t i = 0; i < inner; ++i) {
-            const double v = q[i];
-            a += v;
-            b += v * v;
-          }
-          s[c] += a;
-          ss[c] += b;
-        }
-      }
-    }
+    moments_run(p, begin, end, C, inner, s, s + C);
   });
   auto opts = torch::TensorOptions().dtype(torch::kDouble);
   auto sum = torch::zeros({C}, opts), sumsq = torch::zeros({C}, opts);
@@ -283,6 +292,32 @@ __attribute__((always_inline)) inline void block_current(const y_t* y, const sca
     for (int64_t j = 0; j < n; ++j) cur[j] = cur[j] + res[j];
 }
 
+// 0/1 spikes to bytes (GCC leaves the mixed float/char loop scalar; AVX-512F narrows 16 at a time).
+void to_bytes_scalar(const float* s, uint8_t* o, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<uint8_t>(s[j]);
+}
+void to_bytes_scalar(const double* s, uint8_t* o, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) o[j] = static_cast<uint8_t>(s[j]);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void to_bytes_avx512(const float* s, uint8_t* o, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_loadu_ps(s + j)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j), bytes);
+  }
+  to_bytes_scalar(s + j, o + j, n - j);
+}
+const bool kAvx512 = __builtin_cpu_supports("avx512f");
+#endif
+inline void to_bytes(const float* s, uint8_t* o, int64_t n) {
+#if defined(__x86_64__)
+  if (kAvx512) return to_bytes_avx512(s, o, n);
+#endif
+  to_bytes_scalar(s, o, n);
+}
+inline void to_bytes(const double* s, uint8_t* o, int64_t n) { to_bytes_scalar(s, o, n); }
+
 struct Geometry {
   int64_t T, S, ystep, C, inner;  // ystep: S, or 0 (direct encoding)
 };
@@ -290,7 +325,7 @@ struct Geometry {
 #define BINWSLT_EPILOGUE_FORWARD_RUN(scalar_t, ysave_t)                                                        \
   __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_forward_run(                     \
       const scalar_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, scalar_t* out,             \
-      ysave_t* ysave, int64_t begin, int64_t end, const Geometry& g, const Lif<scalar_t>& p) {                \
+      uint8_t* out8, ysave_t* ysave, int64_t begin, int64_t end, const Geometry& g, const Lif<scalar_t>& p) {  \
     scalar_t av[kBlock], bv[kBlock], cur[kBlock], v[kBlock];                                                  \
     int32_t cj[kBlock];                                                                                       \
     for (int64_t m = begin; m < end; m += kBlock) {                                                           \
@@ -303,6 +338,7 @@ struct Geometry {
         if (ysave && (t == 0 || g.ystep != 0))                                                                \
           for (int64_t j = 0; j < n; ++j) ysave[t * g.ystep + m + j] = static_cast<ysave_t>(yt[j]);          \
         lif_step<scalar_t, scalar_t, false>(cur, v, nullptr, out + t * g.S + m, n, p);                        \
+        if (out8) to_bytes(out + t * g.S + m, out8 + t * g.S + m, n);                                         \
       }                                                                                                       \
     }                                                                                                         \
   }
@@ -328,11 +364,14 @@ void check_flat(const c10::optional<torch::Tensor>& t, int64_t numel, c10::Scala
 }
 
 // Forward. y: flat float32/float64 (see above); a: [C], b: [C] or None, of y's dtype; residual: [T·S] or None.
-// y_save: None, or an int16/int32 flat tensor of y's size that receives y (exact integers). Returns spikes [T·S].
+// y_save: None, or an int16/int32 flat tensor of y's size that receives y (exact integers); spikes_u8: None, or a
+// flat uint8 tensor [T·S] that receives the spikes as 0/1 bytes too (what the next int8 layer reads). Returns
+// spikes [T·S].
 torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<torch::Tensor> b,
                                c10::optional<torch::Tensor> residual, int64_t T, bool direct, int64_t C,
                                int64_t inner, double decay, double threshold, c10::optional<double> v_reset,
-                               bool decay_input, c10::optional<torch::Tensor> y_save) {
+                               bool decay_input, c10::optional<torch::Tensor> y_save,
+                               c10::optional<torch::Tensor> spikes_u8) {
   const Geometry g = make_geometry(y, T, direct, C, inner);
   check_flat(a, C, y.scalar_type(), "a");
   check_flat(b, C, y.scalar_type(), "b");
@@ -341,6 +380,9 @@ torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<t
     TORCH_CHECK(y_save->is_contiguous() && y_save->numel() == y.numel() &&
                     (y_save->scalar_type() == torch::kShort || y_save->scalar_type() == torch::kInt),
                 "epilogue_forward: y_save must be a flat int16/int32 tensor of y's size");
+  if (spikes_u8.has_value())
+    TORCH_CHECK(spikes_u8->is_contiguous() && spikes_u8->numel() == T * g.S && spikes_u8->scalar_type() == torch::kByte,
+                "epilogue_forward: spikes_u8 must be a flat uint8 tensor of the spikes' size");
   auto spikes = torch::empty({T * g.S}, y.options());
   const bool wide = y_save.has_value() && y_save->scalar_type() == torch::kInt;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "epilogue_forward", [&] {
@@ -350,14 +392,15 @@ torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<t
     const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
     const scalar_t* rp = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
     scalar_t* out = spikes.data_ptr<scalar_t>();
+    uint8_t* out8 = spikes_u8.has_value() ? spikes_u8->data_ptr<uint8_t>() : nullptr;
     int16_t* ys16 = y_save.has_value() && !wide ? y_save->data_ptr<int16_t>() : nullptr;
     int32_t* ys32 = wide ? y_save->data_ptr<int32_t>() : nullptr;
     at::parallel_for(0, (g.S + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
       const int64_t begin = b0 * kBlock, end = std::min(g.S, b1 * kBlock);
       if (wide)
-        epilogue_forward_run(yp, ap, bp, rp, out, ys32, begin, end, g, p);
+        epilogue_forward_run(yp, ap, bp, rp, out, out8, ys32, begin, end, g, p);
       else
-        epilogue_forward_run(yp, ap, bp, rp, out, ys16, begin, end, g, p);
+        epilogue_forward_run(yp, ap, bp, rp, out, out8, ys16, begin, end, g, p);
     });
   });
   return spikes;
@@ -397,7 +440,7 @@ __attribute__((always_inline)) inline void scatter_lanes(const double* lg, const
 template <typename scalar_t, typename y_t>
 __attribute__((always_inline)) inline void epilogue_backward_block(
     const y_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, const scalar_t* gs, scalar_t* G,
-    scalar_t* gres, int64_t m, int64_t n, const Geometry& g, const Lif<scalar_t>& p, scalar_t* u, char* s,
+    scalar_t* gres, int64_t m, int64_t n, const Geometry& g, const Lif<scalar_t>& p, scalar_t* u, scalar_t* s,
     double* sg, double* sgy) {
   scalar_t av[kBlock], bv[kBlock], cur[kBlock], v[kBlock];
   double lg[kBlock], lgy[kBlock];
@@ -408,7 +451,7 @@ __attribute__((always_inline)) inline void epilogue_backward_block(
   for (int64_t t = 0; t < T; ++t) {
     block_current<scalar_t, y_t>(y + t * g.ystep + m, res ? res + t * g.S + m : nullptr, av, bv, b != nullptr, n,
                                  cur);
-    lif_step<scalar_t, char, true>(cur, v, u + t * kBlock, s + t * kBlock, n, p);
+    lif_step<scalar_t, scalar_t, true>(cur, v, u + t * kBlock, s + t * kBlock, n, p);
   }
   bptt_block<scalar_t>(u, s, gs + m, g.S, n, T, p);  // u[t] := dL/dI[t]
   if (gres)
@@ -443,7 +486,7 @@ __attribute__((always_inline)) inline void epilogue_backward_block(
   __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue_backward_run(                    \
       const y_t* y, const scalar_t* a, const scalar_t* b, const scalar_t* res, const scalar_t* gs, scalar_t* G, \
       scalar_t* gres, int64_t begin, int64_t end, const Geometry& g, const Lif<scalar_t>& p, scalar_t* u,      \
-      char* s, double* sg, double* sgy) {                                                                     \
+      scalar_t* s, double* sg, double* sgy) {                                                                     \
     for (int64_t m = begin; m < end; m += kBlock)                                                             \
       epilogue_backward_block<scalar_t, y_t>(y, a, b, res, gs, G, gres, m, std::min(kBlock, end - m), g, p, u, \
                                              s, sg, sgy);                                                     \
@@ -473,7 +516,7 @@ void epilogue_backward_typed(const torch::Tensor& y, const torch::Tensor& a, con
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     double* sg = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
     std::vector<scalar_t> u(g.T * kBlock);
-    std::vector<char> s(g.T * kBlock);
+    std::vector<scalar_t> s(g.T * kBlock);
     epilogue_backward_run(yp, ap, bp, rp, gp, Gp, rg, b0 * kBlock, std::min(g.S, b1 * kBlock), g, p, u.data(),
                           s.data(), sg, sg + C);
   });
@@ -597,6 +640,16 @@ __attribute__((target("avx512f"))) void pack_words_avx512(const float* p, uint8_
     std::memcpy(o + 8 * w, &bits, 8);
   }
 }
+
+// uint8 values (spike bytes) to bits, 64 at a time with AVX-512BW byte tests.
+__attribute__((target("avx512f,avx512bw"))) void pack_bytes_avx512(const uint8_t* p, uint8_t* o, int64_t w0,
+                                                                     int64_t w1) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + 64 * w));
+    const uint64_t bits = _mm512_test_epi8_mask(v, v);
+    std::memcpy(o + 8 * w, &bits, 8);
+  }
+}
 #endif
 
 torch::Tensor pack_nonzero(torch::Tensor x) {
@@ -623,6 +676,16 @@ torch::Tensor pack_nonzero(torch::Tensor x) {
       });
       first = 8 * words;
     }
+#if defined(__x86_64__)
+    if constexpr (std::is_same_v<scalar_t, uint8_t>) {
+      if (__builtin_cpu_supports("avx512bw")) {
+        const int64_t words = n / 64;
+        const uint8_t* pb = reinterpret_cast<const uint8_t*>(p);  // scalar_t is uint8_t here
+        at::parallel_for(0, words, 2048, [&](int64_t w0, int64_t w1) { pack_bytes_avx512(pb, o, w0, w1); });
+        first = 8 * words;
+      }
+    }
+#endif
     at::parallel_for(first, nbytes, 4096, [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i) {
         uint8_t byte = 0;
