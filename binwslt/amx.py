@@ -5,7 +5,8 @@ terms (``t1 = bf16(g)``, ``t2 = bf16(g - t1)``, ``t3 = bf16(g - t1 - t2)``: toge
 the other operand exact in bf16 (-1/0/+1, 0/1), every product exact and AMX accumulating in fp32 with an fp32
 output: the accuracy of an fp32 convolution, on the tile unit. (PyTorch's own CPU bf16 convolutions round their
 output to bf16, which is why this is a kernel of its own.) Implicit GEMMs: per frame the padded operands are
-staged in a thread-local, L2-sized buffer in the layouts the tile loads read; nothing of size of g is copied.
+staged in a thread-local, L2-sized buffer in the layouts the tile loads read (folded and split once for both
+GEMMs); nothing of size of g is copied.
 
 Used by the ``torch`` backend where `available` (the CPU has AMX-BF16, Linux grants the tile state, the extension
 builds, ``BINWSLT_CPU_MATMUL`` is not ``fp32``) for stride-1 square kernels with padding < kernel size; other
@@ -72,20 +73,21 @@ def pack_weight(ternary: torch.Tensor) -> torch.Tensor:
     return _load().pack_weight(ternary.to(torch.bfloat16))
 
 
-def conv_grad_input(grad: torch.Tensor, packed: torch.Tensor, input_shape, kernel_size: int, padding: int,
-                    scale: float = 1.0, fold: Optional[Fold] = None) -> torch.Tensor:
-    """``scale`` · dL/dx ``[F, C_in, H, W]`` fp32 (channels-last) of ``y = conv2d(x, W, stride 1, padding)`` from
-    ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides) and ``packed`` = `pack_weight` (W); with ``fold``,
-    dL/dy is ``fold`` applied to ``grad`` (see `Fold`)."""
+def conv_grads(grad: torch.Tensor, input_shape, kernel_size: int, padding: int, *,
+               packed: Optional[torch.Tensor] = None, frames: Optional[torch.Tensor] = None, scale: float = 1.0,
+               fold: Optional[Fold] = None):
+    """The backward of ``y = conv2d(x, W, stride 1, padding)`` for input frames of ``input_shape``
+    ``[F, C_in, H, W]``, from ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides; with ``fold``, dL/dy is
+    ``fold`` applied to ``grad``, see `Fold`), in one pass that stages each frame's g once.
+
+    Returns ``(grad_input, grad_weight)``: ``scale`` · dL/dx ``[F, C_in, H, W]`` fp32 (channels-last) where
+    ``packed`` = `pack_weight` (W) is given, else None; dL/dW ``[C_out, C_in, k, k]`` fp32 where the input
+    ``frames`` ``[F, C_in, H, W]`` (values exact in bf16: spikes; any dtype and layout) are given, else None.
+    """
+    if packed is None and frames is None:
+        raise ValueError("conv_grads: give packed (for grad_input), frames (for grad_weight) or both")
     _, c_in, h, w = input_shape
-    return _load().conv_grad_input(grad, packed, c_in, h, w, kernel_size, padding, TERMS, float(scale),
-                                   *(fold or Fold()))
-
-
-def conv_grad_weight(frames: torch.Tensor, grad: torch.Tensor, kernel_size: int, padding: int,
-                     fold: Optional[Fold] = None) -> torch.Tensor:
-    """dL/dW ``[C_out, C_in, k, k]`` fp32 of ``y = conv2d(x, W, stride 1, padding)`` from the input ``frames``
-    ``[F, C_in, H, W]`` (values exact in bf16: spikes; any dtype and layout) and ``grad`` ``[F, C_out, OH, OW]``
-    fp32 (any strides); with ``fold``, dL/dy is ``fold`` applied to ``grad``."""
-    x = frames.to(torch.bfloat16, memory_format=torch.contiguous_format)
-    return _load().conv_grad_weight(x, grad, kernel_size, padding, TERMS, *(fold or Fold()))
+    x = None if frames is None else frames.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    grad_input, grad_weight = _load().conv_grads(x, grad, packed, c_in, h, w, kernel_size, padding, TERMS,
+                                                 float(scale), *(fold or Fold()))
+    return (grad_input if packed is not None else None), (grad_weight if frames is not None else None)

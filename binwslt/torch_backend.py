@@ -275,12 +275,11 @@ class _ConvMap:
         """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
         return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
 
-    def grad_input_amx(self, input_shape, tern, alpha, grad, fold):
-        return amx.conv_grad_input(grad, amx.pack_weight(tern), input_shape, tern.shape[2], self.padding[0],
-                                   float(alpha), fold)
-
-    def grad_weight_amx(self, frames, weight_shape, grad, fold):
-        return amx.conv_grad_weight(frames, grad, weight_shape[2], self.padding[0], fold)
+    def grads_amx(self, input_shape, frames, tern, alpha, grad, fold, want_input, want_weight):
+        """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`)."""
+        return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0],
+                              packed=amx.pack_weight(tern) if want_input else None,
+                              frames=frames if want_weight else None, scale=float(alpha), fold=fold)
 
     def grad_input(self, input_shape, w, grad):
         if grad.is_contiguous(memory_format=torch.channels_last):
@@ -587,21 +586,22 @@ class _BinWLIF(torch.autograd.Function):
         grad_cur = g if on_amx else _fold_gradient(ext, g, y, coeff, scale)
         frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, torch.bfloat16 if on_amx else dtype) \
             if ctx.spiking_input else saved_x
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if on_amx:
-                grad_x = ctx.linear_map.grad_input_amx(ctx.frames_shape, tern, alpha, grad_cur, fold)
-            elif low is None:
-                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
-            else:
-                grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low))
-                grad_x = grad_x.to(dtype).mul_(alpha)
-            if not direct:
-                grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
+        want_input, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_x = grad_weff = None
+        if on_amx and (want_input or want_weight):  # both in one pass over the frames
+            grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, frames, tern, alpha, grad_cur, fold,
+                                                         want_input, want_weight)
+        elif want_input and low is None:
+            grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
+        elif want_input:
+            grad_x = ctx.linear_map.grad_input(ctx.frames_shape, tern.to(low), grad_cur.to(low))
+            grad_x = grad_x.to(dtype).mul_(alpha)
+        if grad_x is not None and not direct:
+            grad_x = grad_x.view((T, -1) + tuple(grad_x.shape[1:]))
         grad_weight = grad_scores = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weff = ctx.linear_map.grad_weight_amx(frames, tern.shape, grad_cur, fold) if on_amx else \
-                ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
+        if want_weight:
+            if not on_amx:
+                grad_weff = ctx.linear_map.grad_weight(frames, tern.shape, grad_cur)
             grad_weight, grad_scores = _straight_through(
                 grad_weff.to(weight.dtype), weight, scores, tern, alpha, ctx.needs_input_grad[1:3])
         return (grad_x, grad_weight, grad_scores, grad_scale, grad_shift, grad_residual,

@@ -20,6 +20,7 @@ CASES = [  # frames, C_in, C_out, H, W, k, padding: odd channel counts (not mult
     (5, 3, 17, 7, 6, 1, 0),
     (3, 40, 20, 6, 5, 3, 2),
     (2, 33, 65, 5, 9, 5, 2),
+    (2, 7, 9, 6, 6, 5, 1),
 ]
 
 
@@ -41,9 +42,12 @@ def test_backward_convolutions_match_float64(case):
         want_x = conv2d_input(x.shape, tern.double(), g.double(), padding=p)
         want_w = conv2d_weight(x.double(), tern.shape, g.double(), padding=p)
         fp32_x = conv2d_input(x.shape, tern, g, padding=p)
-        got_x = amx.conv_grad_input(g_l, amx.pack_weight(tern), x.shape, k, p, scale=0.5)
-        got_w = amx.conv_grad_weight(x.contiguous(memory_format=layout), g_l, k, p)
+        packed, x_l = amx.pack_weight(tern), x.contiguous(memory_format=layout)
+        got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, frames=x_l, scale=0.5)
         assert got_x.shape == x.shape and got_w.shape == tern.shape
+        # each alone: the same bits (with "same" padding the pair shares the staged g, else each stages its own)
+        assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, packed=packed, scale=0.5)[0], got_x)
+        assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, frames=x_l)[1], got_w)
         # fp32 accuracy: within a few ulps of the largest value, like an fp32 convolution
         assert _relative(got_x, 0.5 * want_x) < 4 * max(_relative(fp32_x, want_x), 2 ** -24)
         assert _relative(got_w, want_w) < 1e-6
@@ -57,7 +61,7 @@ def test_one_term_would_not_be_enough():
     tern = torch.randint(-1, 2, (C_out, C_in, k, k), generator=torch.Generator().manual_seed(6)).float()
     want = conv2d_input((F, C_in, H, H), tern.double(), g.double(), padding=p)
     one_term = conv2d_input((F, C_in, H, H), tern.double(), g.bfloat16().double(), padding=p)
-    got = amx.conv_grad_input(g, amx.pack_weight(tern), (F, C_in, H, H), k, p)
+    got = amx.conv_grads(g, (F, C_in, H, H), k, p, packed=amx.pack_weight(tern))[0]
     assert _relative(one_term, want) > 1e-4 > 100 * _relative(got, want)
 
 
@@ -81,13 +85,13 @@ def test_fold_while_staging_equals_folding_first(y_dtype):
         folded = g.clone()
         ext.epilogue_fold(flat(folded), flat(y), c1, k2, k3, C_out, 1)
         packed = amx.pack_weight(tern)
-        want_x, want_w = amx.conv_grad_input(folded, packed, x.shape, k, p), amx.conv_grad_weight(x, folded, k, p)
+        want_x, want_w = amx.conv_grads(folded, x.shape, k, p, packed=packed, frames=x)
         # channels-last g and y take the vector staging, NCHW the scalar one: the same bits either way
         for layout in (torch.channels_last, torch.contiguous_format):
             g_l = g.contiguous(memory_format=layout)
             fold_l = fold._replace(y=None if fold.y is None else fold.y.contiguous(memory_format=layout))
-            assert torch.equal(amx.conv_grad_input(g_l, packed, x.shape, k, p, fold=fold_l), want_x)
-            assert torch.equal(amx.conv_grad_weight(x, g_l, k, p, fold=fold_l), want_w)
+            got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, frames=x, fold=fold_l)
+            assert torch.equal(got_x, want_x) and torch.equal(got_w, want_w)
 
 
 @needs_amx
@@ -97,16 +101,16 @@ def test_torch_backend_runs_its_backward_on_amx(case, epilogue, monkeypatch):
     """A fused conv layer over spikes takes both AMX kernels, and its gradients equal the reference's."""
     T, N, C_in, C_out, H, W, k, p = case
     calls = []
-    for name in ("conv_grad_input", "conv_grad_weight"):
-        original = getattr(amx, name)
-        monkeypatch.setattr(amx, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    original = amx.conv_grads
+    monkeypatch.setattr(amx, "conv_grads", lambda *a, **kw: calls.append(
+        (kw["packed"] is not None, kw["frames"] is not None)) or original(*a, **kw))
     x, weight, scores = spikes(T, N, C_in, H, W, seed=7), randn(C_out, C_in, k, k, seed=8), \
         randn(C_out, C_in, k, k, seed=9)
     kw = dict(stride=1, padding=p, batch_norm=True) if epilogue == "batch_norm" else \
         dict(stride=1, padding=p, scale=randn(C_out, seed=10, scale=0.2) + 1.0, shift=randn(C_out, seed=11))
     got = run_layer("binw_conv2d_lif", "torch", x, weight, scores, 0.4, **kw)
     want = run_layer("binw_conv2d_lif", "reference", x, weight, scores, 0.4, **kw)
-    assert sorted(calls) == ["conv_grad_input", "conv_grad_weight"]
+    assert calls == [(True, True)]  # both gradients, in one pass
     assert torch.equal(got[0], want[0])
     assert_close_grads(got[1], want[1])
 

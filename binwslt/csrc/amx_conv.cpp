@@ -264,112 +264,109 @@ torch::Tensor pack_weight(torch::Tensor w) {
   return wt.reshape({k * k, Co32 / 2, 2, Ci32 / 16, 16}).permute({0, 3, 1, 4, 2}).contiguous();
 }
 
-// scale * dL/dx [F, Ci, H, W] (fp32, channels-last) of y = conv2d(x, w, stride 1, padding p), from g [F, Co, OH, OW] fp32
-// (any strides) and the packed weight (pack_weight), with S bf16 terms of g.
-torch::Tensor conv_grad_input(torch::Tensor g, torch::Tensor wv, int64_t Ci, int64_t H, int64_t W, int64_t k,
-                              int64_t p, int64_t S, double scale, c10::optional<torch::Tensor> y,
-                              c10::optional<torch::Tensor> c1, c10::optional<torch::Tensor> c2,
-                              c10::optional<torch::Tensor> c3) {
-  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && wv.scalar_type() == torch::kBFloat16, "g fp32, wv bf16");
-  TORCH_CHECK(wv.dim() == 5 && wv.size(3) == 16 && wv.size(4) == 2, "conv_grad_input: wv must come from pack_weight");
-  const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = wv.size(2) * 2,
-                Ci32 = wv.size(1) * 16, Wp = W + k - 1, o = k - 1 - p;
-  TORCH_CHECK(0 <= p && p < k && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1 && Co <= Co32 && Ci <= Ci32 &&
-              wv.size(0) == k * k, "conv_grad_input: shapes do not match a stride-1 convolution");
-  const int64_t qblocks = (H * Wp + 31) / 32, nblocks = Ci32 / 32;
-  const int64_t rows = qblocks * 32 + (k - 1) * (Wp + 1), block_stride = rows * 32, term_stride = rows * Co32;
-  auto out = torch::empty({F, H, W, Ci}, torch::kFloat32);
-  const float* gp = g.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(wv.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
-  const int64_t sf = g.stride(0), sc = g.stride(1), sh = g.stride(2), sw = g.stride(3);
-  const Fold fold = make_fold(y, c1, c2, c3, Co);
-  at::parallel_for(0, F, 1, [&](int64_t f0, int64_t f1) {
-    std::vector<uint16_t> stage_storage;
-    uint16_t* stage = aligned_zeros(stage_storage, S * term_stride);
-    std::vector<float> tmp(Co);
-    alignas(64) float buf[32 * 32];
-    configure();
-    for (int64_t f = f0; f < f1; ++f) {  // the padding stays zero: only the interior is rewritten per frame
-      for (int64_t oh = 0; oh < OH; ++oh)
-        for (int64_t ow = 0; ow < OW; ++ow) {
-          stage_terms(gp + f * sf + oh * sh + ow * sw, sc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
-                      tmp.data(), stage + ((oh + o) * Wp + ow + o) * 32, block_stride, term_stride, S);
-        }
-      for (int64_t qb = 0; qb < qblocks; ++qb)
-        for (int64_t nb = 0; nb < nblocks; ++nb) {
-          grad_input_block(stage, block_stride, term_stride, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
-          const int64_t n0 = nb * 32, nvalid = std::min<int64_t>(32, Ci - n0);
-          if (nvalid <= 0) continue;
-          for (int64_t r = 0; r < 32; ++r) {
-            const int64_t q = qb * 32 + r, ih = q / Wp, iw = q % Wp;
-            if (ih >= H || iw >= W) continue;
-            float* dst = op + ((f * H + ih) * W + iw) * Ci + n0;
-            for (int64_t c = 0; c < nvalid; ++c) dst[c] = buf[r * 32 + c] * float(scale);
-          }
-        }
-    }
-    release();
-  });
-  return out.permute({0, 3, 1, 2});
-}
-
-// dL/dw [Co, Ci, k, k] fp32 of y = conv2d(x, w, stride 1, padding p), from the input x [F, Ci, H, W] (bf16,
-// contiguous: spikes are exact in it) and g [F, Co, OH, OW] fp32 (any strides), with S bf16 terms of g.
-torch::Tensor conv_grad_weight(torch::Tensor x, torch::Tensor g, int64_t k, int64_t p, int64_t S,
-                               c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> c1,
-                               c10::optional<torch::Tensor> c2, c10::optional<torch::Tensor> c3) {
-  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(),
-              "g fp32, x contiguous bf16");
-  const int64_t F = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = g.size(1), OH = g.size(2),
-                OW = g.size(3), Co32 = round32(Co), Ci32 = round32(Ci), Wx = W + 2 * p;
-  TORCH_CHECK(0 <= p && p < k && g.size(0) == F && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1,
-              "conv_grad_weight: shapes do not match a stride-1 convolution");
-  const int64_t R = round32(OH * Wx), x_row = R + (k - 1) * (Wx + 1), term_stride = R * Co32;
+// Both gradients of y = conv2d(x, w, stride 1, padding p) for input frames [F, Ci, H, W], from g = dL/dy
+// [F, Co, OH, OW] fp32 (any strides; with a fold, dL/dy is the fold of g) with S bf16 terms of g, in one pass over
+// the frames: scale * dL/dx [F, Ci, H, W] fp32 (channels-last) where the packed weight wv (pack_weight) is given,
+// dL/dw [Co, Ci, k, k] fp32 where the input x (bf16, contiguous: spikes are exact in it) is given; undefined
+// tensors for the others. Per frame, g is folded and split once: with "same" padding (k - 1 = 2p) the rows the
+// grad-weight GEMM reads are a window of the grad-input GEMM's staged g, otherwise it stages its own.
+std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, torch::Tensor g, c10::optional<torch::Tensor> wv,
+                                      int64_t Ci, int64_t H, int64_t W, int64_t k, int64_t p, int64_t S, double scale,
+                                      c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> c1,
+                                      c10::optional<torch::Tensor> c2, c10::optional<torch::Tensor> c3) {
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 && g.dim() == 4, "conv_grads: g must be 4-d float32");
+  const int64_t F = g.size(0), Co = g.size(1), OH = g.size(2), OW = g.size(3), Co32 = round32(Co),
+                Ci32 = round32(Ci);
+  TORCH_CHECK(0 <= p && p < k && OH == H + 2 * p - k + 1 && OW == W + 2 * p - k + 1,
+              "conv_grads: shapes do not match a stride-1 convolution");
+  const bool want_x = wv.has_value(), want_w = x.has_value();
+  if (want_x)
+    TORCH_CHECK(wv->scalar_type() == torch::kBFloat16 && wv->dim() == 5 && wv->size(0) == k * k &&
+                wv->size(1) * 16 == Ci32 && wv->size(2) * 2 == Co32 && wv->size(3) == 16 && wv->size(4) == 2,
+                "conv_grads: wv must be pack_weight of a [Co, Ci, k, k] weight");
+  if (want_w)
+    TORCH_CHECK(x->scalar_type() == torch::kBFloat16 && x->is_contiguous() && x->dim() == 4 && x->size(0) == F &&
+                x->size(1) == Ci && x->size(2) == H && x->size(3) == W, "conv_grads: x must be contiguous bf16 "
+                "[F, Ci, H, W]");
+  // grad-input geometry: g padded by o on the Wp-wide grid, 32-row blocks of flat pixels
+  const int64_t Wp = W + k - 1, o = k - 1 - p, qblocks = (H * Wp + 31) / 32, nblocks = Ci32 / 32;
+  const int64_t rows_i = qblocks * 32 + (k - 1) * (Wp + 1), block_i = rows_i * 32, term_i = rows_i * Co32;
+  // grad-weight geometry: x padded by p on the Wx-wide grid, R rows of g
+  const int64_t Wx = W + 2 * p, R = round32(OH * Wx), x_row = R + (k - 1) * (Wx + 1), term_w = R * Co32;
+  const bool shared = want_x && want_w && Wp == Wx;  // then g row r of the GEMM is staged row r + p*Wx + p
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), F));
-  auto part = torch::zeros({threads, k * k, Ci32, Co32}, torch::kFloat32);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  torch::Tensor out, part;
+  if (want_x) out = torch::empty({F, H, W, Ci}, torch::kFloat32);
+  if (want_w) part = torch::zeros({threads, k * k, Ci32, Co32}, torch::kFloat32);
   const float* gp = g.data_ptr<float>();
   const int64_t gf = g.stride(0), gc = g.stride(1), gh = g.stride(2), gw = g.stride(3);
   const Fold fold = make_fold(y, c1, c2, c3, Co);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tmp(Co);
-    // zero once: the padding of x and the columns ow >= OW of g are never written
-    std::vector<uint16_t> storage[3];
-    uint16_t *xt = aligned_zeros(storage[0], Ci32 * x_row), *rows = aligned_zeros(storage[1], S * term_stride),
-             *gv = aligned_zeros(storage[2], S * term_stride);
+    alignas(64) float buf[32 * 32];
+    // zeroed once: the padding is never written, only the interior is rewritten per frame
+    std::vector<uint16_t> storage[4];
+    uint16_t* stage = want_x ? aligned_zeros(storage[0], S * term_i) : nullptr;
+    uint16_t* rows = want_w && !shared ? aligned_zeros(storage[1], S * term_w) : nullptr;
+    uint16_t* gv = want_w ? aligned_zeros(storage[2], S * term_w) : nullptr;
+    uint16_t* xt = want_w ? aligned_zeros(storage[3], Ci32 * x_row) : nullptr;
+    const uint16_t* wp = want_x ? reinterpret_cast<const uint16_t*>(wv->data_ptr<at::BFloat16>()) : nullptr;
+    const uint16_t* xp = want_w ? reinterpret_cast<const uint16_t*>(x->data_ptr<at::BFloat16>()) : nullptr;
+    float* op = want_x ? out.data_ptr<float>() : nullptr;
     configure();
-    for (int64_t t = t0; t < t1; ++t) {
-      float* acc = part[t].data_ptr<float>();
+    for (int64_t t = t0; t < t1; ++t)
       for (int64_t f = F * t / threads; f < F * (t + 1) / threads; ++f) {
-        for (int64_t c = 0; c < Ci; ++c)
-          for (int64_t h = 0; h < H; ++h)
-            std::memcpy(xt + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
-        for (int64_t oh = 0; oh < OH; ++oh)
-          for (int64_t ow = 0; ow < OW; ++ow) {
-            stage_terms(gp + f * gf + oh * gh + ow * gw, gc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
-                        tmp.data(), rows + (oh * Wx + ow) * 32, R * 32, term_stride, S);
-          }
-        for (int64_t s = 0; s < S; ++s)
-          interleave_pairs(rows + s * term_stride, R * 32, R / 2, Co32, gv + s * term_stride);
-        // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
-        // blocks (the x rows of a tile lie far apart; 256 measured 1.2-1.8x slower)
-        for (int64_t r0 = 0; r0 < R; r0 += 64)
-          for (int64_t kk = 0; kk < k * k; ++kk)
-            for (int64_t m = 0; m < Ci32; m += 32)
-              for (int64_t n = 0; n < Co32; n += 32)
-                grad_weight_block(xt, x_row, gv, term_stride, acc + kk * Ci32 * Co32, S, r0,
-                                  std::min<int64_t>(R, r0 + 64), R, Co32, (kk / k) * Wx + kk % k, m, n);
+        auto stage_g = [&](uint16_t* dst, int64_t row0, int64_t width, int64_t block_stride, int64_t term_stride) {
+          for (int64_t oh = 0; oh < OH; ++oh)
+            for (int64_t ow = 0; ow < OW; ++ow)
+              stage_terms(gp + f * gf + oh * gh + ow * gw, gc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
+                          tmp.data(), dst + (row0 + oh * width + ow) * 32, block_stride, term_stride, S);
+        };
+        if (want_x) {
+          stage_g(stage, o * Wp + o, Wp, block_i, term_i);
+          for (int64_t qb = 0; qb < qblocks; ++qb)
+            for (int64_t nb = 0; nb < nblocks; ++nb) {
+              grad_input_block(stage, block_i, term_i, wp, buf, S, Co32, Ci32, Wp, k, qb * 32, nb * 32);
+              const int64_t n0 = nb * 32, nvalid = std::min<int64_t>(32, Ci - n0);
+              if (nvalid <= 0) continue;
+              for (int64_t r = 0; r < 32; ++r) {
+                const int64_t q = qb * 32 + r, ih = q / Wp, iw = q % Wp;
+                if (ih >= H || iw >= W) continue;
+                float* dst = op + ((f * H + ih) * W + iw) * Ci + n0;
+                for (int64_t c = 0; c < nvalid; ++c) dst[c] = buf[r * 32 + c] * float(scale);
+              }
+            }
+        }
+        if (want_w) {
+          const uint16_t* src = shared ? stage + (p * Wx + p) * 32 : rows;
+          const int64_t src_block = shared ? block_i : R * 32, src_term = shared ? term_i : term_w;
+          if (!shared) stage_g(rows, 0, Wx, R * 32, term_w);
+          for (int64_t c = 0; c < Ci; ++c)
+            for (int64_t h = 0; h < H; ++h)
+              std::memcpy(xt + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
+          for (int64_t s = 0; s < S; ++s)
+            interleave_pairs(src + s * src_term, src_block, R / 2, Co32, gv + s * term_w);
+          float* acc = part[t].data_ptr<float>();
+          // r in chunks of 64, so that a chunk of x and of every term of g stays in L1 across the taps and channel
+          // blocks (the x rows of a tile lie far apart; 256 measured 1.2-1.8x slower)
+          for (int64_t r0 = 0; r0 < R; r0 += 64)
+            for (int64_t kk = 0; kk < k * k; ++kk)
+              for (int64_t m = 0; m < Ci32; m += 32)
+                for (int64_t n = 0; n < Co32; n += 32)
+                  grad_weight_block(xt, x_row, gv, term_w, acc + kk * Ci32 * Co32, S, r0,
+                                    std::min<int64_t>(R, r0 + 64), R, Co32, (kk / k) * Wx + kk % k, m, n);
+        }
       }
-    }
     release();
   });
-  return part.sum(0).narrow(1, 0, Ci).narrow(2, 0, Co).reshape({k, k, Ci, Co}).permute({3, 2, 0, 1}).contiguous();
+  if (want_x) out = out.permute({0, 3, 1, 2});
+  if (want_w)
+    part = part.sum(0).narrow(1, 0, Ci).narrow(2, 0, Co).reshape({k, k, Ci, Co}).permute({3, 2, 0, 1}).contiguous();
+  return {out, part};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available);
   m.def("pack_weight", &pack_weight);
-  m.def("conv_grad_input", &conv_grad_input);
-  m.def("conv_grad_weight", &conv_grad_weight);
+  m.def("conv_grads", &conv_grads);
 }
