@@ -5,6 +5,10 @@ import math
 
 import torch
 
+SURROGATE_CODES = {"atan": 0, "sigmoid": 1, "triangle": 2}
+"""The one table of surrogate codes: the integer the Triton kernels' SURROGATE constexpr (kernels/lif.py) and the
+CPU scans (binwslt/csrc/lif_scan.cpp) branch on. Its names are binwslt.config.SURROGATE_DEFAULT_ALPHA's."""
+
 
 def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
     """dS/dU evaluated at ``x = U - V_th``; same shape and dtype as ``x``.
@@ -23,7 +27,7 @@ def surrogate_grad_(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tens
         return x.addcmul_(x, x, value=-1.0).mul_(alpha)  # s - s² = s(1 - s)
     if surrogate == "triangle":
         return x.abs_().mul_(-alpha * alpha).add_(alpha).clamp_(min=0.0)
-    raise ValueError(f"surrogate must be one of ['atan', 'sigmoid', 'triangle'], got {surrogate!r}")
+    raise ValueError(f"surrogate must be one of {sorted(SURROGATE_CODES)}, got {surrogate!r}")
 
 
 class SurrogateSpike(torch.autograd.Function):

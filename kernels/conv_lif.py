@@ -41,8 +41,8 @@ from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
 from .conv_lif_bwd import bn_grad_fold_kernel, conv_grad_input_kernel, conv_grad_weight_kernel, \
     conv_lif_bwd_scan_kernel
 from .conv_lif_fwd import binary_conv_lif_fwd_kernel, conv_lif_scan_kernel
-from .launch import INT32_LIMIT, bn_forward, check_float64, derived, device_arch, device_sms, epilogue_backward, \
-    grad_multiplier, kernel_input_dtype, plain_affine, subnet_operands, y_dtype
+from .launch import bn_forward, check_float64, check_int32, derived, device_arch, device_sms, epilogue_backward, \
+    grad_multiplier, io_dtype, plain_affine, prepare_input, subnet_operands, y_dtype
 from .gemm import SPLIT_BY_PRECISION
 from .memory import choose_memory
 from .spike_bits import unpack_rows
@@ -53,13 +53,6 @@ from .tiles import FOLD_BLOCK, forward_config, grad_input_config, grad_weight_co
 # ------------------------------------------------------------------------------------------------ helpers
 def _out_size(size, k, stride, pad):
     return (size + 2 * pad - k) // stride + 1
-
-
-def _check_int32(*tensors_or_sizes):
-    for item in tensors_or_sizes:
-        numel = item.numel() if isinstance(item, torch.Tensor) else int(item)
-        if numel > INT32_LIMIT:
-            raise ValueError(f"tensor of {numel} elements exceeds the int32 indexing of the Triton conv kernels")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -107,24 +100,9 @@ class _Geometry:
         self.cl_out_shape = (self.T, self.N, self.OH, self.OW, self.C_out)
 
 
-def _prepare_input(x, geo):
-    """Channels-last kernel input ``[T?, N, H, W, C_in]`` and flags (x_cl, is_spike, dot_fp16). Spike-ness from
-    the dtype or a fused layer's mark (binwslt.spikes.is_spikes), never from the values."""
-    is_spike = (not geo.direct) and is_spikes(x)
-    x_cl = to_channels_last(x.detach(), kernel_input_dtype(x, is_spike))
-    return x_cl, is_spike, x_cl.dtype == torch.float16
-
-
 def _kmajor(tern, subnet):
     """The forward's K-major ternary weight ``[KH, KW, C_out, C_in]`` (kept with a cached subnet)."""
     return derived(subnet, "triton_conv_kmajor", lambda: tern.permute(2, 3, 0, 1).contiguous())
-
-
-def _io_dtype(dtype):
-    """Dtype the kernels read/write a caller tensor (residual, gradient) in: its own for fp32/fp16/bf16, fp32 for a
-    float64 one (only a residual or a gradient reaches here as float64: the output and x are never float64) and for
-    bool/uint8/int8 spikes."""
-    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
 @dataclass(frozen=True)
@@ -176,10 +154,10 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     p = neuron_params(neuron)
     tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
     tern_cl = _kmajor(tern, subnet)
-    x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
+    x_cl, is_spike, dot_fp16 = prepare_input(x, geo.direct, to_channels_last)
     out_cl = torch.empty(geo.cl_out_shape, dtype=spike_output_dtype(x.dtype), device=device)
-    _check_int32(x_cl, out_cl)
-    res_cl = to_channels_last(residual.detach(), _io_dtype(residual.dtype)) if residual is not None else None
+    check_int32("conv", x=x_cl.numel(), output=out_cl.numel())
+    res_cl = to_channels_last(residual.detach(), io_dtype(residual.dtype)) if residual is not None else None
     # a spiking residual saved for backward: its bits written by the kernel that reads it (kernels/spike_bits.py)
     res_bits = None
     if need_y and residual is not None and is_spikes(residual):
@@ -241,7 +219,7 @@ def binary_conv_gemm(x, weight, scores, prune_rate, *, stride, padding, timestep
     """
     geo = _Geometry(x, weight, stride, padding, timesteps)
     tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
-    x_cl, is_spike, dot_fp16 = _prepare_input(x, geo)
+    x_cl, is_spike, dot_fp16 = prepare_input(x, geo.direct, to_channels_last)
     return _gemm_y(x_cl, _kmajor(tern, subnet), alpha, geo, is_spike, dot_fp16)
 
 
@@ -281,12 +259,12 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
             x_in = unpack_rows(x_in, geo.T_y * geo.N * geo.H * geo.W, geo.C_in)
         y = _gemm_y(x_in, w_kmajor, alpha, geo, state.is_spike, x_in.dtype == torch.float16)
     mult = grad_multiplier(scale, bn, geo.C_out, device)
-    gout_cl = to_channels_last(grad_spikes, _io_dtype(grad_spikes.dtype))
+    gout_cl = to_channels_last(grad_spikes, io_dtype(grad_spikes.dtype))
     g = torch.empty((geo.T, geo.M, geo.C_out), dtype=torch.float32, device=device)
     res_cl = state.res_cl
     gres_cl = None
     if need_res and res_cl is not None:
-        gres_cl = torch.empty(geo.cl_out_shape, dtype=_io_dtype(state.res_dtype), device=device)
+        gres_cl = torch.empty(geo.cl_out_shape, dtype=io_dtype(state.res_dtype), device=device)
     if fused:
         cfg = recompute_scan_config(state.is_spike, geo.C_in, geo.C_out, geo.M)
         x_in, w_in = state.saved_x, w_kmajor  # passed: RECOMPUTE (kernels/optional.py)
@@ -325,7 +303,7 @@ def conv_lif_backward(state, grad_spikes, weight, scores, scale, needs):
 
 def _grad_input(state, g_frames, tern_t, geo, device):
     frames = geo.T_y * geo.N
-    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=_io_dtype(state.out_dtype), device=device)
+    dx_cl = torch.empty((frames, geo.H, geo.W, geo.C_in), dtype=io_dtype(state.out_dtype), device=device)
     P = frames * geo.H * geo.W
     cfg = grad_input_config(geo.C_in, geo.C_out, P)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]), triton.cdiv(geo.C_in, cfg["BLOCK_N"]))
@@ -398,7 +376,7 @@ class BinWConv2dLIFFunction(torch.autograd.Function):
         info = ctx.state
         res_cl = saved_res  # a spiking residual's bits are read as they are by the backward scan
         if info.has_res and not info.res_bits:
-            res_cl = to_channels_last(saved_res.detach(), _io_dtype(info.res_dtype))
+            res_cl = to_channels_last(saved_res.detach(), io_dtype(info.res_dtype))
         state = replace(info, saved_x=saved_x, y=y, tern=unpack_ternary(mask_bits, sign_bits, weight.shape),
                         alpha=alpha, a=a, b=b, bn=None if mean is None else BatchStats(mean, rstd), res_cl=res_cl)
         grads = conv_lif_backward(state, grad_spikes, weight, scores, scale, ctx.needs_input_grad[:6])

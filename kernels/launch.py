@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from binwslt import batchnorm
+from binwslt.spikes import is_spikes
 from binwslt.subnet import Subnet
 
 INT32_LIMIT = 2 ** 31 - 1
@@ -137,6 +138,22 @@ def kernel_input_dtype(x: torch.Tensor, is_spike: bool) -> torch.dtype:
     return torch.float16 if x.dtype == torch.float16 else torch.float32
 
 
+def prepare_input(x: torch.Tensor, direct: bool, layout):
+    """The kernel input and its flags ``(x_k, is_spike, dot_fp16)``: ``x_k = layout(x.detach(), dtype)`` with
+    dtype from `kernel_input_dtype` (``layout`` puts it in the launcher's memory layout). Spike-ness from the dtype
+    or a fused layer's mark (binwslt.spikes.is_spikes), never from the values; a direct-encoded input is analog."""
+    is_spike = (not direct) and is_spikes(x)
+    x_k = layout(x.detach(), kernel_input_dtype(x, is_spike))
+    return x_k, is_spike, x_k.dtype == torch.float16
+
+
+def io_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the kernels read/write a caller tensor (residual, gradient) in: its own for fp32/fp16/bf16, fp32 for a
+    float64 one (only a residual or a gradient reaches here as float64: the output and x are never float64) and for
+    bool/uint8/int8 spikes."""
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
 def check_float64(x: torch.Tensor, op: str) -> None:
     """The float64 policy (binwslt.backends.resolve_backend) sends float64 x to the torch backend: here it is an
     error, never a silent computation in fp32."""
@@ -147,4 +164,4 @@ def check_float64(x: torch.Tensor, op: str) -> None:
 
 __all__ = ["INT32_LIMIT", "check_int32", "device_sms", "device_arch", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
            "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input_dtype",
-           "check_float64"]
+           "prepare_input", "io_dtype", "check_float64"]

@@ -20,18 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from binwslt.config import SURROGATE_DEFAULT_ALPHA
+from binwslt.surrogate import SURROGATE_CODES
 
 from .tiles import LIF_BLOCK, LIF_NUM_WARPS
 
-# The SURROGATE constexpr: the surrogate's index in the one table of surrogates and their default sharpness
-# (binwslt.config.SURROGATE_DEFAULT_ALPHA: atan 0, sigmoid 1, triangle 2, as surrogate_grad below branches).
-SURROGATE_CODES = {name: code for code, name in enumerate(SURROGATE_DEFAULT_ALPHA)}
-assert SURROGATE_CODES == {"atan": 0, "sigmoid": 1, "triangle": 2}, SURROGATE_CODES
-
 
 def surrogate_code(name):
-    """Map a surrogate name ("atan", "sigmoid", "triangle") to the integer SURROGATE constexpr."""
+    """Map a surrogate name ("atan", "sigmoid", "triangle") to the integer SURROGATE constexpr
+    (binwslt.surrogate.SURROGATE_CODES, as surrogate_grad below branches)."""
     try:
         return SURROGATE_CODES[name]
     except (KeyError, TypeError):

@@ -38,11 +38,11 @@ import triton
 from binwslt.batchnorm import BatchStats
 from binwslt.bits import pack_ternary, unpack_ternary
 from binwslt.config import LIFConfig
-from binwslt.spikes import is_spikes, mark_spikes, spike_output_dtype
+from binwslt.spikes import mark_spikes, spike_output_dtype
 
 from .gemm import SPLIT_BY_PRECISION
 from .launch import bn_forward, check_float64, check_int32, device_sms, epilogue_backward, grad_multiplier, \
-    kernel_input_dtype, plain_affine, subnet_operands, y_dtype
+    io_dtype, plain_affine, prepare_input, subnet_operands, y_dtype
 from .lif import neuron_params
 from .conv_lif_bwd import bn_grad_fold_kernel
 from .linear_lif_kernels import binary_linear_lif_fwd_kernel, linear_grad_input_kernel, \
@@ -81,20 +81,8 @@ class LinearLIFState:
 
 
 def _io(t):
-    """A caller tensor (residual) as the kernels read it: contiguous, fp32 unless fp32/fp16/bf16."""
-    if t is None:
-        return None
-    t = t.detach()
-    return t.contiguous() if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float().contiguous()
-
-
-def _prepare_input(x, direct):
-    """Kernel input [T_y, N, K] (contiguous), is_spike, dot_fp16. Spike-ness from the dtype or a fused layer's mark
-    (binwslt.spikes.is_spikes), never from the values."""
-    frames = x.unsqueeze(0) if direct else x
-    is_spike = (not direct) and is_spikes(x)
-    x_k = frames.detach().to(kernel_input_dtype(x, is_spike)).contiguous()
-    return x_k, is_spike, x_k.dtype == torch.float16
+    """A caller tensor (residual) as the kernels read it: contiguous, in `io_dtype` (None stays None)."""
+    return None if t is None else t.detach().to(io_dtype(t.dtype)).contiguous()
 
 
 def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
@@ -107,7 +95,8 @@ def linear_lif_forward(x, weight, scores, prune_rate, *, scale, shift, residual,
     device = x.device
     p = neuron_params(neuron)
     tern, alpha = subnet_operands(weight, scores, prune_rate, subnet)
-    x_k, is_spike, dot_fp16 = _prepare_input(x, direct)
+    # kernel input [T_y, N, K] contiguous (T_y = 1 for a direct-encoded [N, K])
+    x_k, is_spike, dot_fp16 = prepare_input(x, direct, lambda t, dtype: t.to(dtype).contiguous().view(-1, N, K))
     T_y = x_k.shape[0]
     check_int32("linear", x=x_k.numel(), output=T * N * C, weight=C * K)
     out = torch.empty((T, N, C), dtype=spike_output_dtype(x.dtype), device=device)

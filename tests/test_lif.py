@@ -56,6 +56,18 @@ def test_surrogates_hand_values():
     assert tri.tolist() == pytest.approx([1.0, 0.5, 0.0])
 
 
+def test_surrogate_codes_one_table():
+    # the codes the Triton kernels and the C++ scans branch on come from binwslt.surrogate, one entry per surrogate
+    # LIFConfig accepts, in the order of its default-sharpness table
+    from binwslt import _cpu_ext
+    from binwslt.config import SURROGATE_DEFAULT_ALPHA
+    from binwslt.surrogate import SURROGATE_CODES
+
+    assert list(SURROGATE_CODES) == list(SURROGATE_DEFAULT_ALPHA)
+    assert sorted(SURROGATE_CODES.values()) == list(range(len(SURROGATE_CODES)))
+    assert _cpu_ext.SURROGATE_CODES is SURROGATE_CODES  # the Triton kernels': tests/test_triton_lif.py
+
+
 def test_hand_computed_bptt_single_step():
     # one step, U = I: dL/dI = dL/dS * σ'(I - V_th)
     x = torch.tensor([[0.8]], requires_grad=True)

@@ -102,6 +102,14 @@ def test_lif_helpers_reject_unknown_surrogate():
         surrogate_code("relu")
 
 
+def test_lif_surrogate_codes_are_the_one_table():
+    from binwslt.kernels import lif as triton_lif
+    from binwslt.surrogate import SURROGATE_CODES
+
+    assert triton_lif.SURROGATE_CODES is SURROGATE_CODES
+    assert [triton_lif.surrogate_code(name) for name in SURROGATE_CODES] == list(SURROGATE_CODES.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("surrogate,reset", list(itertools.product(["atan", "sigmoid", "triangle"], RESETS)))
 def test_lif_gpu_large(surrogate, reset):
