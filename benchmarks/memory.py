@@ -6,7 +6,7 @@ advantage is visible without a GPU. Both count every tensor once, at its element
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -45,26 +45,37 @@ def _sizes(shape, timesteps: int, batch: int):
     return x_elems, w_elems, out_elems, conv_elems
 
 
-def fused_traffic(shape, timesteps: int, batch: int, *, batch_norm: bool = True, spike_in_bytes: int = 1,
-                  analog_in_bytes: int = FLOAT_BYTES, weight_bytes: int = 1, out_bytes: int = FLOAT_BYTES,
-                  y_bytes: int = 4) -> int:
+def fused_traffic(shape, timesteps: int, batch: int, *, batch_norm: bool = True, training: bool = True,
+                  spike_in_bytes: int = 1, analog_in_bytes: int = FLOAT_BYTES, weight_bytes: int = 1,
+                  out_bytes: int = FLOAT_BYTES, y_bytes: Optional[int] = None) -> int:
     """Modelled bytes one fused forward reads and writes for ``shape`` (a `shapes.LayerShape`) at T, N.
 
     Reads the input once (int8 spikes: ``spike_in_bytes``; a direct-encoded image: ``analog_in_bytes``), the
     ternary weight once (int8), the per-channel scale and shift (fp32), writes the output spikes once
     (``out_bytes``: the API returns spikes in x's float dtype), reads a residual once (fp32) if the layer has
     one. The membrane lives in registers. Training BatchNorm needs the batch statistics before any neuron
-    fires, so the kernel's first pass writes the exact pre-activation y (``y_bytes``, int32) and the second
-    pass reads it back: ``+ 2·E·y_bytes``.
+    fires, so the kernel's first pass writes the exact pre-activation y and the second pass reads it back:
+    ``+ 2·E·y_bytes`` (``y_bytes`` default: what the kernels store, int16 for spikes up to a fan-in of 32767,
+    int32 beyond, fp32 for a direct-encoded image; kernels/launch.py y_dtype). ``training``: the forward of a
+    training step also packs its input spikes to bits for backward, in the forward kernel itself (kernels/
+    spike_bits.py): it reads the input once more and writes one bit per element, ``+ X·spike_in_bytes`` and the bits,
+    ``cdiv(C_in, 8)`` bytes per input row padded to whole int32 words; a direct-encoded image is saved as it is. A spiking residual's bits (packed by
+    the kernel that reads it) are not counted: the shape does not say whether its residual is spikes.
     """
     x_elems, w_elems, out_elems, _ = _sizes(shape, timesteps, batch)
     in_bytes = analog_in_bytes if shape.direct else spike_in_bytes
+    if y_bytes is None:
+        fan_in = shape.in_channels * shape.kernel * shape.kernel  # a linear layer's kernel is 1
+        y_bytes = FLOAT_BYTES if shape.direct else (2 if fan_in <= 32767 else 4)
     total = x_elems * in_bytes + w_elems * weight_bytes + 2 * shape.out_channels * FLOAT_BYTES
     total += out_elems * out_bytes
     if shape.residual:
         total += out_elems * FLOAT_BYTES
     if batch_norm:
         total += 2 * out_elems * y_bytes
+    if training and not shape.direct:
+        rows = x_elems // shape.in_channels  # bits: rows of cdiv(C_in, 8) bytes in whole int32 words
+        total += x_elems * spike_in_bytes + -(-rows * -(-shape.in_channels // 8) // 4) * 4
     return total
 
 

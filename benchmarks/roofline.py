@@ -7,7 +7,9 @@ Nothing here is measured: for every fused layer of VGG-11 (shapes read off the m
 every kernel a training step with training BatchNorm launches (forward and backward), the script counts the
 tensor-core operations (2 per multiply-accumulate, times the number of bf16 terms the split-precision GEMMs run,
 kernels/gemm.py) and the compulsory HBM bytes (each tensor the kernel reads or writes, once: re-reads of im2col
-rows and weight tiles are assumed to hit L2), and predicts ``max(ops / peak, bytes / bandwidth)`` against the
+rows and weight tiles are assumed to hit L2; the forward kernels' packing of their input spikes to bits for
+backward re-reads the input and writes the bits, the backward kernels read the bits: there is no separate pack or
+unpack pass), and predicts ``max(ops / peak, bytes / bandwidth)`` against the
 H200's datasheet ceilings; a Triton kernel whose grid (from the launchers' tile policy, kernels/tiles.py, with the
 H200's 132 SMs) has fewer programs than SMs runs on that fraction of the chip, so its time is divided by
 ``programs / 132`` (grid fill), and the conv grad-weight's split pixel reduction adds its fp32 partial results
@@ -39,6 +41,10 @@ from binwslt.kernels.memory import CEILINGS, HBM_BYTES_PER_S  # noqa: E402
 H200_SMS = 132
 SPLIT_TERMS = 3  # grad_precision="split": the fp32 operand as three bf16 terms (kernels/gemm.py)
 BOTH_SPLIT_TERMS = 3  # both operands fp32 (direct first layer's grad-weight): tf32x3, three TF32 dots
+# Bytes per input spike of the forward kernels' own bit packing for backward (kernels/spike_bits.py
+# pack_bits_rows): the int8 input read once more (after the program's GEMM, by rows other than its tile's, so not
+# assumed to hit L2) and one bit written. The backward kernels read those bits (1/8 byte), unpacked in their loads.
+PACK_BYTES = 1 + 1 / 8
 
 
 @dataclass
@@ -97,9 +103,10 @@ def binwslt_costs(shape, T, N):
     else:
         fwd_ops, fwd_unit, x_bytes = 2 * s["macs"], "int8", 1
         add("glue: spikes fp32 -> int8 channels-last", 0, s["x"] * (4 + 1), "fp32")
-        add("glue: pack input bits for backward", 0, s["x"] * (1 + 1 / 8), "fp32")
-    add("fwd: int8 conv + y + BN tile sums" if not shape.direct else "fwd: split conv + y + BN tile sums",
-        fwd_ops, s["x"] * x_bytes + s["w"] + s["y"] * y_bytes, fwd_unit, _grid(m, c_out, fwd))
+    # spikes: the forward kernel also packs its input to bits for backward (kernels/spike_bits.py)
+    pack = s["x"] * PACK_BYTES if not shape.direct else 0
+    add("fwd: int8 conv + y + BN tile sums + input bits" if not shape.direct else "fwd: split conv + y + BN tile sums",
+        fwd_ops, s["x"] * x_bytes + s["w"] + s["y"] * y_bytes + pack, fwd_unit, _grid(m, c_out, fwd))
     add("fwd: BN-folded LIF scan (spikes fp32)", 0, s["y"] * y_bytes + s["out"] * 4, "fp32", scan_programs)
     # backward scan: y read twice (recompute, then dL/dI*y), dL/dspikes read, U parked in g and read back, g written
     add("bwd: LIF scan (recompute + BPTT)", 0, s["y"] * y_bytes * 2 + s["out"] * (4 + 4 + 4 + 4), "fp32",
@@ -111,16 +118,17 @@ def binwslt_costs(shape, T, N):
         gi = tiles.grad_input_config(c_in, c_out, pixels, interpret=False)
         add("bwd: grad-input GEMM (3 bf16 terms)", 2 * s["macs"] * SPLIT_TERMS, g_elems * 4 + s["x"] * 4 + s["w"],
             "bf16", _grid(pixels, c_in, gi))
-        add("glue: unpack input bits", 0, s["x"] * (1 / 8 + 1), "fp32")
     terms, unit = (BOTH_SPLIT_TERMS, "tf32") if shape.direct else (SPLIT_TERMS, "bf16")
-    # reads g and x, the fp32 weight and scores of the straight-through epilogue; writes the fp32 score gradient,
-    # as one fp32 partial per split of the pixel reduction, which the host's sum reads back
+    # reads g and x (spikes: the saved bits, unpacked in its loads; the image: fp32), the fp32 weight and scores of
+    # the straight-through epilogue; writes the fp32 score gradient, as one fp32 partial per split of the pixel
+    # reduction, which the host's sum reads back
+    x_saved = 4 if shape.direct else 1 / 8
     p = g_elems // c_out
     gw = tiles.grad_weight_config(c_in, c_out, p, interpret=False, arch=90)
     gw_tiles = k * k * _grid(c_in, c_out, gw)
     split = tiles.grad_weight_split(gw_tiles, p, gw["BLOCK_K"], H200_SMS)
     add(f"bwd: grad-weight GEMM ({terms} {unit} dots, {split} split{'s' if split > 1 else ''})", 2 * s["macs"] * terms,
-        g_elems * 4 + s["x"] * x_bytes + s["w"] * 4 * (3 + 2 * split), unit, gw_tiles * split)
+        g_elems * 4 + s["x"] * x_saved + s["w"] * 4 * (3 + 2 * split), unit, gw_tiles * split)
     return out
 
 
@@ -134,14 +142,15 @@ def binwslt_linear_costs(shape, T, N):
     scan = _grid(N, c, tiles.linear_scan_config(N, c, interpret=False, sms=H200_SMS))
     gi = _grid(rows, k, tiles.linear_gemm_config(rows, k, interpret=False, sms=H200_SMS))
     gw = _grid(c, k, tiles.linear_gemm_config(c, k, interpret=False, sms=H200_SMS))
-    out.append(KernelCost(name, "binwslt", "fwd: int8 GEMM + y + BN sums", 2 * macs, x + w + yb * 2, "int8", fwd))
+    out.append(KernelCost(name, "binwslt", "fwd: int8 GEMM + y + BN sums + input bits", 2 * macs,
+                          x + w + yb * 2 + x * PACK_BYTES, "int8", fwd))
     out.append(KernelCost(name, "binwslt", "fwd: LIF scan", 0, yb * (2 + 4), "fp32", scan))
     out.append(KernelCost(name, "binwslt", "bwd: LIF scan (recompute + BPTT)", 0, yb * (2 * 2 + 4 * 4), "fp32", scan))
     out.append(KernelCost(name, "binwslt", "bwd: BN grad fold", 0, yb * (4 + 2 + 4), "fp32"))
     out.append(KernelCost(name, "binwslt", "bwd: grad-input GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x * 4, "bf16",
                           gi))
-    out.append(KernelCost(name, "binwslt", "bwd: grad-weight GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x + w * 8,
-                          "bf16", gw))
+    out.append(KernelCost(name, "binwslt", "bwd: grad-weight GEMM", 2 * macs * SPLIT_TERMS, yb * 4 + x / 8 + w * 8,
+                          "bf16", gw))  # x: the saved bits, unpacked in its loads
     return out
 
 

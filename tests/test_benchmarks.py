@@ -23,9 +23,12 @@ def test_fused_traffic_by_hand():
     w = 16 * 8 * 9               # int8 ternary weight
     affine = 2 * 16 * 4          # fp32 scale and shift
     out = 2 * 3 * 16 * 100 * 4   # fp32 spikes out
-    y = 2 * 2 * 3 * 16 * 100 * 4  # BN two-pass: int32 y written and read back
-    assert memory.fused_traffic(s, 2, 3, batch_norm=False) == x + w + affine + out
-    assert memory.fused_traffic(s, 2, 3) == x + w + affine + out + y
+    y = 2 * 2 * 3 * 16 * 100 * 2  # BN two-pass: int16 y (fan-in 72) written and read back
+    pack = x + 2 * 3 * 100 * 1   # training: the input read again by the kernel's packing, 1 byte of bits per row
+    assert memory.fused_traffic(s, 2, 3, batch_norm=False, training=False) == x + w + affine + out
+    assert memory.fused_traffic(s, 2, 3, training=False) == x + w + affine + out + y
+    assert memory.fused_traffic(s, 2, 3) == x + w + affine + out + y + pack
+    assert memory.fused_traffic(s, 2, 3, y_bytes=4) == x + w + affine + out + 2 * y + pack
 
 
 def test_eager_traffic_by_hand():
@@ -43,6 +46,7 @@ def test_traffic_direct_and_residual_by_hand():
     s = shapes.LayerShape("m", 0, "conv", 3, 4, 6, 6, 3, 1, 1, direct=True, residual=True)
     T, N = 4, 2
     E, frames_out = T * N * 4 * 36, N * 4 * 36
+    # fp32 image, fp32 y; the image is saved as it is (no packing)
     fused = N * 3 * 36 * 4 + 4 * 3 * 9 + 2 * 4 * 4 + E * 4 + E * 4 + 2 * E * 4
     assert memory.fused_traffic(s, T, N) == fused
     eager = (N * 3 * 36 + 4 * 3 * 9 + frames_out) * 4 + (frames_out + E) * 4 + 3 * E * 4 + 2 * 4 * 4 \
@@ -51,8 +55,10 @@ def test_traffic_direct_and_residual_by_hand():
 
 
 def test_linear_traffic_by_hand():
-    s = shapes.LayerShape("m", 0, "linear", 32, 8)
-    assert memory.fused_traffic(s, 2, 5, batch_norm=False) == 2 * 5 * 32 + 8 * 32 + 2 * 8 * 4 + 2 * 5 * 8 * 4
+    s = shapes.LayerShape("m", 0, "linear", 33, 8)  # K = 33: 5 bytes of bits per row, 10 rows = 50 -> 52
+    base = 2 * 5 * 33 + 8 * 33 + 2 * 8 * 4 + 2 * 5 * 8 * 4
+    assert memory.fused_traffic(s, 2, 5, batch_norm=False, training=False) == base
+    assert memory.fused_traffic(s, 2, 5, batch_norm=False) == base + 2 * 5 * 33 + 52
 
 
 # ------------------------------------------------------------------------------------------ saved bytes
