@@ -392,10 +392,11 @@ def _fused_epilogue_ext(y, residual, dtype):
     return _ext_for(y, (dtype, torch.int16, torch.int32))
 
 
-def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype, want_u8):
+def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype, want_u8, over_y=False):
     """Spikes ``[T, N, C, ...]`` (y's frame layout) of the current ``a·y + b (+ residual)`` in one compiled pass,
     y as ``y_save_dtype`` (int16/int32, y's layout) when asked, and the spikes as uint8 (their shape and strides)
-    when ``want_u8`` (None otherwise for both)."""
+    when ``want_u8`` (None otherwise for both). ``over_y``: the spikes overwrite y (not direct; y is not needed
+    after: no fresh pages for them, which cost more than the pass on a VM)."""
     C, inner = _frame_layout(y)
     shape, strides = _sequence_geometry(y, T, direct)
     res = None if residual is None else _flat_as(residual, shape, strides, y.dtype)
@@ -403,7 +404,7 @@ def _fused_forward(ext, y, a, b, residual, T, direct, neuron, y_save_dtype, want
     u8 = torch.empty(torch.Size(shape).numel(), dtype=torch.uint8) if want_u8 else None
     out = ext.epilogue_forward(_flat(y), _vector(a, C, y.dtype), _vector(b, C, y.dtype), res, T, direct, C, inner,
                                neuron.decay, neuron.threshold, neuron.v_reset, neuron.decay_input,
-                               None if y_save is None else _flat(y_save), u8)
+                               None if y_save is None else _flat(y_save), u8, _flat(y) if over_y else None)
     u8 = None if u8 is None else torch.as_strided(u8, shape, strides)
     return torch.as_strided(out, shape, strides), y_save, u8
 
@@ -529,8 +530,9 @@ class _BinWLIF(torch.autograd.Function):
         y_dtype = torch.int16 if weight[0].numel() <= 32767 else torch.int32
         ext = _fused_epilogue_ext(y, residual, y.dtype)
         if ext is not None:  # current, scan, spikes (also as uint8 for the next int8 layer), the int16 y: one pass
+            over_y = not direct and (save_integer or not needs_backward)  # y is dead after this pass
             spikes, y_saved, spikes_u8 = _fused_forward(ext, y, a, b, residual, T, direct, neuron,
-                                                        y_dtype if save_integer else None, _int8_forward(y))
+                                                        y_dtype if save_integer else None, _int8_forward(y), over_y)
             if spikes_u8 is not None:
                 attach_uint8(spikes, spikes_u8)
         else:

@@ -365,13 +365,14 @@ void check_flat(const c10::optional<torch::Tensor>& t, int64_t numel, c10::Scala
 
 // Forward. y: flat float32/float64 (see above); a: [C], b: [C] or None, of y's dtype; residual: [T·S] or None.
 // y_save: None, or an int16/int32 flat tensor of y's size that receives y (exact integers); spikes_u8: None, or a
-// flat uint8 tensor [T·S] that receives the spikes as 0/1 bytes too (what the next int8 layer reads). Returns
-// spikes [T·S].
+// flat uint8 tensor [T·S] that receives the spikes as 0/1 bytes too (what the next int8 layer reads); out: None,
+// or where the spikes go (flat [T·S] of y's dtype; may be y itself when y is not needed afterwards: every value is
+// read before the spike of its index is written). Returns spikes [T·S].
 torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<torch::Tensor> b,
                                c10::optional<torch::Tensor> residual, int64_t T, bool direct, int64_t C,
                                int64_t inner, double decay, double threshold, c10::optional<double> v_reset,
                                bool decay_input, c10::optional<torch::Tensor> y_save,
-                               c10::optional<torch::Tensor> spikes_u8) {
+                               c10::optional<torch::Tensor> spikes_u8, c10::optional<torch::Tensor> out) {
   const Geometry g = make_geometry(y, T, direct, C, inner);
   check_flat(a, C, y.scalar_type(), "a");
   check_flat(b, C, y.scalar_type(), "b");
@@ -383,7 +384,8 @@ torch::Tensor epilogue_forward(torch::Tensor y, torch::Tensor a, c10::optional<t
   if (spikes_u8.has_value())
     TORCH_CHECK(spikes_u8->is_contiguous() && spikes_u8->numel() == T * g.S && spikes_u8->scalar_type() == torch::kByte,
                 "epilogue_forward: spikes_u8 must be a flat uint8 tensor of the spikes' size");
-  auto spikes = torch::empty({T * g.S}, y.options());
+  check_flat(out, T * g.S, y.scalar_type(), "out");
+  auto spikes = out.has_value() ? *out : torch::empty({T * g.S}, y.options());
   const bool wide = y_save.has_value() && y_save->scalar_type() == torch::kInt;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "epilogue_forward", [&] {
     const auto p = make_lif<scalar_t>(decay, threshold, v_reset, decay_input);
