@@ -275,11 +275,12 @@ class _ConvMap:
         """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
         return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
 
-    def grads_amx(self, input_shape, frames, tern, alpha, grad, fold, want_input, want_weight):
-        """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`)."""
+    def grads_amx(self, input_shape, bits, channels_last, tern, alpha, grad, fold, want_input, want_weight):
+        """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`) from the saved input bits."""
         return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0],
                               packed=amx.pack_weight(tern) if want_input else None,
-                              frames=frames if want_weight else None, scale=float(alpha), fold=fold)
+                              bits=bits if want_weight else None, channels_last=channels_last, scale=float(alpha),
+                              fold=fold)
 
     def grad_input(self, input_shape, w, grad):
         if grad.is_contiguous(memory_format=torch.channels_last):
@@ -586,13 +587,13 @@ class _BinWLIF(torch.autograd.Function):
             ctx.linear_map.amx_ready(tern.shape)
         fold = _amx_fold(g, y, coeff, scale) if on_amx else None
         grad_cur = g if on_amx else _fold_gradient(ext, g, y, coeff, scale)
-        frames = _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, torch.bfloat16 if on_amx else dtype) \
-            if ctx.spiking_input else saved_x
+        frames = saved_x if not ctx.spiking_input else None if on_amx else \
+            _unpack_frames(saved_x, ctx.frames_shape, ctx.channels_last, dtype)  # AMX reads the bits
         want_input, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_x = grad_weff = None
         if on_amx and (want_input or want_weight):  # both in one pass over the frames
-            grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, frames, tern, alpha, grad_cur, fold,
-                                                         want_input, want_weight)
+            grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, saved_x, ctx.channels_last, tern, alpha,
+                                                         grad_cur, fold, want_input, want_weight)
         elif want_input and low is None:
             grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
         elif want_input:

@@ -8,6 +8,7 @@ import torch
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from binwslt import amx, cpu
+from binwslt.bits import pack_bits
 
 from helpers import assert_close_grads, randn, run_layer, spikes
 
@@ -21,7 +22,13 @@ CASES = [  # frames, C_in, C_out, H, W, k, padding: odd channel counts (not mult
     (3, 40, 20, 6, 5, 3, 2),
     (2, 33, 65, 5, 9, 5, 2),
     (2, 7, 9, 6, 6, 5, 1),
+    (2, 21, 5, 3, 37, 3, 1),  # rows wider than 32 pixels
 ]
+
+
+def _bits(frames, layout):
+    """The frames' spikes as the torch backend saves them: bits in memory order ([F, H, W, C] when channels-last)."""
+    return pack_bits(frames.permute(0, 2, 3, 1) if layout == torch.channels_last else frames)
 
 
 def _relative(got, want):
@@ -42,12 +49,12 @@ def test_backward_convolutions_match_float64(case):
         want_x = conv2d_input(x.shape, tern.double(), g.double(), padding=p)
         want_w = conv2d_weight(x.double(), tern.shape, g.double(), padding=p)
         fp32_x = conv2d_input(x.shape, tern, g, padding=p)
-        packed, x_l = amx.pack_weight(tern), x.contiguous(memory_format=layout)
-        got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, frames=x_l, scale=0.5)
+        packed, bits, cl = amx.pack_weight(tern), _bits(x, layout), layout == torch.channels_last
+        got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, bits=bits, channels_last=cl, scale=0.5)
         assert got_x.shape == x.shape and got_w.shape == tern.shape
         # each alone: the same bits (with "same" padding the pair shares the staged g, else each stages its own)
         assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, packed=packed, scale=0.5)[0], got_x)
-        assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, frames=x_l)[1], got_w)
+        assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, bits=bits, channels_last=cl)[1], got_w)
         # fp32 accuracy: within a few ulps of the largest value, like an fp32 convolution
         assert _relative(got_x, 0.5 * want_x) < 4 * max(_relative(fp32_x, want_x), 2 ** -24)
         assert _relative(got_w, want_w) < 1e-6
@@ -85,12 +92,14 @@ def test_fold_while_staging_equals_folding_first(y_dtype):
         folded = g.clone()
         ext.epilogue_fold(flat(folded), flat(y), c1, k2, k3, C_out, 1)
         packed = amx.pack_weight(tern)
-        want_x, want_w = amx.conv_grads(folded, x.shape, k, p, packed=packed, frames=x)
+        bits = _bits(x, torch.channels_last)
+        want_x, want_w = amx.conv_grads(folded, x.shape, k, p, packed=packed, bits=bits, channels_last=True)
         # channels-last g and y take the vector staging, NCHW the scalar one: the same bits either way
         for layout in (torch.channels_last, torch.contiguous_format):
             g_l = g.contiguous(memory_format=layout)
             fold_l = fold._replace(y=None if fold.y is None else fold.y.contiguous(memory_format=layout))
-            got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, frames=x, fold=fold_l)
+            got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, bits=bits, channels_last=True,
+                                          fold=fold_l)
             assert torch.equal(got_x, want_x) and torch.equal(got_w, want_w)
 
 
@@ -103,7 +112,7 @@ def test_torch_backend_runs_its_backward_on_amx(case, epilogue, monkeypatch):
     calls = []
     original = amx.conv_grads
     monkeypatch.setattr(amx, "conv_grads", lambda *a, **kw: calls.append(
-        (kw["packed"] is not None, kw["frames"] is not None)) or original(*a, **kw))
+        (kw["packed"] is not None, kw["bits"] is not None)) or original(*a, **kw))
     x, weight, scores = spikes(T, N, C_in, H, W, seed=7), randn(C_out, C_in, k, k, seed=8), \
         randn(C_out, C_in, k, k, seed=9)
     kw = dict(stride=1, padding=p, batch_norm=True) if epilogue == "batch_norm" else \

@@ -245,6 +245,48 @@ __attribute__((target("amx-tile,amx-bf16"))) void grad_weight_block(
 
 inline int64_t round32(int64_t n) { return (n + 31) / 32 * 32; }
 
+// n <= 32 bits of a little-endian bit array from bit position pos (never reads past the byte of the last bit).
+inline uint32_t read_bits(const uint8_t* bits, int64_t pos, int64_t n) {
+  const uint8_t* b = bits + pos / 8;
+  const int64_t shift = pos % 8, nbytes = (shift + n + 7) / 8;
+  uint64_t v = 0;
+  for (int64_t i = 0; i < nbytes; ++i) v |= uint64_t(b[i]) << (8 * i);
+  return uint32_t((v >> shift) & ((uint64_t(1) << n) - 1));
+}
+
+// One frame of packed spikes (binwslt.bits order: frame f of [F, Ci, H, W], or of [F, H, W, Ci] when channels_last)
+// as bf16 0/1 into the interior of the padded x^T rows xt[c * x_row + (h + p) * Wx + w + p]; the padding is left
+// as it is (zero).
+__attribute__((target("avx512f,avx512bw")))
+void stage_spikes(const uint8_t* bits, bool channels_last, int64_t f, int64_t Ci, int64_t H, int64_t W, int64_t p,
+                  int64_t Wx, int64_t x_row, uint16_t* xt) {
+  const __m512i one = _mm512_set1_epi16(0x3F80);  // bf16 1.0
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w0 = 0; w0 < W; w0 += 32) {
+      const int64_t n = std::min<int64_t>(32, W - w0);
+      const __mmask32 valid = n == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      uint16_t* dst = xt + (h + p) * Wx + w0 + p;
+      if (!channels_last) {
+        for (int64_t c = 0; c < Ci; ++c) {
+          const __mmask32 m = read_bits(bits, ((f * Ci + c) * H + h) * W + w0, n);
+          _mm512_mask_storeu_epi16(dst + c * x_row, valid, _mm512_maskz_mov_epi16(m, one));
+        }
+        continue;
+      }
+      // 32 pixels x 16 channels: each pixel's 16 channel bits in one 16-bit lane, then one mask per channel
+      for (int64_t c0 = 0; c0 < Ci; c0 += 16) {
+        const int64_t nc = std::min<int64_t>(16, Ci - c0);
+        alignas(64) uint16_t words[32] = {0};
+        for (int64_t j = 0; j < n; ++j) words[j] = uint16_t(read_bits(bits, ((f * H + h) * W + w0 + j) * Ci + c0, nc));
+        const __m512i v = _mm512_load_si512(words);
+        for (int64_t c = 0; c < nc; ++c) {
+          const __mmask32 m = _mm512_test_epi16_mask(v, _mm512_set1_epi16(int16_t(1 << c)));
+          _mm512_mask_storeu_epi16(dst + (c0 + c) * x_row, valid, _mm512_maskz_mov_epi16(m, one));
+        }
+      }
+    }
+}
+
 // n zeroed 16-bit values on a 64-byte boundary (owned by ``storage``): a tile row that straddles two cache lines
 // costs a second line per row, which measured 2x slower on the grad-weight tiles.
 uint16_t* aligned_zeros(std::vector<uint16_t>& storage, int64_t n) {
@@ -267,10 +309,11 @@ torch::Tensor pack_weight(torch::Tensor w) {
 // Both gradients of y = conv2d(x, w, stride 1, padding p) for input frames [F, Ci, H, W], from g = dL/dy
 // [F, Co, OH, OW] fp32 (any strides; with a fold, dL/dy is the fold of g) with S bf16 terms of g, in one pass over
 // the frames: scale * dL/dx [F, Ci, H, W] fp32 (channels-last) where the packed weight wv (pack_weight) is given,
-// dL/dw [Co, Ci, k, k] fp32 where the input x (bf16, contiguous: spikes are exact in it) is given; undefined
-// tensors for the others. Per frame, g is folded and split once: with "same" padding (k - 1 = 2p) the rows the
+// dL/dw [Co, Ci, k, k] fp32 where the input spikes are given as bits (uint8, binwslt.bits order of the frames in
+// memory order: [F, H, W, Ci] when x_channels_last, else [F, Ci, H, W]); undefined tensors for the others. Per frame, g is folded and split once: with "same" padding (k - 1 = 2p) the rows the
 // grad-weight GEMM reads are a window of the grad-input GEMM's staged g, otherwise it stages its own.
-std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, torch::Tensor g, c10::optional<torch::Tensor> wv,
+std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, bool x_channels_last, torch::Tensor g,
+                                      c10::optional<torch::Tensor> wv,
                                       int64_t Ci, int64_t H, int64_t W, int64_t k, int64_t p, int64_t S, double scale,
                                       c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> c1,
                                       c10::optional<torch::Tensor> c2, c10::optional<torch::Tensor> c3) {
@@ -285,9 +328,8 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, torch::Ten
                 wv->size(1) * 16 == Ci32 && wv->size(2) * 2 == Co32 && wv->size(3) == 16 && wv->size(4) == 2,
                 "conv_grads: wv must be pack_weight of a [Co, Ci, k, k] weight");
   if (want_w)
-    TORCH_CHECK(x->scalar_type() == torch::kBFloat16 && x->is_contiguous() && x->dim() == 4 && x->size(0) == F &&
-                x->size(1) == Ci && x->size(2) == H && x->size(3) == W, "conv_grads: x must be contiguous bf16 "
-                "[F, Ci, H, W]");
+    TORCH_CHECK(x->scalar_type() == torch::kByte && x->is_contiguous() && x->numel() * 8 >= F * Ci * H * W,
+                "conv_grads: x must be the frames' bits, uint8 holding F*Ci*H*W bits");
   // grad-input geometry: g padded by o on the Wp-wide grid, 32-row blocks of flat pixels
   const int64_t Wp = W + k - 1, o = k - 1 - p, qblocks = (H * Wp + 31) / 32, nblocks = Ci32 / 32;
   const int64_t rows_i = qblocks * 32 + (k - 1) * (Wp + 1), block_i = rows_i * 32, term_i = rows_i * Co32;
@@ -311,7 +353,7 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, torch::Ten
     uint16_t* gv = want_w ? aligned_zeros(storage[2], S * term_w) : nullptr;
     uint16_t* xt = want_w ? aligned_zeros(storage[3], Ci32 * x_row) : nullptr;
     const uint16_t* wp = want_x ? reinterpret_cast<const uint16_t*>(wv->data_ptr<at::BFloat16>()) : nullptr;
-    const uint16_t* xp = want_w ? reinterpret_cast<const uint16_t*>(x->data_ptr<at::BFloat16>()) : nullptr;
+    const uint8_t* xp = want_w ? x->data_ptr<uint8_t>() : nullptr;
     float* op = want_x ? out.data_ptr<float>() : nullptr;
     configure();
     for (int64_t t = t0; t < t1; ++t)
@@ -341,9 +383,7 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, torch::Ten
           const uint16_t* src = shared ? stage + (p * Wx + p) * 32 : rows;
           const int64_t src_block = shared ? block_i : R * 32, src_term = shared ? term_i : term_w;
           if (!shared) stage_g(rows, 0, Wx, R * 32, term_w);
-          for (int64_t c = 0; c < Ci; ++c)
-            for (int64_t h = 0; h < H; ++h)
-              std::memcpy(xt + c * x_row + (h + p) * Wx + p, xp + ((f * Ci + c) * H + h) * W, W * 2);
+          stage_spikes(xp, x_channels_last, f, Ci, H, W, p, Wx, x_row, xt);
           for (int64_t s = 0; s < S; ++s)
             interleave_pairs(src + s * src_term, src_block, R / 2, Co32, gv + s * term_w);
           float* acc = part[t].data_ptr<float>();
