@@ -275,10 +275,17 @@ class _ConvMap:
         """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
         return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
 
-    def grads_amx(self, input_shape, bits, channels_last, tern, alpha, grad, fold, want_input, want_weight):
-        """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`) from the saved input bits."""
-        return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0],
-                              packed=amx.pack_weight(tern) if want_input else None,
+    def grads_amx(self, input_shape, bits, channels_last, tern, subnet, alpha, grad, fold, want_input, want_weight):
+        """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`) from the saved input bits; the
+        packed weight is kept in ``subnet.derived`` (a cached `Subnet`, else None) for the next backward."""
+        packed = None
+        if want_input and subnet is None:
+            packed = amx.pack_weight(tern)
+        elif want_input:
+            if "amx" not in subnet.derived:
+                subnet.derived["amx"] = amx.pack_weight(tern)
+            packed = subnet.derived["amx"]
+        return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0], packed=packed,
                               bits=bits if want_weight else None, channels_last=channels_last, scale=float(alpha),
                               fold=fold)
 
@@ -553,6 +560,7 @@ class _BinWLIF(torch.autograd.Function):
         ctx.spiking_input, ctx.frames_shape, ctx.dtype = spiking_input, tuple(frames.shape), x.dtype
         ctx.channels_last = _is_channels_last(frames)
         ctx.linear_map, ctx.neuron, ctx.direct, ctx.cached = linear_map, neuron, direct, cached
+        ctx.subnet = subnet if cached else None  # its derived forms (the AMX packed weight) outlive this call
         ctx.grad_dtype = _low_precision_grads(x.dtype, grad_precision)
         return spikes
 
@@ -592,8 +600,8 @@ class _BinWLIF(torch.autograd.Function):
         want_input, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_x = grad_weff = None
         if on_amx and (want_input or want_weight):  # both in one pass over the frames
-            grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, saved_x, ctx.channels_last, tern, alpha,
-                                                         grad_cur, fold, want_input, want_weight)
+            grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, saved_x, ctx.channels_last, tern,
+                                                         ctx.subnet, alpha, grad_cur, fold, want_input, want_weight)
         elif want_input and low is None:
             grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
         elif want_input:

@@ -131,3 +131,22 @@ def test_fp32_forced_and_ineligible_layers_do_not_take_it(monkeypatch):
     assert not amx.eligible((4, 4, 3, 1), (1, 1), (1, 0))  # not square
     assert not amx.eligible((4, 4, 3, 3), (1, 1), (3, 3))  # padding >= kernel
     assert amx.eligible((4, 4, 3, 3), (1, 1), (1, 1))
+
+
+@needs_amx
+def test_packed_weight_kept_with_the_cached_subnet(monkeypatch):
+    """The grad-input GEMM's packed weight is made once per cached subnet: a second backward with the same scores
+    reuses it, new scores make a new one."""
+    from binwslt.nn import BinWConv2dLIF
+    packs = []
+    original = amx.pack_weight
+    monkeypatch.setattr(amx, "pack_weight", lambda tern: packs.append(tern.shape) or original(tern))
+    layer = BinWConv2dLIF(5, 7, 3, padding=1, backend="torch")
+    x = spikes(2, 3, 5, 6, 6, seed=20).requires_grad_()
+    for _ in range(2):
+        layer(x).sum().backward()
+    assert len(packs) == 1 and x.grad is not None
+    with torch.no_grad():
+        layer.scores.mul_(-1.5)
+    layer(x).sum().backward()
+    assert len(packs) == 2
