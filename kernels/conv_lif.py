@@ -1,7 +1,8 @@
 """Fused binary-weight conv2d + LIF for backend="triton": launchers, autograd Function and the backend entry.
 
 Forward (kernels in ``conv_lif_fwd.py``): the subnet's ternary weight is built once per call; spike inputs are
-converted once to int8 channels-last and convolved with exact int8 x int8 -> int32 dots; every program runs all
+read channels-last in the dtype they come in (a fused layer's output as it is: no cast or copy pass; converted to
+int8 in registers) and convolved with exact int8 x int8 -> int32 dots; every program runs all
 T steps of its output tile with the membrane in registers. Without training BatchNorm this is one kernel and the
 float current never reaches memory. With training BatchNorm, pass 1 stores the exact pre-activation ``y`` and
 per-tile partial sums of y and y^2 (int64 for spikes: exact), the host folds the batch statistics and gamma/beta

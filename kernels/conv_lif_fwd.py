@@ -1,7 +1,8 @@
 """Forward kernels of the fused binary-weight conv2d + LIF op (issue 3).
 
 Every tensor a kernel touches is channels-last and contiguous (the launcher in ``conv_lif.py`` makes it so):
-- input ``x`` ``[T, N, H, W, C_in]`` (int8 spikes, or fp16/fp32 analog); a direct-encoded image is ``[N, H, W, C_in]``.
+- input ``x`` ``[T, N, H, W, C_in]`` (0/1 spikes in int8 or in the float dtype a fused layer returned them in,
+  converted to int8 in registers; or fp16/fp32 analog); a direct-encoded image is ``[N, H, W, C_in]``.
 - ternary weight: int8 ``[KH, KW, C_out, C_in]`` (K-major: the reduction axis C_in contiguous, as the int8 tensor-core
   MMA reads it; the grad-input GEMM reads the same tensor).
 - output spikes, residual, pre-activation ``y``: ``[T, N*OH*OW, C_out]`` (``y``: ``T_y = 1`` when direct; int16/int32
@@ -72,6 +73,8 @@ def conv_tile(x_ptr, w_ptr, frame0, offs_m, offs_n, M, C_in, C_out, H, W, OH, OW
             x_tile = tl.load(tl.multiple_of(x_ptrs, [16, 16]), mask=pix_ok[:, None], other=0)
         else:
             x_tile = tl.load(x_ptrs, mask=pix_ok[:, None] & (c < C_in)[None, :], other=0)
+        if IS_SPIKE:
+            x_tile = x_tile.to(tl.int8)  # 0/1 spikes in any dtype (a fused layer's float output): exact in int8
         if EVEN_K and EVEN_N:
             w_tile = tl.load(tl.multiple_of(w_ptrs, [16, 16]))
         else:

@@ -131,20 +131,28 @@ def derived(subnet: Optional[Subnet], key: str, make):
     return subnet.derived[key]
 
 
-def kernel_input_dtype(x: torch.Tensor, is_spike: bool) -> torch.dtype:
-    """The dtype the kernels read x in: int8 for spikes, fp16 stays fp16, everything else fp32."""
+def kernel_input(x: torch.Tensor, is_spike: bool):
+    """``(x, dtype)``: x (detached) as the forward kernels read it and the dtype the launcher's layout pass must give
+    it. Spikes keep their dtype, so a fused layer's output (fp32/fp16/bf16, marked) reaches the next fused layer's
+    kernel with no cast pass: the kernel converts each loaded tile to int8 in registers (``conv_tile``,
+    ``linear_tile``); bool/uint8 spikes are viewed as int8 (the same 0/1 bytes: the kernels read a uint8 x as saved
+    bits, kernels/spike_bits.py). Analog input: fp16 stays fp16, every other dtype becomes fp32."""
+    x = x.detach()
     if is_spike:
-        return torch.int8
-    return torch.float16 if x.dtype == torch.float16 else torch.float32
+        if x.dtype in (torch.bool, torch.uint8):
+            x = x.view(torch.int8)
+        return x, x.dtype
+    return x, torch.float16 if x.dtype == torch.float16 else torch.float32
 
 
 def prepare_input(x: torch.Tensor, direct: bool, layout):
-    """The kernel input and its flags ``(x_k, is_spike, dot_fp16)``: ``x_k = layout(x.detach(), dtype)`` with
-    dtype from `kernel_input_dtype` (``layout`` puts it in the launcher's memory layout). Spike-ness from the dtype
-    or a fused layer's mark (binwslt.spikes.is_spikes), never from the values; a direct-encoded input is analog."""
+    """The kernel input and its flags ``(x_k, is_spike, dot_fp16)``: ``x_k = layout(x, dtype)`` with x and dtype
+    from `kernel_input` (``layout`` puts it in the launcher's memory layout; it is a view, no pass, when x has it
+    already: a fused layer's spikes reach the next fused layer's kernel as they are). Spike-ness from the dtype or a
+    fused layer's mark (binwslt.spikes.is_spikes), never from the values; a direct-encoded input is analog."""
     is_spike = (not direct) and is_spikes(x)
-    x_k = layout(x.detach(), kernel_input_dtype(x, is_spike))
-    return x_k, is_spike, x_k.dtype == torch.float16
+    x_k = layout(*kernel_input(x, is_spike))
+    return x_k, is_spike, not is_spike and x_k.dtype == torch.float16
 
 
 def io_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,5 +171,5 @@ def check_float64(x: torch.Tensor, op: str) -> None:
 
 
 __all__ = ["INT32_LIMIT", "check_int32", "device_sms", "device_arch", "channel_vec", "y_dtype", "bn_forward", "plain_affine",
-           "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input_dtype",
+           "grad_multiplier", "epilogue_backward", "subnet_operands", "derived", "kernel_input",
            "prepare_input", "io_dtype", "check_float64"]

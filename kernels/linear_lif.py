@@ -6,7 +6,8 @@ the subnet weight ``[C, K]`` is ternary int8 (values -1/0/+1) times a scalar alp
 Row-major ``[.., K]`` inputs and ``[C, K]`` weights are already K-contiguous, so every GEMM tile load is
 coalesced without a layout change; outputs ``[T, N, C]`` are C-contiguous, so spike tiles store coalesced.
 
-Forward. Spike inputs are cast once to int8 and multiplied with int8 ternary weights by ``tl.dot`` into int32
+Forward. Spike inputs are read in the dtype they come in (a fused layer's output as it is: no cast pass),
+converted to int8 in registers and multiplied with int8 ternary weights by ``tl.dot`` into int32
 (exact). Analog inputs use an fp16 dot (fp16 x; ternary weights are exact in fp16) or, for fp32 x, three bf16
 dots of x split into three bf16 terms (kernels/gemm.py; the ternary factor is exact in bf16, so this is fp32
 accurate at tensor-core speed). Each program owns a [BLOCK_M rows x BLOCK_N channels] tile for all T steps:

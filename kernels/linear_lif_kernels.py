@@ -1,6 +1,7 @@
 """@triton.jit kernels of the fused binary-weight linear + LIF (launched by ``linear_lif.py``).
 
-Shapes: x ``[T_y, N, K]`` (int8 spikes, fp16 or fp32 analog; ``T_y = 1`` for a direct-encoded input), the
+Shapes: x ``[T_y, N, K]`` (0/1 spikes in int8, fp32, fp16 or bf16, converted to int8 in registers; fp16 or fp32
+analog; ``T_y = 1`` for a direct-encoded input), the
 ternary weight int8 ``[C, K]`` (values -1/0/+1; K-contiguous like x, so every GEMM tile load is coalesced),
 outputs, residual and the pre-activation y ``[T, N, C]`` (C-contiguous).
 
@@ -44,8 +45,8 @@ def linear_tile(x_ptr, tern_ptr, frame, offs_m, offs_n, N, K, C, IS_SPIKE: tl.co
                      other=0)
         wt = tl.load(tern_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None],
                      mask=k_mask[:, None] & col_mask[None, :], other=0)
-        if IS_SPIKE:
-            acc = tl.dot(xt, wt, acc, out_dtype=tl.int32)
+        if IS_SPIKE:  # 0/1 spikes in any dtype (a fused layer's float output): exact in int8, converted here
+            acc = tl.dot(xt.to(tl.int8), wt, acc, out_dtype=tl.int32)
         elif DOT_FP16:
             acc = tl.dot(xt, wt.to(tl.float16), acc)
         else:

@@ -110,10 +110,14 @@ _CONV_SCAN_ARGS = ["y_ptr", "alpha_ptr", "a_ptr", "b_ptr", "res_ptr", "res_bits_
               "decay", "threshold", "v_reset"]
 # input kind -> (x pointer, y pointer, stats pointer, DOT_FP16, DIRECT)
 _KINDS = {"spike": ("*i8", "*i16", "*i64", False, False), "spike-y32": ("*i8", "*i32", "*i64", False, False),
+          # spikes as a fused layer hands them on (its float output dtype), converted to int8 in the kernel's registers
+          "spike-fp32": ("*fp32", "*i16", "*i64", False, False), "spike-fp16": ("*fp16", "*i16", "*i64", False, False),
+          "spike-bf16": ("*bf16", "*i16", "*i64", False, False),
           "analog-fp32": ("*fp32", "*fp32", "*fp32", False, False),
           "analog-fp16": ("*fp16", "*fp32", "*fp32", True, False),
           "direct-fp32": ("*fp32", "*fp32", "*fp32", False, True),
           "direct-fp16": ("*fp16", "*fp32", "*fp32", True, True)}
+_FLOAT_SPIKES = ("spike-fp32", "spike-fp16", "spike-bf16")
 # mode -> (FIRE, STORE_Y, STATS, STATS_I32, PACK): training without BN (y saved, or memory="recompute"), inference,
 # BatchNorm pass 1 (int32 tile sums, or int64 for fan-ins too large for them), the benchmark baseline; PACK (the
 # saved input spikes packed to bits in the kernel) in training, for spike input only
@@ -143,7 +147,10 @@ def conv_forward_specs():
         kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
         flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), _RESIDUALS, (True, False), (False, True),
                                    ("fp32", "fp16", "bf16")])
-        for cfg, (kind, (kh, kw), mode, res, hard, decay_input, out_type) in variants(cfgs, flag_sets):
+        launches = variants(cfgs, flag_sets)
+        if is_spike:  # fp32 spikes (the widest operand tile in shared memory) on every tile, their first flag set
+            launches = distinct(launches + [(cfg, ("spike-fp32",) + flag_sets[0][1:]) for cfg in cfgs])
+        for cfg, (kind, (kh, kw), mode, res, hard, decay_input, out_type) in launches:
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
             fire, store_y, stats, stats_i32, pack = _MODES[mode]
             has_res, pack_res, res_name = _residual(res, fire, mode.startswith("train"))
@@ -232,7 +239,7 @@ def conv_backward_specs():
     for is_spike in (True, False):
         cfgs = distinct(recompute_scan_config(is_spike, ci, co, m, interpret=False)
                         for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
-        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike and k != "spike-y32"]
+        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike and k not in ("spike-y32",) + _FLOAT_SPIKES]
         flags = one_at_a_time([kinds, (True, False), ((3, 3), (1, 1)), _RESIDUALS, *neuron_flags,
                                ("fp32", "fp16", "bf16")])
         for cfg, (kind, gy, (kh, kw), res, *neuron, io_type) in variants(cfgs, flags):
@@ -311,6 +318,11 @@ def linear_specs():
     specs = []
     # Forward. Inputs: (name, is_spike, direct, x pointer type, dot_fp16, spike output dtypes).
     inputs = [("spike", True, False, "*i8", False, ("fp32", "fp16", "bf16")),
+              # spikes as a fused layer hands them on (its float output), converted to int8 in registers
+              # (fp32 last: the --ci subset compiles the last of a tile's specs, and its operand tile is the widest)
+              ("spike-fp16", True, False, "*fp16", False, ("fp16",)),
+              ("spike-bf16", True, False, "*bf16", False, ("bf16",)),
+              ("spike-fp32", True, False, "*fp32", False, ("fp32",)),
               ("fp32", False, False, "*fp32", False, ("fp32", "bf16")),
               ("fp16", False, False, "*fp16", True, ("fp16",)),
               ("direct-fp32", False, True, "*fp32", False, ("fp32", "bf16")),

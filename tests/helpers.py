@@ -77,3 +77,49 @@ def one_line_error(capsys, command):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith(f"binwslt {command}: error: ") and err.count("\n") == 1, err
     return err
+
+
+def exact_projection(shape, seed=123):
+    """`benchmarks.gpu_check_compare.projection` rounded to multiples of 1/8 (|p| < 8): exact in fp16 and bf16, so a
+    backward driven through fp16/bf16 spikes gets the same dL/dspikes as its fp32 twin."""
+    from benchmarks.gpu_check_compare import projection
+    return (torch.round(projection(shape, seed) * 8.0) / 8.0).clamp(-7.875, 7.875)
+
+
+def compare_spike_dtype(op, x, weight, scores, prune_rate, kw, dtype):
+    """``op`` on backend="triton" with the 0/1 spikes ``x`` (fp32, marked) handed over in ``dtype`` (fp32, fp16,
+    bf16: marked as a fused layer marks its output; uint8) against the reference on the fp32 ``x``: spikes
+    bit-identical (the inputs are dyadic), gradients of the float leaves within rtol 1e-4. x's own gradient comes
+    back in x's dtype: one rounding of the fp32 value, so it is compared within that dtype's epsilon."""
+    from benchmarks.gpu_check_compare import backward
+    want, want_leaves, _ = run_forward(op, "reference", x, weight, scores, prune_rate, kw, device="cpu")
+    x_in = x.to(dtype)
+    if x_in.is_floating_point():
+        x_in = mark_spikes(x_in)
+    got, got_leaves, _ = run_forward(op, "triton", x_in, weight, scores, prune_rate, kw, device=TRITON_DEVICE)
+    assert got.dtype == (dtype if x_in.is_floating_point() else torch.float32), got.dtype
+    assert 0.02 < want.float().mean() < 0.98, f"degenerate test input: firing rate {want.float().mean():.3f}"
+    assert torch.equal(got.detach().float().cpu(), want.detach()), "spikes differ"
+    proj = exact_projection(want.shape)
+    want_grads = backward(want, want_leaves, proj)
+    got_grads = backward(got, got_leaves, proj)
+    assert set(got_grads) == set(want_grads) - ({"x"} if dtype == torch.uint8 else set()), sorted(got_grads)
+    for name, grad in got_grads.items():
+        rtol = torch.finfo(dtype).eps if name == "x" and dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(grad.float().cpu(), want_grads[name], rtol=rtol, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel (monkeypatched into its launcher's module) and records the positional
+    arguments of every launch before launching the kernel itself."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(args)
+            return self.kernel[grid](*args, **kwargs)
+        return launch

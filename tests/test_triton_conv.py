@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
+from helpers import LaunchSpy, compare_spike_dtype, compare_triton_to_reference, exact_projection, randn, saved_bytes, \
+    spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -321,3 +322,66 @@ def test_conv_lif_grad_weight_split_over_pixels(monkeypatch):
     kw["neuron"] = LIFConfig(decay=0.75)
     _compare(x, weight, scores, 0.4, kw, exact=False)
     assert splits and min(splits) >= 2, splits
+
+
+SPIKE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8]
+
+
+@pytest.mark.parametrize("dtype", SPIKE_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(3, 1, 5, 19, 9, 9, 3, 2, 0), (2, 1, 32, 32, 5, 5, 3, 1, 1)], ids=str)
+def test_conv_lif_spike_input_dtypes(case, dtype):
+    """Spikes in every dtype a fused layer or a caller hands over, read by the kernel as they are (converted to
+    int8 in registers): odd channels (masked tiles) and tile multiples (the vectorised path). Spikes bit-identical to
+    the reference on the fp32 twin, gradients within rtol 1e-4."""
+    x, weight, scores, kw = _conv_case(*case, residual=True, seed=case[2])
+    compare_spike_dtype("binw_conv2d_lif", x, weight, scores, 0.4, dict(kw, neuron=LIFConfig(decay=0.75)), dtype)
+
+
+def _conv_chain(backend, x, layers):
+    """Two fused conv layers, the second fed the first's spikes as returned; ``layers``: (weight, scores, kw)."""
+    out = x
+    for weight, scores, kw in layers:
+        out = Fn.binw_conv2d_lif(out, weight, scores, 0.4, neuron=LIFConfig(decay=0.75), backend=backend, **kw)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_conv_lif_chain_hands_spikes_on_without_a_pass(dtype, monkeypatch):
+    """Two fused conv layers: the second layer's forward kernel reads the first layer's output storage itself
+    (data_ptr equality: no cast or layout pass of the spikes between them; before, they were cast to int8
+    channels-last in a pass of their own). Spikes bit-identical to the reference chain, every gradient (x and both
+    layers' scores, scale, shift) within rtol 1e-4 for the fp32 chain."""
+    from binwslt.kernels import conv_lif
+    x = spikes(2, 1, 5, 7, 7, seed=81)
+    layers = []
+    for i, (c_in, c_out) in enumerate(((5, 16), (16, 7))):
+        _, weight, scores, kw = _conv_case(2, 1, c_in, c_out, 7, 7, 3, 1, 1, seed=82 + 10 * i)
+        layers.append((weight, scores, kw))
+    spy = LaunchSpy(conv_lif.binary_conv_lif_fwd_kernel)
+    monkeypatch.setattr(conv_lif, "binary_conv_lif_fwd_kernel", spy)
+
+    def run(backend, x_dtype):
+        leaves = [x.clone().to(x_dtype).requires_grad_(True)]
+        run_layers = []
+        for weight, scores, kw in layers:
+            kw = {k: (v.clone().requires_grad_(True) if k in ("scale", "shift") else v) for k, v in kw.items()}
+            scores = scores.clone().requires_grad_(True)
+            leaves += [scores, kw["scale"], kw["shift"]]
+            run_layers.append((weight, scores, kw))
+        out = _conv_chain(backend, mark_spikes(leaves[0]), run_layers)
+        return out, leaves
+
+    want, want_leaves = run("reference", torch.float32)
+    got, got_leaves = run("triton", dtype)
+    assert [call[0].dtype for call in spy.calls] == [dtype, dtype]
+    first_out = spy.calls[0][7]  # out_ptr of the first launch: the first layer's spikes, channels-last
+    assert spy.calls[1][0].data_ptr() == first_out.data_ptr(), "the second layer's kernel read a copy of the spikes"
+    assert got.dtype == dtype and torch.equal(got.float(), want)
+    assert 0.02 < want.mean() < 0.98
+    if dtype != torch.float32:
+        return  # an fp16 chain's gradient between the layers is fp16 itself (one layer: the dtype test above)
+    proj = exact_projection(want.shape)
+    want_grads = torch.autograd.grad((want * proj.float()).sum(), want_leaves)
+    got_grads = torch.autograd.grad((got * proj.float()).sum(), got_leaves)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"leaf {i}: {m}")

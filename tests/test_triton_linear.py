@@ -3,7 +3,8 @@ import itertools
 
 import pytest
 import torch
-from helpers import compare_triton_to_reference, randn, saved_bytes, spikes
+from helpers import LaunchSpy, compare_spike_dtype, compare_triton_to_reference, exact_projection, randn, saved_bytes, \
+    spikes
 
 from binwslt import functional as Fn
 from binwslt.config import LIFConfig
@@ -203,3 +204,52 @@ def test_linear_lif_training_steps_same_masks():
         for m_ref, m_tri in zip(step_ref, step_tri):
             assert torch.equal(m_ref, m_tri)
     torch.testing.assert_close(torch.tensor(losses_tri), torch.tensor(losses_ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 37, 19), (2, 4, 64, 16)], ids=str)
+def test_linear_lif_spike_input_dtypes(shape, dtype):
+    """Spikes in every dtype a fused layer or a caller hands over, read by the kernel as they are (converted to
+    int8 in registers), odd and tile-multiple K: spikes bit-identical to the reference on the fp32 twin, gradients
+    within rtol 1e-4."""
+    x, weight, scores, kw = _layer_case(*shape, direct=False, analog=False, scale=True, shift=True, residual=True,
+                                        dyadic=True, bn=False, seed=shape[2])
+    compare_spike_dtype("binw_linear_lif", x, weight, scores, 0.4, dict(kw, neuron=LIFConfig(decay=0.75)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_lif_chain_hands_spikes_on_without_a_pass(dtype, monkeypatch):
+    """Two fused linear layers: the second layer's forward kernel reads the first layer's output storage itself
+    (data_ptr equality: no cast pass; before, the spikes were cast to int8 in a pass of their own). Spikes
+    bit-identical to the reference chain; for the fp32 chain every gradient (x, both layers' scores, scale, shift)
+    within rtol 1e-4 (a bf16 chain's gradient between the layers is bf16 itself; one layer: the test above)."""
+    from binwslt.kernels import linear_lif
+    x = spikes(3, 5, 37, seed=91)
+    layers = [_layer_case(3, 5, k, c, direct=False, analog=False, scale=True, shift=True, residual=False,
+                          dyadic=True, bn=False, seed=92 + 10 * i)[1:] for i, (k, c) in enumerate(((37, 24), (24, 9)))]
+    spy = LaunchSpy(linear_lif.binary_linear_lif_fwd_kernel)
+    monkeypatch.setattr(linear_lif, "binary_linear_lif_fwd_kernel", spy)
+
+    def run(backend, x_dtype):
+        leaves = [x.clone().to(x_dtype).requires_grad_(True)]
+        out = mark_spikes(leaves[0])
+        for weight, scores, kw in layers:
+            kw = {k: (v.clone().requires_grad_(True) if k in ("scale", "shift") else v) for k, v in kw.items()}
+            scores = scores.clone().requires_grad_(True)
+            leaves += [scores, kw["scale"], kw["shift"]]
+            out = Fn.binw_linear_lif(out, weight, scores, 0.4, neuron=LIFConfig(decay=0.75), backend=backend, **kw)
+        return out, leaves
+
+    want, want_leaves = run("reference", torch.float32)
+    got, got_leaves = run("triton", dtype)
+    assert [call[0].dtype for call in spy.calls] == [dtype, dtype]
+    assert spy.calls[1][0].data_ptr() == spy.calls[0][6].data_ptr(), "the second layer's kernel read a copy"
+    assert got.dtype == dtype and torch.equal(got.float(), want)
+    assert 0.02 < want.mean() < 0.98
+    if dtype != torch.float32:
+        return
+    proj = exact_projection(want.shape)
+    want_grads = torch.autograd.grad((want * proj.float()).sum(), want_leaves)
+    got_grads = torch.autograd.grad((got * proj.float()).sum(), got_leaves)
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"leaf {i}: {m}")
