@@ -75,7 +75,8 @@ def pack_weight(ternary: torch.Tensor) -> torch.Tensor:
 
 def conv_grads(grad: torch.Tensor, input_shape, kernel_size: int, padding: int, *,
                packed: Optional[torch.Tensor] = None, bits: Optional[torch.Tensor] = None,
-               channels_last: bool = False, scale: float = 1.0, fold: Optional[Fold] = None):
+               channels_last: bool = False, scale: float = 1.0, fold: Optional[Fold] = None,
+               overwrite_grad: bool = False):
     """The backward of ``y = conv2d(x, W, stride 1, padding)`` for input frames of ``input_shape``
     ``[F, C_in, H, W]``, from ``grad`` = dL/dy ``[F, C_out, OH, OW]`` fp32 (any strides; with ``fold``, dL/dy is
     ``fold`` applied to ``grad``, see `Fold`), in one pass that stages each frame's g once.
@@ -84,10 +85,12 @@ def conv_grads(grad: torch.Tensor, input_shape, kernel_size: int, padding: int, 
     ``packed`` = `pack_weight` (W) is given, else None; dL/dW ``[C_out, C_in, k, k]`` fp32 where the input
     spikes are given as ``bits`` (uint8, `binwslt.bits.pack_bits` of the frames in memory order: ``[F, H, W, C_in]``
     with ``channels_last``, else ``[F, C_in, H, W]``; read as they are, nothing unpacked), else None.
+    ``overwrite_grad``: write grad_input over ``grad``'s memory (no fresh pages; ``grad`` must be channels-last of
+    grad_input's shape, and is not valid afterwards).
     """
     if packed is None and bits is None:
         raise ValueError("conv_grads: give packed (for grad_input), bits (for grad_weight) or both")
     _, c_in, h, w = input_shape
-    grad_input, grad_weight = _load().conv_grads(bits, bool(channels_last), grad, packed, c_in, h, w, kernel_size,
-                                                 padding, TERMS, float(scale), *(fold or Fold()))
+    grad_input, grad_weight = _load().conv_grads(bits, bool(channels_last), grad, packed, bool(overwrite_grad), c_in,
+                                                 h, w, kernel_size, padding, TERMS, float(scale), *(fold or Fold()))
     return (grad_input if packed is not None else None), (grad_weight if bits is not None else None)

@@ -275,9 +275,12 @@ class _ConvMap:
         """Whether this conv's backward GEMMs run on AMX here (`binwslt.amx`)."""
         return amx.eligible(weight_shape, self.stride, self.padding) and amx.available()
 
-    def grads_amx(self, input_shape, bits, channels_last, tern, subnet, alpha, grad, fold, want_input, want_weight):
+    def grads_amx(self, input_shape, bits, channels_last, tern, subnet, alpha, grad, fold, want_input, want_weight,
+                  grad_dead):
         """(α·dL/dx or None, dL/dW_eff or None) on AMX (`binwslt.amx.conv_grads`) from the saved input bits; the
-        packed weight is kept in ``subnet.derived`` (a cached `Subnet`, else None) for the next backward."""
+        packed weight is kept in ``subnet.derived`` (a cached `Subnet`, else None) for the next backward. With
+        ``grad_dead`` (nothing reads ``grad`` afterwards), dL/dx takes its memory where it has dL/dx's shape and
+        layout (no fresh pages)."""
         packed = None
         if want_input and subnet is None:
             packed = amx.pack_weight(tern)
@@ -285,7 +288,10 @@ class _ConvMap:
             if "amx" not in subnet.derived:
                 subnet.derived["amx"] = amx.pack_weight(tern)
             packed = subnet.derived["amx"]
+        overwrite = grad_dead and want_input and tuple(grad.shape) == tuple(input_shape) and \
+            grad.is_contiguous(memory_format=torch.channels_last)
         return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0], packed=packed,
+                              overwrite_grad=overwrite,
                               bits=bits if want_weight else None, channels_last=channels_last, scale=float(alpha),
                               fold=fold)
 
@@ -600,8 +606,11 @@ class _BinWLIF(torch.autograd.Function):
         want_input, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_x = grad_weff = None
         if on_amx and (want_input or want_weight):  # both in one pass over the frames
+            grad_dead = grad_residual is None or \
+                grad_residual.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
             grad_x, grad_weff = ctx.linear_map.grads_amx(ctx.frames_shape, saved_x, ctx.channels_last, tern,
-                                                         ctx.subnet, alpha, grad_cur, fold, want_input, want_weight)
+                                                         ctx.subnet, alpha, grad_cur, fold, want_input, want_weight,
+                                                         grad_dead)
         elif want_input and low is None:
             grad_x = ctx.linear_map.grad_input(ctx.frames_shape, alpha * tern.to(dtype), grad_cur)
         elif want_input:

@@ -23,6 +23,8 @@ CASES = [  # frames, C_in, C_out, H, W, k, padding: odd channel counts (not mult
     (2, 33, 65, 5, 9, 5, 2),
     (2, 7, 9, 6, 6, 5, 1),
     (2, 21, 5, 3, 37, 3, 1),  # rows wider than 32 pixels
+    (3, 11, 11, 5, 6, 3, 1),  # C_in = C_out, same padding: dL/dx can take g's memory
+    (2, 9, 9, 7, 5, 1, 0),
 ]
 
 
@@ -52,6 +54,12 @@ def test_backward_convolutions_match_float64(case):
         packed, bits, cl = amx.pack_weight(tern), _bits(x, layout), layout == torch.channels_last
         got_x, got_w = amx.conv_grads(g_l, x.shape, k, p, packed=packed, bits=bits, channels_last=cl, scale=0.5)
         assert got_x.shape == x.shape and got_w.shape == tern.shape
+        if C_in == C_out and (OH, OW) == (H, W) and layout == torch.channels_last:  # dL/dx written over g
+            g_dead = g_l.clone(memory_format=torch.channels_last)
+            over_x, over_w = amx.conv_grads(g_dead, x.shape, k, p, packed=packed, bits=bits, channels_last=cl,
+                                            scale=0.5, overwrite_grad=True)
+            assert over_x.data_ptr() == g_dead.data_ptr()
+            assert torch.equal(over_x, got_x) and torch.equal(over_w, got_w)
         # each alone: the same bits (with "same" padding the pair shares the staged g, else each stages its own)
         assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, packed=packed, scale=0.5)[0], got_x)
         assert torch.equal(amx.conv_grads(g_l, x.shape, k, p, bits=bits, channels_last=cl)[1], got_w)
@@ -104,7 +112,8 @@ def test_fold_while_staging_equals_folding_first(y_dtype):
 
 
 @needs_amx
-@pytest.mark.parametrize("case", [(2, 2, 5, 7, 9, 9, 3, 1), (3, 2, 19, 33, 7, 8, 3, 1), (2, 1, 3, 5, 6, 6, 1, 0)])
+@pytest.mark.parametrize("case", [(2, 2, 5, 7, 9, 9, 3, 1), (3, 2, 19, 33, 7, 8, 3, 1), (2, 1, 3, 5, 6, 6, 1, 0),
+                                  (2, 2, 6, 6, 7, 7, 3, 1)])  # the last: dL/dx written over g
 @pytest.mark.parametrize("epilogue", ["batch_norm", "scale"])
 def test_torch_backend_runs_its_backward_on_amx(case, epilogue, monkeypatch):
     """A fused conv layer over spikes takes both AMX kernels, and its gradients equal the reference's."""

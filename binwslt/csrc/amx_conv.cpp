@@ -310,10 +310,12 @@ torch::Tensor pack_weight(torch::Tensor w) {
 // [F, Co, OH, OW] fp32 (any strides; with a fold, dL/dy is the fold of g) with S bf16 terms of g, in one pass over
 // the frames: scale * dL/dx [F, Ci, H, W] fp32 (channels-last) where the packed weight wv (pack_weight) is given,
 // dL/dw [Co, Ci, k, k] fp32 where the input spikes are given as bits (uint8, binwslt.bits order of the frames in
-// memory order: [F, H, W, Ci] when x_channels_last, else [F, Ci, H, W]); undefined tensors for the others. Per frame, g is folded and split once: with "same" padding (k - 1 = 2p) the rows the
-// grad-weight GEMM reads are a window of the grad-input GEMM's staged g, otherwise it stages its own.
+// memory order: [F, H, W, Ci] when x_channels_last, else [F, Ci, H, W]); undefined tensors for the others. Per
+// frame, g is folded and split once: with "same" padding (k - 1 = 2p) the rows the grad-weight GEMM reads are a
+// window of the grad-input GEMM's staged g, otherwise it stages its own. With overwrite_g, dL/dx is written over
+// g, frame by frame after the frame is staged (g channels-last, of dL/dx's shape; the caller's g is dead after).
 std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, bool x_channels_last, torch::Tensor g,
-                                      c10::optional<torch::Tensor> wv,
+                                      c10::optional<torch::Tensor> wv, bool overwrite_g,
                                       int64_t Ci, int64_t H, int64_t W, int64_t k, int64_t p, int64_t S, double scale,
                                       c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> c1,
                                       c10::optional<torch::Tensor> c2, c10::optional<torch::Tensor> c3) {
@@ -338,7 +340,13 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, bool x_cha
   const bool shared = want_x && want_w && Wp == Wx;  // then g row r of the GEMM is staged row r + p*Wx + p
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), F));
   torch::Tensor out, part;
-  if (want_x) out = torch::empty({F, H, W, Ci}, torch::kFloat32);
+  if (overwrite_g) {
+    TORCH_CHECK(want_x && Co == Ci && OH == H && OW == W && g.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "conv_grads: overwrite_g needs a channels-last g of dL/dx's shape");
+    out = g.permute({0, 2, 3, 1});  // [F, H, W, Ci], contiguous
+  } else if (want_x) {
+    out = torch::empty({F, H, W, Ci}, torch::kFloat32);
+  }
   if (want_w) part = torch::zeros({threads, k * k, Ci32, Co32}, torch::kFloat32);
   const float* gp = g.data_ptr<float>();
   const int64_t gf = g.stride(0), gc = g.stride(1), gh = g.stride(2), gw = g.stride(3);
@@ -364,6 +372,7 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, bool x_cha
               stage_terms(gp + f * gf + oh * gh + ow * gw, gc, fold, f * fold.yf + oh * fold.yh + ow * fold.yw, Co,
                           tmp.data(), dst + (row0 + oh * width + ow) * 32, block_stride, term_stride, S);
         };
+        if (want_w && !shared) stage_g(rows, 0, Wx, R * 32, term_w);  // before dL/dx may overwrite g
         if (want_x) {
           stage_g(stage, o * Wp + o, Wp, block_i, term_i);
           for (int64_t qb = 0; qb < qblocks; ++qb)
@@ -382,7 +391,6 @@ std::vector<torch::Tensor> conv_grads(c10::optional<torch::Tensor> x, bool x_cha
         if (want_w) {
           const uint16_t* src = shared ? stage + (p * Wx + p) * 32 : rows;
           const int64_t src_block = shared ? block_i : R * 32, src_term = shared ? term_i : term_w;
-          if (!shared) stage_g(rows, 0, Wx, R * 32, term_w);
           stage_spikes(xp, x_channels_last, f, Ci, H, W, p, Wx, x_row, xt);
           for (int64_t s = 0; s < S; ++s)
             interleave_pairs(src + s * src_term, src_block, R / 2, Co32, gv + s * term_w);
