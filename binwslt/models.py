@@ -21,6 +21,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
+from binwslt import _cpu_ext
 from binwslt.config import LIFConfig
 from binwslt.spikes import attach_uint8, is_spikes, mark_spikes, uint8_spikes
 from binwslt.nn import LIF, BinWConv2d, BinWConv2dLIF, BinWLinear, BinWLinearLIF
@@ -118,16 +119,17 @@ def _multistep(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _pool_spikes(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     """Max-pooled spikes ``[T, N, C, H', W']``, marked (max-pooling spikes gives spikes: the next fused layer
-    keeps its exact int8 path). Without a backward, a 2×2/2 pool of spikes carrying their uint8 copy
-    (`binwslt.spikes.attach_uint8`) pools the bytes and passes them on as well."""
+    keeps its exact int8 path). A 2×2/2 pool of float32 channels-last spikes carrying their uint8 copy
+    (`binwslt.spikes.attach_uint8`) runs on the bytes (`_SpikePool`) and passes the pooled bytes on as well."""
     t, n = x.shape[:2]
     u8 = uint8_spikes(x)
-    if u8 is not None and not (torch.is_grad_enabled() and x.requires_grad) and _is_2x2(pool) and \
-            min(x.shape[-2:]) >= 2:
-        p8 = _max_pool_2x2(u8.flatten(0, 1))
-        y = p8.to(x.dtype).view(t, n, *p8.shape[1:])
+    frames = x.flatten(0, 1)
+    if u8 is not None and _is_2x2(pool) and min(x.shape[-2:]) >= 2 and x.dtype == torch.float32 and \
+            frames.is_contiguous(memory_format=torch.channels_last) and _cpu_ext.load() is not None:
+        y, p8 = _spike_pool(frames, u8.flatten(0, 1))
+        y = y.view(t, n, *y.shape[1:])
         return mark_spikes(attach_uint8(y, p8.view(y.shape)))
-    y = pool(x.flatten(0, 1))
+    y = pool(frames)
     if y.requires_grad and y.dim() == 4 and not y.is_contiguous() and \
             y.is_contiguous(memory_format=torch.channels_last):
         y = _GradChannelsLast.apply(y)
@@ -141,13 +143,32 @@ def _is_2x2(pool: nn.MaxPool2d) -> bool:
         not pool.return_indices
 
 
-def _max_pool_2x2(frames: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(frames, 2)`` for integer frames ``[F, C, H, W]`` (PyTorch's CPU max-pool takes no large uint8
-    input) in two elementwise maxima; keeps the memory format."""
-    h, w = frames.shape[-2] // 2 * 2, frames.shape[-1] // 2 * 2
-    f = frames[..., :h, :w]
-    rows = torch.maximum(f[..., 0::2, :], f[..., 1::2, :])
-    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+def _spike_pool(frames: torch.Tensor, frames_u8: torch.Tensor):
+    """`_SpikePool` of channels-last frames ``[F, C, H, W]`` (float32) and their uint8 copy: the pooled frames
+    (float32, differentiable) and their uint8 copy, both ``[F, C, H/2, W/2]`` channels-last."""
+    return _SpikePool.apply(frames, frames_u8)
+
+
+class _SpikePool(torch.autograd.Function):
+    """``max_pool2d(frames, 2)`` of channels-last spikes, computed on their uint8 copy by the CPU extension
+    (binwslt/csrc/lif_scan.cpp ``spike_pool2x2``); it saves the argmax as one byte per output (max_pool2d's: the
+    first spike in the window, the window's first position when none fired) and its backward writes every input
+    gradient in one pass: max_pool2d's values and gradient, without its int64 indices and zero fill."""
+
+    @staticmethod
+    def forward(ctx, frames, frames_u8):
+        pooled, code = _cpu_ext.load().spike_pool2x2(frames_u8.permute(0, 2, 3, 1))  # [F, H, W, C] in memory
+        ctx.save_for_backward(code)
+        ctx.hw = tuple(frames.shape[-2:])
+        p8 = pooled.permute(0, 3, 1, 2)
+        ctx.mark_non_differentiable(p8)
+        return p8.to(frames.dtype), p8
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (code,) = ctx.saved_tensors
+        g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return _cpu_ext.load().spike_pool2x2_backward(g, code, *ctx.hw).permute(0, 3, 1, 2), None
 
 
 class _GradChannelsLast(torch.autograd.Function):

@@ -145,11 +145,11 @@ def test_backends_agree(kind):
 
 def test_torch_backend_conv4_matches_reference(monkeypatch):
     """Conv-4 on the torch backend (channels-last spikes from the stem on, the uint8 copies of the spikes between
-    int8 layers, the max-pool gradient handed on channels-last; in eval the pooled bytes) against the reference on a
-    dyadic image: the same logits and every gradient within rtol 1e-4 in training, the same logits in eval."""
+    int8 layers, the max-pools on those bytes) against the reference on a dyadic image: the same logits and every
+    gradient within rtol 1e-4 in training, the same logits in eval."""
     pooled = []
-    pool = models._max_pool_2x2
-    monkeypatch.setattr(models, "_max_pool_2x2", lambda frames: pooled.append(frames.shape) or pool(frames))
+    spike_pool = models._spike_pool
+    monkeypatch.setattr(models, "_spike_pool", lambda *a: pooled.append(a[0].shape) or spike_pool(*a))
     torch.manual_seed(2)
     ref = tiny("conv4", "binwslt", backend="reference", width=0.5)
     fast = tiny("conv4", "binwslt", backend="torch", width=0.5)
@@ -160,19 +160,33 @@ def test_torch_backend_conv4_matches_reference(monkeypatch):
     for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    assert not pooled  # training pools the float spikes (max_pool2d's backward)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x))
     from binwslt import _cpu_ext, cpu
-    assert len(pooled) == (2 if _cpu_ext.load() is not None and cpu.matmul_mode() == "int8" else 0)
+    assert len(pooled) == (4 if _cpu_ext.load() is not None and cpu.matmul_mode() == "int8" else 0)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 8, 6), (2, 67, 7, 5), (1, 1, 3, 2)], ids=str)
-def test_uint8_max_pool_equals_max_pool2d(shape):
-    frames = (torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.4).to(torch.uint8)
-    for f in (frames, frames.contiguous(memory_format=torch.channels_last)):
-        got = models._max_pool_2x2(f)
-        assert got.dtype == torch.uint8 and torch.equal(got.float(), nn.functional.max_pool2d(f.float(), 2))
+@pytest.mark.parametrize("shape", [(3, 5, 8, 6), (2, 67, 7, 5), (1, 1, 3, 2), (4, 64, 2, 4)], ids=str)
+def test_spike_pool_equals_max_pool2d(shape):
+    """`models._SpikePool` (on the uint8 copy) against max_pool2d on the float spikes: the same pooled values and
+    the same input gradient (argmax ties go to the first maximum; odd rows/columns get none); windows with
+    none, one and several spikes."""
+    from binwslt import _cpu_ext
+
+    if _cpu_ext.load() is None:
+        pytest.skip("the CPU extension did not build here")
+    g = torch.Generator().manual_seed(4)
+    frames = (torch.rand(shape, generator=g) < 0.3).float().contiguous(memory_format=torch.channels_last)
+    leaf = frames.clone().requires_grad_()
+    want = nn.functional.max_pool2d(leaf, 2)
+    got_leaf = frames.clone().requires_grad_()
+    got, p8 = models._spike_pool(got_leaf, frames.to(torch.uint8, memory_format=torch.channels_last))
+    assert torch.equal(got, want) and torch.equal(p8.float(), want) and p8.dtype == torch.uint8
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    proj = torch.randn(want.shape, generator=g)
+    (want * proj).sum().backward()
+    (got * proj).sum().backward()
+    assert torch.equal(got_leaf.grad, leaf.grad)
     assert models._is_2x2(nn.MaxPool2d(2)) and not models._is_2x2(nn.MaxPool2d(3, 2)) and \
         not models._is_2x2(nn.MaxPool2d(2, ceil_mode=True))
 

@@ -792,6 +792,113 @@ torch::Tensor score_grad(torch::Tensor grad_weff, torch::Tensor weight, torch::T
   return out;
 }
 
+// One output row of spike_pool2x2: the rows `top` and `bottom` of [W, C] bytes to OW·C pooled bytes and codes.
+// Bitwise on 0/1 bytes and their masks (0xFF where 0), so it vectorises: code = ~a & (b | (~b & (2c | (~c & 3d)))).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void pool_row(const uint8_t* top, const uint8_t* bottom,
+                                                                            uint8_t* o, uint8_t* k, int64_t OW,
+                                                                            int64_t C) {
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const uint8_t *t0 = top + 2 * ow * C, *t1 = t0 + C, *b0 = bottom + 2 * ow * C, *b1 = b0 + C;
+    uint8_t *oq = o + ow * C, *kq = k + ow * C;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const uint8_t a = t0[ch] != 0, b = t1[ch] != 0, c = b0[ch] != 0, d = b1[ch] != 0;
+      oq[ch] = a | b | c | d;
+      const uint8_t na = a - 1, nb = b - 1, nc = c - 1;  // 0xFF where the spike is 0
+      kq[ch] = na & (b | (nb & ((c << 1) | (nc & (d * 3)))));
+    }
+  }
+}
+
+// One output row of spike_pool2x2_backward: g (OW·C) to the input rows top/bottom ([W, C]) at the coded positions.
+void unpool_row_scalar(const float* g, const uint8_t* k, float* top, float* bottom, int64_t OW, int64_t C) {
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    float *t0 = top + 2 * ow * C, *t1 = t0 + C, *b0 = bottom + 2 * ow * C, *b1 = b0 + C;
+    const float* gq = g + ow * C;
+    const uint8_t* kq = k + ow * C;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      t0[ch] = kq[ch] == 0 ? gq[ch] : 0.0f;
+      t1[ch] = kq[ch] == 1 ? gq[ch] : 0.0f;
+      b0[ch] = kq[ch] == 2 ? gq[ch] : 0.0f;
+      b1[ch] = kq[ch] == 3 ? gq[ch] : 0.0f;
+    }
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void unpool_row_avx512(const float* g, const uint8_t* k, float* top,
+                                                           float* bottom, int64_t OW, int64_t C) {
+  const int64_t C16 = C / 16 * 16;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    float *t0 = top + 2 * ow * C, *t1 = t0 + C, *b0 = bottom + 2 * ow * C, *b1 = b0 + C;
+    const float* gq = g + ow * C;
+    const uint8_t* kq = k + ow * C;
+    for (int64_t ch = 0; ch < C16; ch += 16) {
+      const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kq + ch)));
+      const __m512 v = _mm512_loadu_ps(gq + ch);
+      _mm512_storeu_ps(t0 + ch, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(0)), v));
+      _mm512_storeu_ps(t1 + ch, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(1)), v));
+      _mm512_storeu_ps(b0 + ch, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(2)), v));
+      _mm512_storeu_ps(b1 + ch, _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(3)), v));
+    }
+    if (C16 < C) {  // the channels past the last 16: the scalar loop on this pixel alone
+      for (int64_t ch = C16; ch < C; ++ch) {
+        t0[ch] = kq[ch] == 0 ? gq[ch] : 0.0f;
+        t1[ch] = kq[ch] == 1 ? gq[ch] : 0.0f;
+        b0[ch] = kq[ch] == 2 ? gq[ch] : 0.0f;
+        b1[ch] = kq[ch] == 3 ? gq[ch] : 0.0f;
+      }
+    }
+  }
+}
+#endif
+
+// 2×2 max-pool (stride 2, floor) of channels-last uint8 spikes x [F, H, W, C] (physical order, contiguous):
+// {pooled [F, H/2, W/2, C] uint8, code of the same shape}: code is the window position (0..3 in row-major order)
+// of the first spike, 0 when none fired: max_pool2d's argmax (the first maximum wins).
+std::vector<torch::Tensor> spike_pool2x2(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == torch::kByte,
+              "spike_pool2x2: x must be contiguous uint8 [F, H, W, C]");
+  const int64_t F = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), OH = H / 2, OW = W / 2;
+  auto out = torch::empty({F, OH, OW, C}, x.options());
+  auto code = torch::empty({F, OH, OW, C}, x.options());
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  uint8_t* kp = code.data_ptr<uint8_t>();
+  at::parallel_for(0, F * OH, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* top = xp + ((r / OH) * H + 2 * (r % OH)) * W * C;
+      pool_row(top, top + W * C, op + r * OW * C, kp + r * OW * C, OW, C);
+    }
+  });
+  return {out, code};
+}
+
+// The gradient of spike_pool2x2: grad [F, H/2, W/2, C] float32 (contiguous) goes to the window position `code`
+// names; every other input position (odd rows/columns left out included) gets 0. Returns [F, H, W, C] float32.
+torch::Tensor spike_pool2x2_backward(torch::Tensor grad, torch::Tensor code, int64_t H, int64_t W) {
+  TORCH_CHECK(grad.dim() == 4 && grad.is_contiguous() && grad.scalar_type() == torch::kFloat &&
+                  code.sizes() == grad.sizes() && code.is_contiguous() && code.scalar_type() == torch::kByte,
+              "spike_pool2x2_backward: grad must be contiguous float32 [F, H/2, W/2, C] and code uint8 of its shape");
+  const int64_t F = grad.size(0), OH = grad.size(1), OW = grad.size(2), C = grad.size(3);
+  TORCH_CHECK(OH == H / 2 && OW == W / 2, "spike_pool2x2_backward: H, W do not match grad");
+  auto gi = (H % 2 || W % 2) ? torch::zeros({F, H, W, C}, grad.options()) : torch::empty({F, H, W, C}, grad.options());
+  const float* gp = grad.data_ptr<float>();
+  const uint8_t* kp = code.data_ptr<uint8_t>();
+  float* ip = gi.data_ptr<float>();
+#if defined(__x86_64__)
+  const auto row = kAvx512 ? unpool_row_avx512 : unpool_row_scalar;
+#else
+  const auto row = unpool_row_scalar;
+#endif
+  at::parallel_for(0, F * OH, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* top = ip + ((r / OH) * H + 2 * (r % OH)) * W * C;
+      row(gp + r * OW * C, kp + r * OW * C, top, top + W * C, OW, C);
+    }
+  });
+  return gi;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -805,4 +912,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_to", &unpack_to, "bits to 0/1 values of a dtype (CPU)");
   m.def("ternary_subnet", &ternary_subnet, "ternary weight and alpha of the subnet in one pass (CPU)");
   m.def("score_grad", &score_grad, "straight-through gradient to the scores in one pass (CPU)");
+  m.def("spike_pool2x2", &spike_pool2x2, "2x2 max-pool of channels-last uint8 spikes and its argmax codes (CPU)");
+  m.def("spike_pool2x2_backward", &spike_pool2x2_backward, "gradient of spike_pool2x2 (CPU)");
 }
