@@ -9,8 +9,9 @@ outputs, residual and the pre-activation y ``[T, N, C]`` (C-contiguous).
   int8 -> int32 for spikes, fp16 dots or the three-term bf16 split for analog input, kernels/gemm.py), I = (alpha*y)*a + b (+ residual[t]) and the
   LIF step in registers; with FIRE=False (BatchNorm pass 1) it stores y and per-program partial sums of y, y^2.
 - ``linear_lif_scan_kernel``: BatchNorm pass 2, the LIF scan over the stored y.
-- ``linear_lif_bwd_scan_kernel``: recompute U from y, the reverse BPTT scan, dL/dI (times a per-channel
-  multiplier), dL/dresidual and per-program partial sums of dL/dI and dL/dI*y.
+- ``linear_lif_bwd_scan_kernel``: recompute U from y (saved, or with ``memory="recompute"`` rebuilt by the
+  forward's GEMM from the saved input bits), the reverse BPTT scan, dL/dI (times a per-channel multiplier),
+  dL/dresidual and per-program partial sums of dL/dI and dL/dI*y.
 - ``linear_grad_input_kernel`` / ``linear_grad_weight_kernel``: dx = alpha * g @ tern; dW_eff = g^T @ x with the
   straight-through epilogue for the scores (and the weight). Both on bf16 tensor cores with the fp32 gradient split
   into three bf16 terms (SPLIT, ``grad_precision="split"``) or one (kernels/gemm.py).
@@ -30,7 +31,9 @@ from .spike_bits import load_bits, pack_bits_rows
 @triton.jit
 def linear_tile(x_ptr, tern_ptr, frame, offs_m, offs_n, N, K, C, IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y tile [BLOCK_M, BLOCK_N] = x[frame, offs_m, :] @ tern[offs_n, :]^T (int32 for spikes, else fp32)."""
+    """y tile [BLOCK_M, BLOCK_N] = x[frame, offs_m, :] @ tern[offs_n, :]^T (int32 for spikes, else fp32). An x of
+    dtype uint8 is the saved spikes as bits (kernels/spike_bits.py rows of cdiv(K, 8) bytes): the backward scan's
+    recompute (``memory="recompute"``), unpacked in the load."""
     rows = frame * N + offs_m.to(tl.int64)
     row_mask = offs_m < N
     col_mask = offs_n < C
@@ -41,8 +44,11 @@ def linear_tile(x_ptr, tern_ptr, frame, offs_m, offs_n, N, K, C, IS_SPIKE: tl.co
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                     other=0)
+        if x_ptr.dtype.element_ty == tl.uint8:
+            xt = load_bits(x_ptr, rows[:, None], offs_k[None, :], K, row_mask[:, None] & k_mask[None, :])
+        else:
+            xt = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                         other=0)
         wt = tl.load(tern_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None],
                      mask=k_mask[:, None] & col_mask[None, :], other=0)
         if IS_SPIKE:  # 0/1 spikes in any dtype (a fused layer's float output): exact in int8, converted here
@@ -175,15 +181,36 @@ def linear_lif_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, res_ptr, out_ptr, T, 
                              decay, threshold, v_reset, HAS_RES, HARD_RESET, DECAY_INPUT)
 
 
-@optional_tensors(HAS_RES="res_ptr", GRAD_RES="grad_res_ptr")
 @triton.jit
-def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, grad_spike_ptr, g_ptr,
-                               grad_res_ptr, part_ptr, T, N, C, decay, threshold, v_reset, sg_alpha,
+def linear_scan_y(y_ptr, x_ptr, tern_ptr, t, y_off, mask, offs_m, offs_n, N, K, C, RECOMPUTE: tl.constexpr,
+                  IS_SPIKE: tl.constexpr, DOT_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """The pre-activation tile ``y[t]`` as fp32: loaded from the saved ``y``, or with RECOMPUTE rebuilt by the
+    forward's GEMM (``linear_tile``: exact integers for spikes, the forward's tiles and rounding for analog x)."""
+    if RECOMPUTE:
+        y = linear_tile(x_ptr, tern_ptr, t, offs_m, offs_n, N, K, C, IS_SPIKE, DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        y = tl.load(y_ptr + t * N * C + y_off, mask=mask, other=0)
+    return y.to(tl.float32)
+
+
+@optional_tensors(HAS_RES="res_ptr", GRAD_RES="grad_res_ptr", RECOMPUTE=("x_ptr", "tern_ptr"))
+@triton.jit
+def linear_lif_bwd_scan_kernel(y_ptr, x_ptr, tern_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr, grad_spike_ptr,
+                               g_ptr, grad_res_ptr, part_ptr, T, N, K, C, decay, threshold, v_reset, sg_alpha,
                                DIRECT: tl.constexpr, HAS_RES: tl.constexpr, GRAD_RES: tl.constexpr,
+                               RECOMPUTE: tl.constexpr, GY: tl.constexpr,
                                HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
-                               SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               SURROGATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               IS_SPIKE: tl.constexpr = True, DOT_FP16: tl.constexpr = False,
+                               BLOCK_K: tl.constexpr = 32):
     # g [T, N, C] fp32: holds U[t] after the recompute, then mult * dL/dI[t] (direct: slot 0 = sum over t).
-    # part [2, grid_m, C]: per-program sums of dL/dI and dL/dI * y (over rows and t).
+    # part [2, grid_m, C]: per-program sums of dL/dI and, when GY, dL/dI * y (over rows and t; zeros without GY:
+    # only the scale gradient and BatchNorm read them). RECOMPUTE (memory="recompute", no BatchNorm): x and tern
+    # passed, y None; every y[t] is rebuilt from the forward's input x (``[T_y, N, K]``: spikes as the bits the
+    # forward kernel saved, analog as it read it) and the int8 ternary weight ``[C, K]`` by the forward's GEMM,
+    # once per step in the forward sweep and, with GY, again in the reverse sweep (a direct input's y once), so y
+    # never reaches memory. Without RECOMPUTE, K, IS_SPIKE, DOT_FP16 and BLOCK_K are unused.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,11 +224,13 @@ def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr
     y_off = offs_m.to(tl.int64)[:, None] * C + offs_n[None, :]
     frame = N * C
     if DIRECT:
-        y = tl.load(y_ptr + y_off, mask=mask, other=0).to(tl.float32)
+        y = linear_scan_y(y_ptr, x_ptr, tern_ptr, 0, y_off, mask, offs_m, offs_n, N, K, C, RECOMPUTE, IS_SPIKE,
+                          DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
     v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for t in range(T):
         if not DIRECT:
-            y = tl.load(y_ptr + t * frame + y_off, mask=mask, other=0).to(tl.float32)
+            y = linear_scan_y(y_ptr, x_ptr, tern_ptr, t, y_off, mask, offs_m, offs_n, N, K, C, RECOMPUTE, IS_SPIKE,
+                              DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
         cur = (y * alpha) * a[None, :] + b[None, :]
         if HAS_RES:
             cur += tl.load(res_ptr + t * frame + y_off, mask=mask, other=0.0).to(tl.float32)
@@ -220,8 +249,6 @@ def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr
         grad_cur, grad_v = lif_grad_step(grad_spike, grad_v, u, spike, decay, threshold, v_reset, sg_alpha,
                                          HARD_RESET, DECAY_INPUT, DETACH_RESET, SURROGATE)
         grad_cur = tl.where(mask, grad_cur, 0.0)
-        if not DIRECT:
-            y = tl.load(y_ptr + t * frame + y_off, mask=mask, other=0).to(tl.float32)
         if GRAD_RES:
             tl.store(grad_res_ptr + t * frame + y_off, grad_cur.to(grad_res_ptr.dtype.element_ty), mask=mask)
         if DIRECT:
@@ -229,11 +256,15 @@ def linear_lif_bwd_scan_kernel(y_ptr, alpha_ptr, a_ptr, b_ptr, mult_ptr, res_ptr
         else:
             tl.store(g_ptr + t * frame + y_off, grad_cur * mult[None, :], mask=mask)
             sum_g += tl.sum(grad_cur, axis=0)
-            sum_gy += tl.sum(grad_cur * y, axis=0)
+            if GY:
+                y = linear_scan_y(y_ptr, x_ptr, tern_ptr, t, y_off, mask, offs_m, offs_n, N, K, C, RECOMPUTE,
+                                  IS_SPIKE, DOT_FP16, BLOCK_M, BLOCK_N, BLOCK_K)
+                sum_gy += tl.sum(grad_cur * y, axis=0)
     if DIRECT:
         tl.store(g_ptr + y_off, g_sum * mult[None, :], mask=mask)
         sum_g = tl.sum(g_sum, axis=0)
-        sum_gy = tl.sum(g_sum * y, axis=0)
+        if GY:
+            sum_gy = tl.sum(g_sum * y, axis=0)
     base = pid_m.to(tl.int64) * C + offs_n
     tl.store(part_ptr + base, sum_g, mask=n_mask)
     tl.store(part_ptr + tl.num_programs(0).to(tl.int64) * C + base, sum_gy, mask=n_mask)

@@ -6,13 +6,14 @@ The rule compares two modelled costs per element of ``y`` (the roofline of bench
 ceilings, the same constants). Saving moves ``y`` through HBM: written by the forward, read by the backward scan's
 forward sweep, again by its reverse sweep when the partial sums of ``dL/dI * y`` are needed (a scale gradient, or
 BatchNorm) and once more by BatchNorm's grad fold: ``(2 + gy + bn) * y_bytes``. Recomputing without BatchNorm runs
-the forward's GEMM inside the backward scan (conv_lif_bwd_scan_kernel with RECOMPUTE), once per step in the forward
-sweep and once more in the reverse sweep when ``gy``, and ``y`` never reaches memory: ``(1 + gy) * 2 * fan_in`` int8
+the forward's GEMM inside the backward scan (conv_lif_bwd_scan_kernel / linear_lif_bwd_scan_kernel with RECOMPUTE),
+once per step in the forward sweep and once more in the reverse sweep when ``gy``, and ``y`` never reaches memory: ``(1 + gy) * 2 * fan_in`` int8
 operations for spikes (``3 * 2 * fan_in`` bf16 ones per GEMM for an fp32 input split into three terms). With
 BatchNorm the grad fold needs ``y`` at every element after a reduction over all tiles, so ``y`` is rebuilt by one
 GEMM launch before the scan and then moves like saved ``y`` (minus the forward's write): recomputing is never the
 faster there and "auto" saves. So "auto" recomputes spikes with int16 ``y`` without BatchNorm for ``fan_in < 619``
-with a trained scale (3x3 layers up to 68 input channels), ``< 825`` without one (up to 91). Recomputing always
+with a trained scale (3x3 layers up to 68 input channels, linear layers up to K = 618), ``< 825`` without one
+(up to 91; K = 824). Recomputing always
 saves the memory (``y`` is 2-4 bytes per output element, the input bits 1/8 byte per input element).
 """
 from dataclasses import dataclass

@@ -5,7 +5,7 @@ Same internal signatures as binwslt.reference / binwslt.torch_backend (arguments
     binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, shift, residual, neuron,
                     timesteps, batch_norm, running_mean, running_var, momentum, eps, subnet, grad_precision)
     binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps,
-                    batch_norm, running_mean, running_var, momentum, eps, subnet, grad_precision)
+                    batch_norm, running_mean, running_var, momentum, eps, subnet, grad_precision, memory)
     make_subnet(weight, scores, prune_rate) -> binwslt.subnet.Subnet   (used by the nn modules' SubnetCache)
 Float64: binwslt.backends.resolve_backend runs float64 x on the torch backend (double precision kept), so these
 entries never compute a float64 input in fp32; called directly with one they raise TypeError.
@@ -16,9 +16,9 @@ being edited and importing this module never traces a kernel.
 from .launch import check_float64
 from .lif import lif as _triton_lif
 
-# memory= modes the fused ops take as a keyword (binwslt.functional checks them): conv rebuilds y in the backward
-# with the forward's GEMM (kernels/memory.py chooses for "auto"); linear has no keyword: it always saves y.
-MEMORY_MODES = {"binw_conv2d_lif": ("auto", "save", "recompute")}
+# memory= modes the fused ops take as a keyword (binwslt.functional checks them): both rebuild y in the backward
+# with the forward's GEMM (kernels/memory.py chooses for "auto").
+MEMORY_MODES = {"binw_conv2d_lif": ("auto", "save", "recompute"), "binw_linear_lif": ("auto", "save", "recompute")}
 
 __all__ = ["lif", "binw_conv2d_lif", "binw_linear_lif", "make_subnet", "MEMORY_MODES"]
 
@@ -52,7 +52,7 @@ def binw_conv2d_lif(x, weight, scores, prune_rate, *, stride, padding, scale, sh
 
 
 def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, neuron, timesteps, batch_norm,
-                    running_mean, running_var, momentum, eps, subnet=None, grad_precision="split"):
+                    running_mean, running_var, momentum, eps, subnet=None, grad_precision="split", memory="auto"):
     """Fused binary-subnet linear + LIF (kernels/linear_lif.py). Spikes [T, N, out] in
     ``spike_output_dtype(x.dtype)``, marked as spikes."""
     from .linear_lif import binw_linear_lif as linear_impl
@@ -60,4 +60,4 @@ def binw_linear_lif(x, weight, scores, prune_rate, *, scale, shift, residual, ne
     return linear_impl(x, weight, scores, prune_rate, scale=scale, shift=shift, residual=residual, neuron=neuron,
                        timesteps=timesteps, batch_norm=batch_norm, running_mean=running_mean,
                        running_var=running_var, momentum=momentum, eps=eps, subnet=subnet,
-                       grad_precision=grad_precision)
+                       grad_precision=grad_precision, memory=memory)

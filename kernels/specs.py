@@ -22,7 +22,8 @@ from .lif import SURROGATE_CODES
 from .optional import absent_for, jit_function
 from .tiles import FOLD_BLOCK, LIF_BLOCK, LIF_NUM_WARPS, LINEAR_GEMM_LADDER, LINEAR_SCAN_LADDER, SUBNET_BLOCK, SUBNET_NUM_WARPS, \
     forward_config, forward_ladder, grad_input_config, grad_weight_config, linear_forward_config, \
-    linear_forward_ladder, linear_gemm_config, linear_scan_config, narrowed, recompute_scan_config, scan_config
+    linear_forward_ladder, linear_gemm_config, linear_recompute_scan_config, linear_scan_config, narrowed, \
+    recompute_scan_config, scan_config
 
 ARCHS = (80, 90)  # the archs a spec is for unless it says ("archs": a config the policy picks per arch)
 # Layer sizes the tile policy is enumerated over: channel counts (odd and tile multiples) and pixel counts.
@@ -309,6 +310,10 @@ def _covering(data_options, neuron_options):
     return combos
 
 
+_LINEAR_ROWS = tuple(2 ** i for i in range(4, 18))  # rows (N) and channel counts the recompute's tile ladder is
+# enumerated over (every step of it is picked for some grid)
+
+
 def linear_specs():
     """Specs of kernels/linear_lif_kernels.py (the linear forward, scans, BN fold and GEMMs)."""
     from .conv_lif_bwd import bn_grad_fold_kernel
@@ -343,6 +348,12 @@ def linear_specs():
                       "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=True, PACK=is_spike,
                                          HARD_RESET=True, DECAY_INPUT=False),
                       "num_warps": nw, "num_stages": ns})
+        # y alone (memory="recompute" with BatchNorm: y rebuilt before the backward scan, linear_lif._gemm_y)
+        specs.append({"name": f"binary_linear_lif_fwd_kernel[{name},gemm-only,{tile}]", "fn": binary_linear_lif_fwd_kernel,
+                      "signature": _linear_fwd_signature(x_type, "*" + out_types[0], y_type, stats_type),
+                      "constexprs": dict(base, FIRE=False, HAS_RES=False, STORE_Y=True, STATS=False, PACK=False,
+                                         HARD_RESET=True, DECAY_INPUT=False),
+                      "num_warps": nw, "num_stages": ns})
         for (out_t, store_y, has_res), (hard, decay_input) in _covering(
                 (out_types, (False, True), (False, True)), ((True, False), (False, True))):
             specs.append({
@@ -374,28 +385,48 @@ def linear_specs():
             "constexprs": dict(DIRECT=direct, HAS_RES=has_res, HARD_RESET=hard, DECAY_INPUT=decay_input,
                                **scan),
             "num_warps": snw, "num_stages": sns})
-    for scan, ((y_t, direct, res_mode), (hard, decay_input, detach, surrogate)) in itertools.product(
-            scans, _covering((("fp32", "i16"), (True, False), ("none", "res", "res+grad")),
-                             ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES)))):
+    bwd_args = ["y_ptr", "x_ptr", "tern_ptr", "alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "grad_spike_ptr",
+                "g_ptr", "grad_res_ptr", "part_ptr", "T", "N", "K", "C", "decay", "threshold", "v_reset", "sg_alpha"]
+
+    def bwd_scan_spec(name, cfg, y_t, x_t, res_mode, neuron, constexprs):
+        hard, decay_input, detach, surrogate = neuron
+        tile = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg) + f",w{cfg['num_warps']}"
+        types = {"y_ptr": f"*{y_t}", "x_ptr": f"*{x_t}", "tern_ptr": "*i8",
+                 **{a: "*fp32" for a in ("alpha_ptr", "a_ptr", "b_ptr", "mult_ptr", "res_ptr", "grad_spike_ptr",
+                                         "g_ptr", "grad_res_ptr", "part_ptr")},
+                 "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32"}
+        constexprs = dict(HAS_RES=res_mode != "none", GRAD_RES=res_mode == "res+grad", HARD_RESET=hard,
+                          DECAY_INPUT=decay_input, DETACH_RESET=detach, SURROGATE=SURROGATE_CODES[surrogate],
+                          **constexprs)
+        return make_spec(f"linear_lif_bwd_scan_kernel[{name},{res_mode},hard={hard},decay_input={decay_input},"
+                         f"detach={detach},{surrogate},{tile}]", linear_lif_bwd_scan_kernel, types,
+                         bwd_args, constexprs, cfg)
+
+    # y saved ("save", and "recompute" with BatchNorm): the elementwise scan tiles
+    for scan, ((y_t, direct, res_mode, gy), neuron) in itertools.product(scans, _covering(
+            (("fp32", "i16"), (True, False), ("none", "res", "res+grad"), (False, True)),
+            ((True, False), (False, True), (False, True), tuple(SURROGATE_CODES)))):
         if direct and y_t == "i16":
             continue
-        tile = "" if scan == scans[0] else f",{scan['BLOCK_M']}x{scan['BLOCK_N']},w{scan['num_warps']}"
-        scan = dict(scan)
-        snw, sns = scan.pop("num_warps"), scan.pop("num_stages")
-        specs.append({
-            "name": (f"linear_lif_bwd_scan_kernel[y={y_t},direct={direct},{res_mode},hard={hard},"
-                     f"decay_input={decay_input},detach={detach},{surrogate}{tile}]"),
-            "fn": linear_lif_bwd_scan_kernel,
-            "signature": {"y_ptr": f"*{y_t}", "alpha_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                          "mult_ptr": "*fp32", "res_ptr": "*fp32", "grad_spike_ptr": "*fp32", "g_ptr": "*fp32",
-                          "grad_res_ptr": "*fp32", "part_ptr": "*fp32", "T": "i32", "N": "i32", "C": "i32",
-                          "decay": "fp32", "threshold": "fp32", "v_reset": "fp32", "sg_alpha": "fp32",
-                          **{k: "constexpr" for k in ("DIRECT", "HAS_RES", "GRAD_RES", "HARD_RESET", "DECAY_INPUT",
-                                                      "DETACH_RESET", "SURROGATE", "BLOCK_M", "BLOCK_N")}},
-            "constexprs": dict(DIRECT=direct, HAS_RES=res_mode != "none", GRAD_RES=res_mode == "res+grad",
-                               HARD_RESET=hard, DECAY_INPUT=decay_input, DETACH_RESET=detach,
-                               SURROGATE=SURROGATE_CODES[surrogate], **scan),
-            "num_warps": snw, "num_stages": sns})
+        constexprs = dict(DIRECT=direct, RECOMPUTE=False, GY=gy, IS_SPIKE=True, DOT_FP16=False, BLOCK_K=32,
+                          **_tile_constexprs(scan))
+        specs.append(bwd_scan_spec(f"y={y_t},direct={direct},gy={gy}", scan, y_t, "fp32", res_mode, neuron,
+                                   constexprs))
+    # memory="recompute" without BatchNorm: the forward's GEMM inside the scan, on the forward's tiles
+    # (name, is_spike, x pointer (spikes: the saved bits), DOT_FP16, DIRECT)
+    rec_inputs = [("spike", True, "u8", False, False), ("fp32", False, "fp32", False, False),
+                  ("fp16", False, "fp16", True, False), ("direct-fp32", False, "fp32", False, True),
+                  ("direct-fp16", False, "fp16", True, True)]
+    neuron_flags = [(True, False), (False, True), (False, True), tuple(SURROGATE_CODES)]
+    for name, is_spike, x_t, fp16, direct in rec_inputs:
+        cfgs = distinct(linear_recompute_scan_config(is_spike, fp16, n, c, interpret=False, sms=sms)  # every ladder step
+                        for n, c, sms in itertools.product(_LINEAR_ROWS, _LINEAR_ROWS, (None, 108, 132)))
+        flags = one_at_a_time([(True, False), ("res+grad", "none", "res"), *neuron_flags])
+        for cfg, (gy, res_mode, *neuron) in variants(cfgs, flags):
+            constexprs = dict(DIRECT=direct, RECOMPUTE=True, GY=gy, IS_SPIKE=is_spike, DOT_FP16=fp16, y_ptr=None,
+                              **_tile_constexprs(cfg))  # y: None, not stored
+            specs.append(bwd_scan_spec(f"recompute-{name},gy={gy}", cfg, "fp32", x_t, res_mode, neuron,
+                                       constexprs))
     for y_t in ("i16", "fp32"):
         specs.append({
             "name": f"bn_grad_fold_kernel[linear,y={y_t}]", "fn": bn_grad_fold_kernel,
@@ -435,7 +466,7 @@ def linear_specs():
     # The hidden LIF linear layers of the models have K and C multiples of 16 (8192/4096/2048/512 -> 256), so the
     # real launches get Triton's divisibility specialisation of K and C (vectorised tile loads and stores).
     ints = {"binary_linear_lif_fwd_kernel": ("K", "C"), "linear_lif_scan_kernel": ("C",),
-            "linear_lif_bwd_scan_kernel": ("C",), "bn_grad_fold_kernel": ("C_out",),
+            "linear_lif_bwd_scan_kernel": ("K", "C"), "bn_grad_fold_kernel": ("C_out",),
             "linear_grad_input_kernel": ("C", "K"), "linear_grad_weight_kernel": ("C", "K")}
     for spec in specs:
         spec["divisible_by_16"] = _hints(spec["signature"], *ints[jit_function(spec["fn"]).__name__])

@@ -240,6 +240,19 @@ def linear_scan_config(rows=1, cols=1, interpret=None, sms=None):
                      lambda c: -(-rows // c["BLOCK_M"]) * -(-cols // c["BLOCK_N"]), sms)
 
 
+def linear_recompute_scan_config(is_spike, dot_fp16, rows=1, cols=1, interpret=None, sms=None):
+    """Tile config of linear_lif_bwd_scan_kernel with ``memory="recompute"`` (the forward's GEMM inside the scan):
+    the forward's tiles (``linear_forward_config``, its grid filling included: BLOCK_M/N/K, so an analog input's y
+    is rebuilt with the forward's K blocks and rounding) on the warps that compiled without spills on Triton 3.6
+    and 3.9, sm_80 and sm_90: 8 for the 32x64 tiles of int8 and fp32 input (at 4 they spilled 8-24 bytes on 3.6),
+    4 for fp16 input and the narrowed tiles (at 8 the direct fp16 tile and the 16x32 int8 tile spilled 8 bytes on
+    3.9's sm_90)."""
+    cfg = linear_forward_config(is_spike, dot_fp16, rows, cols, interpret=interpret, sms=sms)
+    if not interpreting(interpret):
+        cfg["num_warps"] = 8 if cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 2048 and not dot_fp16 else 4
+    return cfg
+
+
 def linear_gemm_config(rows=1, cols=1, interpret=None, sms=None):
     """Tile config of the linear backward GEMMs (grad input: ``rows`` = T·N, ``cols`` = K; grad weight: ``rows`` =
     C, ``cols`` = K); with ``sms`` (GPU) narrower tiles while the grid is smaller (``LINEAR_GEMM_LADDER``)."""

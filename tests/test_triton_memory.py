@@ -1,4 +1,4 @@
-"""memory="recompute" | "save" | "auto" of the Triton conv + LIF (kernels/memory.py): the backward rebuilds the
+"""memory="recompute" | "save" | "auto" of the Triton conv + LIF and linear + LIF (kernels/memory.py): the backward rebuilds the
 exact integer y with the forward's GEMM, so every gradient matches the reference as with y saved, and the bytes
 kept for backward shrink to the input bits, the 2-bit ternary weight and per-channel vectors."""
 import pytest
@@ -148,8 +148,8 @@ def test_memory_keyword_errors():
     w = randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match="memory"):
         Fn.binw_conv2d_lif(x, w, w, 0.4, memory="bits", backend="triton")
-    with pytest.raises(ValueError, match="recompute"):
-        Fn.binw_linear_lif(spikes(2, 1, 8), randn(4, 8), randn(4, 8), 0.4, memory="recompute", backend="triton")
+    with pytest.raises(ValueError, match="memory"):
+        Fn.binw_linear_lif(spikes(2, 1, 8), randn(4, 8), randn(4, 8), 0.4, memory="bits", backend="triton")
 
 
 def test_module_memory_keyword():
@@ -165,6 +165,21 @@ def test_module_memory_keyword():
     for layer in layers:
         layer(x).sum().backward()
         grads.append(layer.scores.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_linear_module_memory_keyword():
+    from binwslt.nn import BinWLinearLIF
+
+    torch.manual_seed(0)
+    layers = [BinWLinearLIF(24, 9, batch_norm=False, backend="triton", memory=m) for m in ("save", "recompute")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = spikes(3, 4, 24, seed=52)
+    grads = []
+    for layer in layers:
+        layer(x).sum().backward()
+        grads.append(layer.scores.grad.clone())
+    assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
@@ -184,3 +199,80 @@ def test_linear_forward_kernel_packs_the_saved_spikes(k_in, bn):
     want = bits_rows(x.reshape(-1, k_in))
     assert state.saved_x.dtype == torch.uint8 and state.saved_x.numel() == -(-want.numel() // 4) * 4
     assert torch.equal(state.saved_x[:want.numel()].view(want.shape), want)
+
+
+@pytest.mark.parametrize("kind,bn", [("spike", False), ("spike", True), ("direct", False), ("direct", True),
+                                     ("analog", False), ("spike-noscale", False)])
+def test_linear_recompute_gradients_match_reference(kind, bn, monkeypatch):
+    """The linear layer's memory="recompute": without BatchNorm the backward scan rebuilds y from the saved input
+    bits with the forward's GEMM (once per step, again in the reverse sweep for the scale gradient; "spike-noscale"
+    skips that); with it, one forward-kernel launch rebuilds y before the scan. Odd T, N over two row tiles, K over
+    two K blocks, C over two channel tiles (the interpreter's 16x16x32 tile); "analog": fp32 dyadic x with a
+    residual."""
+    T, N, K, C = 3, 17, 37, 19
+    if kind == "direct":
+        x = randn(N, K, seed=91)
+    elif kind == "analog":
+        x = torch.randint(-4, 5, (T, N, K), generator=torch.Generator().manual_seed(91)).float() / 4
+    else:
+        x = spikes(T, N, K, seed=91)
+    weight, scores = randn(C, K, seed=92, scale=0.5), randn(C, K, seed=93)
+    kw = dict(timesteps=T if kind == "direct" else None, batch_norm=bn,
+              scale=randn(C, seed=94, scale=0.2) + 1.0, shift=randn(C, seed=95, scale=0.2) + 0.25,
+              neuron=LIFConfig(decay=0.75))
+    if kind == "spike-noscale":
+        kw.pop("scale")
+    if kind == "analog":
+        kw["residual"] = randn(T, N, C, seed=96, scale=0.5)
+    if bn:
+        kw.update(running_mean=torch.zeros(C), running_var=torch.ones(C))
+    else:  # y is rebuilt inside the backward scan: the separate GEMM launch must not run
+        from binwslt.kernels import linear_lif
+        monkeypatch.setattr(linear_lif, "_gemm_y", lambda *args: pytest.fail("y rebuilt outside the scan"))
+    s_ref, g_ref, _ = run_layer("binw_linear_lif", "reference", x, weight, scores, 0.4, **dict(kw))
+    assert 0.05 < s_ref.mean() < 0.95, f"degenerate test input: firing rate {s_ref.mean():.3f}"
+    s_rec, g_rec, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.4, memory="recompute",
+                                **dict(kw))
+    s_sav, g_sav, _ = run_layer("binw_linear_lif", "triton", x, weight, scores, 0.4, memory="save", **dict(kw))
+    assert torch.equal(s_rec, s_sav) and torch.equal(s_rec, s_ref)
+    assert g_rec.keys() == g_sav.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_rec[name], g_sav[name], rtol=0, atol=0)  # the same exact y, the same math
+        torch.testing.assert_close(g_rec[name], g_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_recompute_saved_bytes():
+    """memory="recompute" keeps exactly the int16 y ``[T, N, C]`` less than "save" (the input bits, the 2-bit
+    weight and per-channel vectors stay), and at most 1/8 of the reference backend's bytes for a hidden layer."""
+    T, N, K, C = 4, 8, 256, 256
+    x = spikes(T, N, K, seed=97)
+    weight, scores = randn(C, K, seed=98, scale=0.3), randn(C, K, seed=99)
+    scale = randn(C, seed=100, scale=0.2) + 1.0
+
+    def saved(backend, **extra):
+        xs, sc = mark_spikes(x.clone()).requires_grad_(True), scores.clone().requires_grad_(True)
+        return saved_bytes(lambda: Fn.binw_linear_lif(xs, weight, sc, 0.4, scale=scale, backend=backend, **extra),
+                           exclude=(weight, sc))
+
+    reference = saved("reference")
+    recompute = saved("triton", memory="recompute")
+    save = saved("triton", memory="save")
+    print(f"linear saved bytes: reference {reference}, triton save {save}, recompute {recompute}")
+    assert save - recompute == T * N * C * 2
+    assert recompute <= reference / 8, (recompute, reference)
+
+
+@pytest.mark.parametrize("k,bn,recompute", [(256, False, True), (2048, False, False), (256, True, False)])
+def test_linear_auto_chooses_per_shape(k, bn, recompute):
+    """memory="auto" on the linear layer: kernels/memory.py's rule with fan-in K (the fc 256->256 of VGG-11
+    recomputes without BatchNorm, its fc 2048->256 saves; BatchNorm always saves)."""
+    from binwslt.kernels.linear_lif import linear_lif_forward
+
+    T, N, C = 2, 3, 5
+    stats = dict(running_mean=torch.zeros(C), running_var=torch.ones(C)) if bn else \
+        dict(running_mean=None, running_var=None)
+    _, state = linear_lif_forward(spikes(T, N, k, seed=101), randn(C, k, seed=102), randn(C, k, seed=103), 0.4,
+                                  scale=None, shift=None, residual=None, neuron=LIFConfig(), timesteps=None,
+                                  batch_norm=bn, momentum=0.1, eps=1e-5, need_state=True, **stats)
+    assert state.memory.recompute is recompute and (state.y is None) is recompute
+    assert f"fan-in {k}" in state.memory.reason

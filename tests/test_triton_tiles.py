@@ -73,7 +73,11 @@ def test_every_gpu_config_is_compiled(sms):
         gemm = _launch(tiles.linear_gemm_config(n, c, interpret=False, sms=sms))
         assert gemm in gi and gemm in gw
         scan_cfg = _launch(tiles.linear_scan_config(n, c, interpret=False, sms=sms))
-        assert scan_cfg in scan and scan_cfg in bwd_scan
+        assert scan_cfg in scan
+        # the backward scan's saved-y specs carry the unused GEMM constexpr BLOCK_K (32)
+        assert ({**scan_cfg[0], "BLOCK_K": 32},) + scan_cfg[1:] in bwd_scan
+        # memory="recompute": the forward's tiles inside the backward scan
+        assert _launch(tiles.linear_recompute_scan_config(is_spike, fp16, n, c, interpret=False, sms=sms)) in bwd_scan
 
 
 @pytest.mark.parametrize("arch", [80, 90])
