@@ -41,10 +41,13 @@ from binwslt.kernels.memory import CEILINGS, HBM_BYTES_PER_S  # noqa: E402
 H200_SMS = 132
 SPLIT_TERMS = 3  # grad_precision="split": the fp32 operand as three bf16 terms (kernels/gemm.py)
 BOTH_SPLIT_TERMS = 3  # both operands fp32 (direct first layer's grad-weight): tf32x3, three TF32 dots
+# Spikes between layers: fp32 0/1 as a fused layer (or the max-pool after it) returns them, channels-last; the
+# next forward kernel reads them as they are and converts each tile to int8 in registers (no cast pass).
+SPIKE_BYTES = 4
 # Bytes per input spike of the forward kernels' own bit packing for backward (kernels/spike_bits.py
-# pack_bits_rows): the int8 input read once more (after the program's GEMM, by rows other than its tile's, so not
+# pack_bits_rows): the input read once more (after the program's GEMM, by rows other than its tile's, so not
 # assumed to hit L2) and one bit written. The backward kernels read those bits (1/8 byte), unpacked in their loads.
-PACK_BYTES = 1 + 1 / 8
+PACK_BYTES = SPIKE_BYTES + 1 / 8
 
 
 @dataclass
@@ -101,8 +104,7 @@ def binwslt_costs(shape, T, N):
     if shape.direct:
         fwd_ops, fwd_unit, x_bytes = 2 * s["macs"] * SPLIT_TERMS, "bf16", 4  # fp32 image split into bf16 terms
     else:
-        fwd_ops, fwd_unit, x_bytes = 2 * s["macs"], "int8", 1
-        add("glue: spikes fp32 -> int8 channels-last", 0, s["x"] * (4 + 1), "fp32")
+        fwd_ops, fwd_unit, x_bytes = 2 * s["macs"], "int8", SPIKE_BYTES
     # spikes: the forward kernel also packs its input to bits for backward (kernels/spike_bits.py)
     pack = s["x"] * PACK_BYTES if not shape.direct else 0
     add("fwd: int8 conv + y + BN tile sums + input bits" if not shape.direct else "fwd: split conv + y + BN tile sums",
@@ -143,7 +145,7 @@ def binwslt_linear_costs(shape, T, N):
     gi = _grid(rows, k, tiles.linear_gemm_config(rows, k, interpret=False, sms=H200_SMS))
     gw = _grid(c, k, tiles.linear_gemm_config(c, k, interpret=False, sms=H200_SMS))
     out.append(KernelCost(name, "binwslt", "fwd: int8 GEMM + y + BN sums + input bits", 2 * macs,
-                          x + w + yb * 2 + x * PACK_BYTES, "int8", fwd))
+                          x * SPIKE_BYTES + w + yb * 2 + x * PACK_BYTES, "int8", fwd))
     out.append(KernelCost(name, "binwslt", "fwd: LIF scan", 0, yb * (2 + 4), "fp32", scan))
     out.append(KernelCost(name, "binwslt", "bwd: LIF scan (recompute + BPTT)", 0, yb * (2 * 2 + 4 * 4), "fp32", scan))
     out.append(KernelCost(name, "binwslt", "bwd: BN grad fold", 0, yb * (4 + 2 + 4), "fp32"))
