@@ -46,11 +46,12 @@ def _sizes(shape, timesteps: int, batch: int):
 
 
 def fused_traffic(shape, timesteps: int, batch: int, *, batch_norm: bool = True, training: bool = True,
-                  spike_in_bytes: int = 1, analog_in_bytes: int = FLOAT_BYTES, weight_bytes: int = 1,
+                  spike_in_bytes: int = FLOAT_BYTES, analog_in_bytes: int = FLOAT_BYTES, weight_bytes: int = 1,
                   out_bytes: int = FLOAT_BYTES, y_bytes: Optional[int] = None) -> int:
     """Modelled bytes one fused forward reads and writes for ``shape`` (a `shapes.LayerShape`) at T, N.
 
-    Reads the input once (int8 spikes: ``spike_in_bytes``; a direct-encoded image: ``analog_in_bytes``), the
+    Reads the input once (spikes: ``spike_in_bytes``, default fp32 as the previous fused layer returns them: the
+    kernels read them as they are and convert to int8 in registers; a direct-encoded image: ``analog_in_bytes``), the
     ternary weight once (int8), the per-channel scale and shift (fp32), writes the output spikes once
     (``out_bytes``: the API returns spikes in x's float dtype), reads a residual once (fp32) if the layer has
     one. The membrane lives in registers. Training BatchNorm needs the batch statistics before any neuron
@@ -58,9 +59,10 @@ def fused_traffic(shape, timesteps: int, batch: int, *, batch_norm: bool = True,
     ``+ 2·E·y_bytes`` (``y_bytes`` default: what the kernels store, int16 for spikes up to a fan-in of 32767,
     int32 beyond, fp32 for a direct-encoded image; kernels/launch.py y_dtype). ``training``: the forward of a
     training step also packs its input spikes to bits for backward, in the forward kernel itself (kernels/
-    spike_bits.py): it reads the input once more and writes one bit per element, ``+ X·spike_in_bytes`` and the bits,
-    ``cdiv(C_in, 8)`` bytes per input row padded to whole int32 words; a direct-encoded image is saved as it is. A spiking residual's bits (packed by
-    the kernel that reads it) are not counted: the shape does not say whether its residual is spikes.
+    spike_bits.py): it reads the input once more and writes one bit per element, ``+ X·spike_in_bytes`` and the
+    bits, ``cdiv(C_in, 8)`` bytes per input row padded to whole int32 words; a direct-encoded image is saved as it
+    is. A spiking residual's bits (packed by the kernel that reads it) are not counted: the shape does not say
+    whether its residual is spikes.
     """
     x_elems, w_elems, out_elems, _ = _sizes(shape, timesteps, batch)
     in_bytes = analog_in_bytes if shape.direct else spike_in_bytes

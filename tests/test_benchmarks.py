@@ -19,16 +19,18 @@ from binwslt import reference  # noqa: E402
 def test_fused_traffic_by_hand():
     # conv 8->16, 3x3, 10x10, stride 1, pad 1: H' = W' = 10; T=2, N=3.
     s = shapes.LayerShape("m", 0, "conv", 8, 16, 10, 10, 3, 1, 1)
-    x = 2 * 3 * 8 * 100          # int8 spikes, 1 byte
+    x = 2 * 3 * 8 * 100 * 4      # fp32 spikes as a fused layer returns them, read as they are
     w = 16 * 8 * 9               # int8 ternary weight
     affine = 2 * 16 * 4          # fp32 scale and shift
     out = 2 * 3 * 16 * 100 * 4   # fp32 spikes out
     y = 2 * 2 * 3 * 16 * 100 * 2  # BN two-pass: int16 y (fan-in 72) written and read back
     pack = x + 2 * 3 * 100 * 1   # training: the input read again by the kernel's packing, 1 byte of bits per row
+    int8 = x // 4                # spike_in_bytes=1: int8 spikes
     assert memory.fused_traffic(s, 2, 3, batch_norm=False, training=False) == x + w + affine + out
     assert memory.fused_traffic(s, 2, 3, training=False) == x + w + affine + out + y
     assert memory.fused_traffic(s, 2, 3) == x + w + affine + out + y + pack
     assert memory.fused_traffic(s, 2, 3, y_bytes=4) == x + w + affine + out + 2 * y + pack
+    assert memory.fused_traffic(s, 2, 3, spike_in_bytes=1) == int8 + w + affine + out + y + int8 + 2 * 3 * 100
 
 
 def test_eager_traffic_by_hand():
@@ -56,9 +58,9 @@ def test_traffic_direct_and_residual_by_hand():
 
 def test_linear_traffic_by_hand():
     s = shapes.LayerShape("m", 0, "linear", 33, 8)  # K = 33: 5 bytes of bits per row, 10 rows = 50 -> 52
-    base = 2 * 5 * 33 + 8 * 33 + 2 * 8 * 4 + 2 * 5 * 8 * 4
+    base = 2 * 5 * 33 * 4 + 8 * 33 + 2 * 8 * 4 + 2 * 5 * 8 * 4
     assert memory.fused_traffic(s, 2, 5, batch_norm=False, training=False) == base
-    assert memory.fused_traffic(s, 2, 5, batch_norm=False) == base + 2 * 5 * 33 + 52
+    assert memory.fused_traffic(s, 2, 5, batch_norm=False) == base + 2 * 5 * 33 * 4 + 52
 
 
 # ------------------------------------------------------------------------------------------ saved bytes
