@@ -164,7 +164,8 @@ def conv_lif_forward(x, weight, scores, prune_rate, *, stride, padding, scale, s
     if need_y and residual is not None and is_spikes(residual):
         res_bits = torch.empty(triton.cdiv(geo.T * geo.M * triton.cdiv(geo.C_out, 8), 4), dtype=torch.int32,
                                device=device)
-    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(device))
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(device),
+                         x_bytes=x_cl.element_size() if is_spike else 1)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     choice = choose_memory(memory, is_spike=is_spike, fan_in=geo.fan_in,
                            y_bytes=torch.empty(0, dtype=y_dtype(is_spike, geo.fan_in)).element_size(),
@@ -229,7 +230,8 @@ def _gemm_y(x_cl, tern_cl, alpha, geo, is_spike, dot_fp16):
     recompute of ``memory="recompute"`` with BatchNorm): channels-last ``x_cl``, K-major ``tern_cl``
     ``[KH, KW, C_out, C_in]``."""
     y = torch.empty((geo.T_y, geo.M, geo.C_out), dtype=y_dtype(is_spike, geo.fan_in), device=x_cl.device)
-    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(x_cl.device))
+    cfg = forward_config(is_spike, geo.C_in, geo.C_out, geo.M, sms=device_sms(x_cl.device),
+                         x_bytes=x_cl.element_size() if is_spike else 1)
     grid = (triton.cdiv(geo.M, cfg["BLOCK_M"]), triton.cdiv(geo.C_out, cfg["BLOCK_N"]))
     binary_conv_lif_fwd_kernel[grid](
         x_cl, tern_cl, alpha, None, None, None, None, None, y, None, None,

@@ -142,15 +142,21 @@ def conv_forward_specs():
 
     specs = []
     for is_spike in (True, False):
-        bases = (forward_config(is_spike, ci, co, m, interpret=False)
-                 for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
-        cfgs = distinct(cfg for base in bases for cfg in narrowed(base, forward_ladder(is_spike, base)))
-        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike]
+        def tile_configs(x_bytes):
+            bases = (forward_config(is_spike, ci, co, m, interpret=False, x_bytes=x_bytes)
+                     for ci, co, m in itertools.product(_SIZES, _SIZES, _FWD_PIXELS))
+            return distinct(cfg for base in bases for cfg in narrowed(base, forward_ladder(is_spike, base)))
+        cfgs = tile_configs(1)
+        kinds = [k for k in _KINDS if k.startswith("spike") == is_spike and k not in _FLOAT_SPIKES]
         flag_sets = one_at_a_time([kinds, ((3, 3), (1, 1)), tuple(_MODES), _RESIDUALS, (True, False), (False, True),
                                    ("fp32", "fp16", "bf16")])
         launches = variants(cfgs, flag_sets)
-        if is_spike:  # fp32 spikes (the widest operand tile in shared memory) on every tile, their first flag set
-            launches = distinct(launches + [(cfg, ("spike-fp32",) + flag_sets[0][1:]) for cfg in cfgs])
+        if is_spike:
+            # spikes in a fused layer's float output (tiles for their element size, forward_config x_bytes) on every
+            # such tile with the first flag set, fp32 (the widest operand tile) first so that the --ci subset (a
+            # tile's first and last spec) compiles it and still the int8 twins (div16/cin16) that come last
+            launches = distinct([(cfg, (kind,) + flag_sets[0][1:]) for kind in _FLOAT_SPIKES
+                                 for cfg in tile_configs(2 if kind != "spike-fp32" else 4)] + launches)
         for cfg, (kind, (kh, kw), mode, res, hard, decay_input, out_type) in launches:
             x_type, y_type, stat_type, fp16, direct = _KINDS[kind]
             fire, store_y, stats, stats_i32, pack = _MODES[mode]

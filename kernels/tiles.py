@@ -43,7 +43,7 @@ def interpreting(override=None):
 INTERPRET_ROWS = 128
 
 
-def forward_config(is_spike, c_in, c_out, m, interpret=None, sms=None):
+def forward_config(is_spike, c_in, c_out, m, interpret=None, sms=None, x_bytes=1):
     """Launch config of the fused forward kernel: ``dict(BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, num_warps,
     num_stages)``; the EVEN flags say the channel counts are tile multiples (no channel masks, aligned rows).
     ``sms``: the GPU's SM count; an int8 tile-multiple layer whose grid is smaller gets narrower tiles
@@ -52,8 +52,10 @@ def forward_config(is_spike, c_in, c_out, m, interpret=None, sms=None):
     Chosen so that every config compiles for sm_80/sm_90 without spilling (benchmarks/compile_report.py). Channel
     counts that are not tile multiples (first layers, odd test shapes) get small unpipelined tiles: their masked,
     unvectorised accesses cost registers, and those layers are small. Analog (fp32) inputs get narrower tiles than
-    int8 spikes: an fp32 operand tile is 4x the registers."""
-    block_k = (64 if c_in % 64 == 0 else 32) if is_spike else 16
+    int8 spikes: an fp32 operand tile is 4x the registers. ``x_bytes``: the element size spikes arrive in (a fused
+    layer's fp32/fp16/bf16 output, converted to int8 in registers): wider than int8, BLOCK_K stays 32 (at 64 the
+    fp32 64x64 tile on 4 warps spilled 36 bytes on Triton 3.9's sm_80 build)."""
+    block_k = (64 if c_in % 64 == 0 and x_bytes == 1 else 32) if is_spike else 16
     block_n = 64 if c_out % 64 == 0 else (32 if c_out % 32 == 0 else 16)
     even_k, even_n = c_in % block_k == 0, c_out % block_n == 0
     if even_k and even_n and is_spike:

@@ -59,12 +59,26 @@ def _compiled(kernel, arch=None):
             if s["fn"].__name__ == kernel and (arch is None or arch in s.get("archs", (arch,)))]
 
 
+def compile_specs_fwd():
+    """Per conv forward spec (in `_compiled`'s order): the element size of its x when that x holds spikes in a
+    float dtype (2 or 4), else 1."""
+    sizes = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
+    return [(None, sizes.get(s["signature"]["x_ptr"], 1) if s["constexprs"]["IS_SPIKE"] else 1)
+            for _, s in compile_specs() if s["fn"].__name__ == "binary_conv_lif_fwd_kernel"]
+
+
 @pytest.mark.parametrize("sms", [None, A100_SMS, H200_SMS])
 def test_every_gpu_config_is_compiled(sms):
     sizes, rows = (3, 16, 32, 48, 64, 128, 256, 512, 2048), (16, 128, 512, 2048, 8192, 131072)
     fwd = _compiled("binary_conv_lif_fwd_kernel")
     for is_spike, ci, co, m in itertools.product((True, False), sizes, sizes, rows):
         assert _launch(tiles.forward_config(is_spike, ci, co, m, interpret=False, sms=sms)) in fwd, (ci, co, m)
+    # spikes in a fused layer's float output (fp32, fp16/bf16): BLOCK_K 32 tiles, compiled with that x dtype
+    float_fwd = {x_bytes: [(c, w, st) for (c, w, st), (_, s) in zip(fwd, compile_specs_fwd()) if s == x_bytes]
+                 for x_bytes in (2, 4)}
+    for x_bytes, ci, co, m in itertools.product((2, 4), sizes, sizes, rows):
+        cfg = tiles.forward_config(True, ci, co, m, interpret=False, sms=sms, x_bytes=x_bytes)
+        assert cfg["BLOCK_K"] == 32 and _launch(cfg) in float_fwd[x_bytes], (x_bytes, ci, co, m)
     lin = _compiled("binary_linear_lif_fwd_kernel")
     gi, gw = _compiled("linear_grad_input_kernel"), _compiled("linear_grad_weight_kernel")
     scan, bwd_scan = _compiled("linear_lif_scan_kernel"), _compiled("linear_lif_bwd_scan_kernel")
