@@ -208,6 +208,7 @@ def test_cpu_info_names_the_forward_mode(monkeypatch):
     import binwslt
     from binwslt import cpu
 
+    monkeypatch.delenv(cpu.ENV_VAR, raising=False)
     info = binwslt.cpu_info()
     assert info["matmul"] in ("int8", "fp32") and isinstance(info["flags"], list)
     monkeypatch.setenv(cpu.ENV_VAR, "fp32")
