@@ -6,7 +6,9 @@ Training step (T=4, N=32, 32×32): ``torch`` (auto forward GEMM, int8 where the 
 (the same with ``BINWSLT_CPU_MATMUL=fp32``: a CPU without int8/bf16 dot products), ``reference``, SpikingJelly
 fp32 and under bf16 autocast, the fp32 floor and the bf16 channels-last floor with a two-term backward
 (benchmarks/cases.py). Eval forward (``torch.no_grad``) at N=32 and N=128: ``torch`` against SpikingJelly fp32.
-Memory: bytes saved for backward by one step (benchmarks/memory.py). ``uptime`` load is recorded before and
+Memory: bytes saved for backward by one step, and the step's peak memory: the resident memory one training step
+adds at its peak, each implementation in a fresh process (``--peak IMPL``) whose malloc gives every block over
+64 KiB back to the system when freed, after two warm-up steps (benchmarks/memory.py). ``uptime`` load is recorded before and
 after, with `binwslt.cpu_info`. Writes the JSON (atomically) and a Markdown table beside it (``.md``).
 """
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import gc
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from binwslt import cpu as binwslt_cpu
 
 from .cases import model_runner
+from .memory import step_peak_bytes
 from .shapes import ModelCase
 from .timing import interleaved, summary
 
@@ -76,6 +81,27 @@ def _runner(impl: str, case: ModelCase):
     return model_runner(impl, case, "cpu")
 
 
+PEAK_IMPLS = ("torch", "reference", "spikingjelly")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024)}
+
+
+def peak_in_this_process(impl: str) -> int:
+    """The Conv-4 training step's peak memory (bytes) for ``impl``, measured in this process (``--peak``)."""
+    runner = _runner(impl, ModelCase("conv4", 4, 32))
+    for _ in range(2):
+        runner.train_step()
+    gc.collect()
+    return step_peak_bytes(runner.train_step)
+
+
+def peak_bytes(impl: str) -> int:
+    """``peak_in_this_process(impl)`` in a fresh interpreter with ``MALLOC_ENV`` set; returns bytes."""
+    env = {**os.environ, **MALLOC_ENV}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.cpu_step", "--peak", impl], env=env, check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    return int(out.split()[-1])
+
+
 def _median(entry, impl):
     return entry["times"][impl]["median_ms"]
 
@@ -91,9 +117,10 @@ def run(rounds: int) -> dict:
     times = interleaved({impl: r.train_step for impl, r in runners.items()}, rounds=rounds, warmup=1)
     entry = {"label": step_case.label + " training step", "times": {k: summary(v) for k, v in times.items()},
              "saved_bytes": {impl: runners[impl].saved_bytes() for impl in ("torch", "reference", "spikingjelly")}}
+    del runners
+    entry["peak_bytes"] = {impl: peak_bytes(impl) for impl in PEAK_IMPLS}
     entry["load_after"] = _load()
     result["cases"]["train"] = entry
-    del runners
     for batch in (32, 128):
         case = ModelCase("conv4", 4, batch)
         runners = {impl: _runner(impl, case) for impl in ("torch", "torch-fp32", "spikingjelly")}
@@ -124,6 +151,9 @@ def targets(result: dict) -> list:
     mem = saved["torch"] / saved["spikingjelly"]
     rows.append({"target": "train: bytes saved for backward <= 0.4x SpikingJelly's", "measured": round(mem, 3),
                  "met": mem <= 0.4})
+    peak = train["peak_bytes"]["torch"] / train["peak_bytes"]["spikingjelly"]
+    rows.append({"target": "train: peak memory of the step <= 0.4x SpikingJelly's", "measured": round(peak, 3),
+                 "met": peak <= 0.4})
     fp32 = _median(train, "torch-fp32") / _median(train, "torch")
     rows.append({"target": "fp32 forward path (BINWSLT_CPU_MATMUL=fp32): time relative to auto",
                  "measured": round(fp32, 2), "met": None})
@@ -165,18 +195,26 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--peak"]:
+        if len(argv) != 2 or argv[1] not in PEAK_IMPLS:
+            raise SystemExit(f"--peak takes one of {PEAK_IMPLS}, got {argv[1:]!r}")
+        print(peak_in_this_process(argv[1]))
+        return 0
+    args = arguments(__doc__).parse_args(argv)
+    result = run(args.rounds)
+    save(args.out, result, markdown(result))
+    return 0
+
+
 def save(out: Path, result: dict, table: str) -> None:
     """``result`` as JSON at ``out`` and the Markdown ``table`` beside it (``.md``), atomically; prints the table."""
     _write(out, json.dumps(result, indent=1) + "\n")
     _write(out.with_suffix(".md"), table)
     print(table)
 
-
-def main(argv=None) -> int:
-    args = arguments(__doc__).parse_args(argv)
-    result = run(args.rounds)
-    save(args.out, result, markdown(result))
-    return 0
 
 
 if __name__ == "__main__":

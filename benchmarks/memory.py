@@ -1,6 +1,8 @@
-"""Memory figures: bytes saved for backward (measured) and modelled memory traffic of one fused layer.
+"""Memory figures: bytes saved for backward and a step's peak memory (measured), and modelled memory traffic of one
+fused layer.
 
-`saved_bytes` is the one helper for "what autograd keeps between forward and backward" (tests use it too).
+`saved_bytes` is the one helper for "what autograd keeps between forward and backward" (tests use it too);
+`step_peak_bytes` the resident memory a call adds at its peak.
 `fused_traffic` / `eager_traffic` are the modelled DRAM bytes of one layer's forward, so the fused kernel's
 advantage is visible without a GPU. Both count every tensor once, at its element size, with no cache reuse.
 """
@@ -32,6 +34,26 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total[0]
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field!r} line")
+
+
+def step_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory ``fn()`` adds to the process (Linux): the high-water mark is reset through
+    ``/proc/self/clear_refs`` ("5") and read back as ``VmHWM`` after the call, less ``VmRSS`` before it. Run it in
+    a fresh process whose malloc returns large blocks to the system (``MALLOC_MMAP_THRESHOLD_``, see
+    benchmarks/cpu_step.py), after a warm-up call, so memory freed by earlier calls is not silently reused.
+    Returns bytes (int)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def _sizes(shape, timesteps: int, batch: int):
