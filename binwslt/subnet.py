@@ -119,8 +119,19 @@ class Subnet:
     ternary: torch.Tensor
     alpha: torch.Tensor
     derived: dict = field(default_factory=dict, compare=False, repr=False)
-    """Backend-private forms of the ternary weight derived from it on first use (the torch backend keeps its
-    prepacked int8 oneDNN weights here), so a cached subnet carries them from call to call."""
+    """Backend-private forms of the ternary weight derived from it on first use (`derived`: the torch backend keeps
+    its prepacked int8 oneDNN and AMX weights here, the Triton one its K-major weight), so a cached subnet carries
+    them from call to call."""
+
+
+def derived(subnet: Optional[Subnet], key, make):
+    """``make()``, kept in ``subnet.derived[key]`` (``key`` hashable) so a cached subnet carries it from call to
+    call (recomputed when there is no subnet)."""
+    if subnet is None:
+        return make()
+    if key not in subnet.derived:
+        subnet.derived[key] = make()
+    return subnet.derived[key]
 
 
 class SubnetCache:

@@ -38,7 +38,7 @@ from ._cpu_ext import SURROGATE_CODES
 from .bits import pack_bits, unpack_bits
 from .config import LIFConfig
 from .spikes import attach_uint8, is_spikes, mark_spikes, uint8_spikes
-from .subnet import Subnet, n_pruned, straight_through_grads, ternary_subnet
+from .subnet import Subnet, derived, n_pruned, straight_through_grads, ternary_subnet
 from .surrogate import surrogate_grad_
 
 
@@ -262,13 +262,12 @@ class _ConvMap:
         """conv(frames, ternary) as an int8 oneDNN convolution with an fp32 output (exact; channels-last);
         ``frames_u8``: the same spikes as uint8 where the previous layer wrote them (no cast), else None."""
         tern = subnet.ternary
-        key = ("conv", tuple(self.stride), tuple(self.padding))
-        if key not in subnet.derived:
-            subnet.derived[key] = torch.ops.onednn.qconv_prepack(
-                tern, torch.ones(tern.shape[0]), 1.0, 0, self.stride, self.padding, [1, 1], 1, None)
+        packed = derived(subnet, ("conv", tuple(self.stride), tuple(self.padding)),
+                         lambda: torch.ops.onednn.qconv_prepack(tern, torch.ones(tern.shape[0]), 1.0, 0, self.stride,
+                                                                self.padding, [1, 1], 1, None))
         ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
         x8 = (frames if frames_u8 is None else frames_u8).to(torch.uint8, memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv2d_pointwise(x8, 1.0, 0, subnet.derived[key], ones, zeros, None, self.stride,
+        return torch.ops.onednn.qconv2d_pointwise(x8, 1.0, 0, packed, ones, zeros, None, self.stride,
                                                   self.padding, [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
 
     def amx_ready(self, weight_shape) -> bool:
@@ -281,13 +280,7 @@ class _ConvMap:
         packed weight is kept in ``subnet.derived`` (a cached `Subnet`, else None) for the next backward. With
         ``grad_dead`` (nothing reads ``grad`` afterwards), dL/dx takes its memory where it has dL/dx's shape and
         layout (no fresh pages)."""
-        packed = None
-        if want_input and subnet is None:
-            packed = amx.pack_weight(tern)
-        elif want_input:
-            if "amx" not in subnet.derived:
-                subnet.derived["amx"] = amx.pack_weight(tern)
-            packed = subnet.derived["amx"]
+        packed = derived(subnet, "amx", lambda: amx.pack_weight(tern)) if want_input else None
         overwrite = grad_dead and want_input and tuple(grad.shape) == tuple(input_shape) and \
             grad.is_contiguous(memory_format=torch.channels_last)
         return amx.conv_grads(grad, input_shape, tern.shape[2], self.padding[0], packed=packed,
@@ -315,11 +308,10 @@ class _LinearMap:
     def spikes_int8(self, frames, subnet, frames_u8=None):
         """frames @ ternaryᵀ as an int8 oneDNN linear with an fp32 output (exact); ``frames_u8`` as for conv."""
         tern = subnet.ternary
-        if "linear" not in subnet.derived:
-            subnet.derived["linear"] = torch.ops.onednn.qlinear_prepack(tern, None)
+        packed = derived(subnet, "linear", lambda: torch.ops.onednn.qlinear_prepack(tern, None))
         ones, zeros = torch.ones(tern.shape[0]), torch.zeros(tern.shape[0], dtype=torch.int64)
         x8 = (frames if frames_u8 is None else frames_u8).to(torch.uint8)
-        return torch.ops.onednn.qlinear_pointwise(x8, 1.0, 0, subnet.derived["linear"], ones,
+        return torch.ops.onednn.qlinear_pointwise(x8, 1.0, 0, packed, ones,
                                                   zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
     def amx_ready(self, weight_shape) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from binwslt import batchnorm
 from binwslt.spikes import is_spikes
-from binwslt.subnet import Subnet
+from binwslt.subnet import Subnet, derived  # noqa: F401  (derived: re-exported for the launchers)
 
 INT32_LIMIT = 2 ** 31 - 1
 
@@ -119,16 +119,6 @@ def subnet_operands(weight, scores, prune_rate, subnet: Optional[Subnet]):
     else:
         tern, alpha = subnet.ternary.reshape(weight.shape), subnet.alpha
     return tern.contiguous(), alpha.reshape(1).to(torch.float32)
-
-
-def derived(subnet: Optional[Subnet], key: str, make):
-    """``make()``, kept in ``subnet.derived[key]`` so a cached subnet carries it from call to call (recomputed
-    when there is no subnet)."""
-    if subnet is None:
-        return make()
-    if key not in subnet.derived:
-        subnet.derived[key] = make()
-    return subnet.derived[key]
 
 
 def kernel_input(x: torch.Tensor, is_spike: bool):
