@@ -4,25 +4,29 @@ One convolution (or matmul) over all T·N frames, computed once for a direct-enc
 `Subnet` the nn modules cache (`make_subnet`), else built once per call. Over spikes (spike-ness by dtype or
 mark, `binwslt.spikes`, never by reading values) the forward GEMM runs where exact and fastest on this CPU
 (`binwslt.cpu`): an int8 oneDNN convolution/linear with an fp32 output where the CPU has VNNI/AMX int8 dot
-products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it); it reads the uint8 copy of its input
-spikes that the previous layer's epilogue wrote in the same pass (`binwslt.spikes.attach_uint8`), so no cast pass.
-The direct-encoded first layer and analog inputs stay fp32, so their spikes equal the reference's; the first
-layer's y is made channels-last (it is 1/T of the spikes), so every layer's spikes are. BatchNorm statistics come from exact
-float64 channel sums (binwslt.batchnorm holds the formulas). On CPU the rest of the epilogue is one compiled
-pass per neuron, vectorised over blocks of 64 neurons on contiguous or channels-last frames
-(binwslt/csrc/lif_scan.cpp, built once per source/torch/Python): the current ``a·y + b (+ residual)``, the LIF
-scan, the spikes (and their uint8 copy in int8 mode) and the int16 copy of y in the forward; in the backward the current, the BPTT, dL/dresidual and
-the per-channel Σg, Σg·y, then the BatchNorm fold ``c1·g + c2·y + c3`` in place. The subnet (selection, ternary,
-α) and the score gradient are one compiled pass each, and the bit packing too. Eager PyTorch ops (the LIF
-scan a `torch.library` op with a hand-written BPTT) where the extension cannot be built
-(``BINWSLT_NO_CPP_EXT=1``, no compiler) or for other devices, dtypes and layouts. Backward GEMMs: fp32 channels-last for ``grad_precision="split"`` (PyTorch's
-CPU bf16 convolutions round their output to bf16, so a bf16 high + low split would lose its low term there, and
-the exact int8 split of g measured slower than fp32 here: benchmarks/cpu_gemm.py); ``"bf16"`` runs grad-input as
-one bf16 term and keeps grad-weight in fp32 (the bf16 weight-gradient convolution measured slower). What a fused
-layer saves for backward is compact: input spikes as packed bits (in memory order), the pre-activation as the
-exact integer ``y = conv(X, M·sign(w))`` in int16, the mask as bits (or the cached subnet itself); nothing at all
-under ``no_grad``. Analog inputs (a direct-encoded image, pooled features) are saved as they are, and their ``y``
-in float.
+products (channels-last), fp32 elsewhere (``BINWSLT_CPU_MATMUL=fp32`` forces it); it reads the uint8 copy of its
+input spikes that the previous layer's epilogue wrote in the same pass (`binwslt.spikes.attach_uint8`), so no
+cast pass. The direct-encoded first layer and analog inputs stay fp32, so their spikes equal the reference's; the
+first layer's y is made channels-last (it is 1/T of the spikes), so every layer's spikes are. BatchNorm
+statistics come from exact float64 channel sums (binwslt.batchnorm holds the formulas). On CPU the rest of the
+epilogue is one compiled pass per neuron, vectorised over blocks of 64 neurons on contiguous or channels-last
+frames (binwslt/csrc/lif_scan.cpp, built once per source/torch/Python): the current ``a·y + b (+ residual)``, the
+LIF scan, the spikes (and their uint8 copy in int8 mode) and the int16 copy of y in the forward; in the backward
+the current, the BPTT, dL/dresidual and the per-channel Σg, Σg·y, then the BatchNorm fold ``c1·g + c2·y + c3``.
+The subnet (selection, ternary, α) and the score gradient are one compiled pass each, and the bit packing too.
+Eager PyTorch ops (the LIF scan a `torch.library` op with a hand-written BPTT) where the extension cannot be built
+(``BINWSLT_NO_CPP_EXT=1``, no compiler) or for other devices, dtypes and layouts.
+
+Backward GEMMs with ``grad_precision="split"``: a stride-1 convolution over spikes runs both of them in one AMX
+pass where the CPU has AMX-BF16 (`binwslt.amx`: g in three bf16 terms, fp32 output, the BatchNorm fold applied as
+g is staged, the saved spike bits read as they are); everything else runs fp32 channels-last (PyTorch's CPU bf16
+convolutions round their output to bf16, so a split through them would lose its low terms, and the exact int8
+split of g measured slower than fp32: benchmarks/cpu_gemm.py). ``"bf16"`` runs grad-input as one bf16 term and
+keeps grad-weight in fp32 (the bf16 weight-gradient convolution measured slower). What a fused layer saves for
+backward is compact: input spikes as packed bits (in memory order), the pre-activation as the exact integer
+``y = conv(X, M·sign(w))`` in int16, the mask as bits (or the cached subnet itself); nothing at all under
+``no_grad``. Analog inputs (a direct-encoded image, pooled features) are saved as they are, and their ``y`` in
+float.
 """
 from __future__ import annotations
 
