@@ -15,6 +15,21 @@ from binwslt import LIFConfig  # noqa: E402
 from binwslt import reference  # noqa: E402
 
 
+# ------------------------------------------------------------------------------------------------ peak memory
+@pytest.mark.skipif(not pathlib.Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_step_peak_bytes_sees_a_transient_buffer():
+    mib = 1 << 20
+
+    def touch_and_free(n):
+        buf = torch.ones(n * mib, dtype=torch.uint8)  # written, so resident; freed before the call returns
+        return int(buf[-1])
+
+    big = memory.step_peak_bytes(lambda: touch_and_free(64))
+    assert big >= 64 * mib  # the peak outlives the buffer
+    small = memory.step_peak_bytes(lambda: touch_and_free(1))
+    assert small < 32 * mib  # the high-water mark was reset: the earlier 64 MiB is not counted again
+
+
 # ------------------------------------------------------------------------------------------------ traffic
 def test_fused_traffic_by_hand():
     # conv 8->16, 3x3, 10x10, stride 1, pad 1: H' = W' = 10; T=2, N=3.
