@@ -25,7 +25,9 @@ def test_step_peak_bytes_sees_a_transient_buffer():
         return int(buf[-1])
 
     big = memory.step_peak_bytes(lambda: touch_and_free(64))
-    assert big >= 64 * mib  # the peak outlives the buffer
+    # the peak outlives the buffer; Linux updates its RSS counters in per-thread batches, so a reading can trail
+    # by some hundreds of KiB (a CI run read 63.8 MiB for this 64 MiB buffer)
+    assert big >= 56 * mib
     small = memory.step_peak_bytes(lambda: touch_and_free(1))
     assert small < 32 * mib  # the high-water mark was reset: the earlier 64 MiB is not counted again
 
